@@ -1,0 +1,367 @@
+"""Command line -> one frozen RunConfig, and the DeepSpeed JSON resolved against it once.
+
+Every user mistake found here raises ConfigError with one line that names the culprit and the fix;
+`yolods.train` prints it and exits 2, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SYNTHETIC = "synthetic"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Defaults that differ for the embedded synthetic job, so `python -m yolods.train` finishes in minutes on a CPU.
+SYNTHETIC_DEFAULTS = {"epochs": 5, "imgsz": 160}
+REAL_DATA_DEFAULTS = {"epochs": 100, "imgsz": 640}  # Ultralytics' defaults
+
+# Numbers for 3-70M parameter detectors; ds_configs/README.md explains each one.
+GRADIENT_CLIP_NORM = 10.0  # Ultralytics' clip_grad_norm_ max_norm; DeepSpeed's default of 1.0 slows YOLO training
+BUCKET_ELEMENTS = 2_000_000  # 8 MB of fp32 grads: yolov8n splits into 2 buckets, yolo11m into ~10
+STAGE3_PREFETCH_ELEMENTS = 2_000_000
+STAGE3_PERSISTENCE_THRESHOLD = 10_000  # BatchNorm and bias vectors stay whole: gathering them costs more than they hold
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags or configuration files; its message is one line saying what to change."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved once from the command line.
+
+    `hyp` holds Ultralytics-named hyperparameters overridden by the user (lr0, mosaic, box, ...); everything
+    else comes from Ultralytics' default.yaml.
+    """
+
+    model: str = "yolov8n.yaml"
+    data: str = SYNTHETIC
+    epochs: int = SYNTHETIC_DEFAULTS["epochs"]
+    imgsz: int = SYNTHETIC_DEFAULTS["imgsz"]
+    batch: int = 16
+    batch_from_flag: bool = False
+    workers: int = 2
+    seed: int = 0
+    zero: int | None = None
+    precision: str | None = None
+    deepspeed_config: str | None = None
+    project: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    resume: str | None = None
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    synthetic_images: int = 128
+    profile: str | None = None
+    comms_logger: bool = False
+    hyp: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.data == SYNTHETIC
+
+
+HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the same name
+    "optimizer": str,
+    "lr0": float,
+    "lrf": float,
+    "momentum": float,
+    "weight_decay": float,
+    "warmup_epochs": float,
+    "warmup_momentum": float,
+    "warmup_bias_lr": float,
+    "nbs": int,
+    "close_mosaic": int,
+    "patience": int,
+    "fraction": float,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m yolods.train` command line; flag names follow Ultralytics and DeepSpeed."""
+    import deepspeed
+
+    parser = argparse.ArgumentParser(
+        prog="python -m yolods.train",
+        description="Train an Ultralytics YOLO detector with DeepSpeed (any launcher: python, deepspeed, torchrun, srun).",
+    )
+    parser.add_argument(
+        "--model",
+        default="yolov8n.yaml",
+        help="Ultralytics detection yaml (yolov8n.yaml, yolo11s.yaml) or a local .pt to fine-tune",
+    )
+    parser.add_argument(
+        "--data", default=SYNTHETIC, help="Ultralytics data.yaml, or 'synthetic' (drawn shapes, made on disk)"
+    )
+    parser.add_argument("--epochs", type=int, help="epochs (default 100; 5 for synthetic data)")
+    parser.add_argument("--imgsz", type=int, help="train/val image size (default 640; 160 for synthetic data)")
+    parser.add_argument(
+        "--batch", type=int, help="GLOBAL batch over all ranks per forward, as in Ultralytics (default 16)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="dataloader workers per rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zero", type=int, help="ZeRO stage 0-3 (default: the config's, else 0)")
+    parser.add_argument(
+        "--precision", help="fp32, bf16 or fp16 (default: the config's, else bf16 on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument("--project", default="runs/train", help="parent directory of run directories")
+    parser.add_argument("--name", default="exp", help="run directory name; exp, exp2, ... unless --exist_ok")
+    parser.add_argument("--exist_ok", action="store_true", help="reuse --name if it exists")
+    parser.add_argument(
+        "--resume", nargs="?", const="", help="continue a run: its directory, or the newest under --project"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present")
+    parser.add_argument(
+        "--local_rank", type=int, default=-1, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher
+    parser.add_argument("--cos_lr", action="store_true", help="cosine lr schedule (default linear)")
+    for flag, kind in HYP_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, help="as in Ultralytics (default: its default.yaml)")
+    parser.add_argument(
+        "--hyp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other Ultralytics train setting, e.g. mosaic=0.5",
+    )
+    parser.add_argument("--synthetic_images", type=int, default=128, help="train images of the synthetic set")
+    parser.add_argument(
+        "--profile", nargs="?", const="1,2,3", metavar="WAIT,WARMUP,ACTIVE", help="torch.profiler trace of steps"
+    )
+    parser.add_argument(
+        "--comms_logger", action="store_true", help="with --profile: DeepSpeed comms summary (syncs every collective)"
+    )
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def _parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--hyp {pair!r} is not KEY=VALUE: write e.g. --hyp mosaic=0.5")
+        if key not in DEFAULT_CFG_DICT:
+            raise ConfigError(
+                f"--hyp {key!r} is not an Ultralytics setting: see ultralytics/cfg/default.yaml for names"
+            )
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse and validate the command line into a RunConfig."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    synthetic = args.data == SYNTHETIC
+    defaults = SYNTHETIC_DEFAULTS if synthetic else REAL_DATA_DEFAULTS
+    if args.zero is not None and args.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero {args.zero} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if args.precision is not None and args.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {args.precision} is unknown: use fp32, bf16 or fp16")
+    if args.batch is not None and args.batch < 1:
+        raise ConfigError(f"--batch {args.batch} must be a positive global batch size")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
+    hyp = _parse_hyp_overrides(args.hyp)
+    hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
+    if args.cos_lr:
+        hyp["cos_lr"] = True
+    return RunConfig(
+        model=args.model,
+        data=args.data,
+        epochs=args.epochs if args.epochs is not None else defaults["epochs"],
+        imgsz=args.imgsz if args.imgsz is not None else defaults["imgsz"],
+        batch=args.batch if args.batch is not None else 16,
+        batch_from_flag=args.batch is not None,
+        workers=args.workers,
+        seed=args.seed,
+        zero=args.zero,
+        precision=args.precision,
+        deepspeed_config=args.deepspeed_config,
+        project=args.project,
+        name=args.name,
+        exist_ok=args.exist_ok,
+        resume=args.resume,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        synthetic_images=args.synthetic_images,
+        profile=args.profile,
+        comms_logger=args.comms_logger,
+        hyp=hyp,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def default_deepspeed_config(*, zero_stage: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config yolods uses when the user gives none (also what ds_configs/*.json hold).
+
+    Batch keys are filled in by `resolve_deepspeed_config`.
+    """
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage in (1, 2):
+        zero.update(
+            reduce_bucket_size=BUCKET_ELEMENTS,
+            allgather_bucket_size=BUCKET_ELEMENTS,
+            overlap_comm=True,
+            contiguous_gradients=True,
+            reduce_scatter=True,
+        )
+    elif zero_stage == 3:
+        zero.update(
+            reduce_bucket_size=BUCKET_ELEMENTS,
+            overlap_comm=True,
+            contiguous_gradients=True,
+            stage3_prefetch_bucket_size=STAGE3_PREFETCH_ELEMENTS,
+            stage3_param_persistence_threshold=STAGE3_PERSISTENCE_THRESHOLD,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    config: dict[str, Any] = {
+        "gradient_clipping": GRADIENT_CLIP_NORM,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # Ultralytics' SGD/AdamW groups are plain torch optimizers
+        "steps_per_print": 1_000_000_000,  # yolods logs every step itself
+        "wall_clock_breakdown": False,
+    }
+    if precision in ("bf16", "fp16"):
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    return config
+
+
+def precision_of(ds_config: dict[str, Any]) -> str | None:
+    """The precision a DeepSpeed config asks for, or None if it says nothing."""
+    autocast = ds_config.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return "fp16" if str(autocast.get("dtype", "bfloat16")) in ("float16", "fp16", "torch.float16") else "bf16"
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    if "torch_autocast" in ds_config or "bf16" in ds_config or "fp16" in ds_config:
+        return "fp32"
+    return None
+
+
+def load_deepspeed_json(path: str) -> dict[str, Any]:
+    """Read a user's DeepSpeed JSON with a one-line error for the two ways it goes wrong."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(
+            f"--deepspeed_config {path}: file not found; pass a DeepSpeed JSON such as ds_configs/zero2_bf16.json"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--deepspeed_config {path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic, resolved once: global_batch = micro_batch x world_size; accumulate over that."""
+
+    micro_batch: int
+    world_size: int
+    accumulate: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size
+
+    @property
+    def images_per_optimizer_step(self) -> int:
+        return self.global_batch * self.accumulate
+
+
+def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tuple[dict[str, Any], BatchPlan]:
+    """Merge the user's DeepSpeed JSON (if any) with the flags; every disagreement is a ConfigError.
+
+    Gradient accumulation follows Ultralytics: accumulate = round(nbs / global batch), so a run at any batch
+    size and world size steps the optimizer every ~nbs images.
+    """
+    user = load_deepspeed_json(cfg.deepspeed_config) if cfg.deepspeed_config else {}
+    source = cfg.deepspeed_config
+
+    user_stage = user.get("zero_optimization", {}).get("stage")
+    if cfg.zero is not None and user_stage is not None and int(user_stage) != cfg.zero:
+        raise ConfigError(
+            f"--zero {cfg.zero} disagrees with zero_optimization.stage={user_stage} in {source}: drop one"
+        )
+    stage = cfg.zero if cfg.zero is not None else int(user_stage or 0)
+
+    user_precision = precision_of(user)
+    if cfg.precision and user_precision and cfg.precision != user_precision:
+        raise ConfigError(
+            f"--precision {cfg.precision} disagrees with {source}, which asks for {user_precision}: drop one"
+        )
+    precision = cfg.precision or user_precision or ("bf16" if cfg.device == "cuda" else "fp32")
+
+    micro_from_user = user.get("train_micro_batch_size_per_gpu")
+    if cfg.batch_from_flag or micro_from_user is None:
+        if cfg.batch % world_size:
+            raise ConfigError(
+                f"--batch {cfg.batch} does not split over {world_size} ranks: use a multiple of {world_size}, "
+                f"e.g. --batch {max(world_size, cfg.batch // world_size * world_size)}"
+            )
+        micro_batch = cfg.batch // world_size
+        if micro_from_user is not None and int(micro_from_user) != micro_batch:
+            raise ConfigError(
+                f"--batch {cfg.batch} gives {micro_batch} images per rank on {world_size} ranks but {source} sets "
+                f"train_micro_batch_size_per_gpu={micro_from_user}: make them agree or drop one"
+            )
+    else:
+        micro_batch = int(micro_from_user)
+    accumulate = int(user.get("gradient_accumulation_steps", max(round(nbs / (micro_batch * world_size)), 1)))
+    plan = BatchPlan(micro_batch=micro_batch, world_size=world_size, accumulate=accumulate)
+    user_total = user.get("train_batch_size")
+    if user_total is not None and int(user_total) != plan.images_per_optimizer_step:
+        raise ConfigError(
+            f"train_batch_size={user_total} in {source} is not micro batch {micro_batch} x accumulation {accumulate} "
+            f"x {world_size} ranks = {plan.images_per_optimizer_step}: fix it or drop it"
+        )
+
+    resolved = default_deepspeed_config(zero_stage=stage, precision=precision) if not user else copy.deepcopy(user)
+    if user:
+        resolved.setdefault("zero_optimization", {})["stage"] = stage
+        resolved.setdefault("gradient_clipping", GRADIENT_CLIP_NORM)
+        resolved.setdefault("zero_allow_untested_optimizer", True)
+        resolved.setdefault("steps_per_print", 1_000_000_000)
+        if user_precision is None and precision != "fp32":
+            resolved["torch_autocast"] = default_deepspeed_config(zero_stage=stage, precision=precision)[
+                "torch_autocast"
+            ]
+        if any(resolved.get(section, {}).get("enabled") for section in ("bf16", "fp16")):
+            # DeepSpeed's bf16/fp16 sections cast parameters but not buffers, and BatchNorm then fails with
+            # "expected scalar type BFloat16 but found Float"; casting the buffers too lets such configs run.
+            resolved.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16" if precision == "bf16" else "fp16")
+    if "optimizer" in resolved or "scheduler" in resolved:
+        raise ConfigError(
+            f"{source} defines an optimizer/scheduler: remove it; yolods builds Ultralytics' optimizer groups and lr schedule"
+        )
+    resolved["train_micro_batch_size_per_gpu"] = micro_batch
+    resolved["gradient_accumulation_steps"] = accumulate
+    resolved["train_batch_size"] = plan.images_per_optimizer_step
+    return resolved, plan
+
+
+def resolved_precision(ds_config: dict[str, Any]) -> str:
+    """fp32, bf16 or fp16, as the resolved config will run."""
+    return precision_of(ds_config) or "fp32"
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,359 @@
+"""The training loop around the DeepSpeed engine: build once, then epochs of train steps, validate, save.
+
+Data flows one way: RunConfig -> model + data -> DeepSpeed engine -> checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from yolods import checkpoint, dist
+from yolods.config import RunConfig, resolve_deepspeed_config, resolved_precision, write_json
+from yolods.data import build_train_data, build_val_loader, load_data_yaml, preprocess_batch
+from yolods.metrics import RunLogger
+from yolods.model import (
+    build_ema,
+    build_model,
+    build_optimizer,
+    export_snapshot,
+    floating_buffers,
+    loss_names,
+    model_stride,
+    optimizer_iterations,
+    weight_decay_for,
+)
+from yolods.schedule import Schedule
+from yolods.validation import EpochValidator
+
+
+def build_hyp(cfg: RunConfig, data_yaml: str) -> SimpleNamespace:
+    """Ultralytics' default.yaml with this run's values; model.args, the dataset and the validator read it."""
+    from ultralytics.cfg import get_cfg
+
+    from yolods.config import ConfigError
+
+    overrides = {
+        "task": "detect",
+        "mode": "train",
+        "model": cfg.model,
+        "data": data_yaml,
+        "epochs": cfg.epochs,
+        "imgsz": cfg.imgsz,
+        "batch": cfg.batch,
+        "workers": cfg.workers,
+        "seed": cfg.seed,
+        "plots": False,
+        "amp": False,  # precision is DeepSpeed's job (torch_autocast), not Ultralytics'
+        **cfg.hyp,
+    }
+    try:
+        return get_cfg(overrides=overrides)
+    except (SyntaxError, TypeError, ValueError, KeyError) as error:
+        raise ConfigError(str(error).strip().splitlines()[0]) from None
+
+
+def resolve_data_yaml(cfg: RunConfig, run_dir: Path) -> str:
+    """The data.yaml to train on; the synthetic set is drawn by rank 0 into the run directory."""
+    if not cfg.is_synthetic:
+        return cfg.data
+    from yolods.data.synthetic import make_synthetic_dataset
+
+    root = run_dir / "synthetic"
+    if dist.is_main_process():
+        make_synthetic_dataset(
+            root,
+            num_train=cfg.synthetic_images,
+            num_val=max(cfg.synthetic_images // 4, 8),
+            imgsz=cfg.imgsz,
+            seed=cfg.seed,
+        )
+    dist.barrier()
+    return str(root / "data.yaml")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry beyond DeepSpeed's own state."""
+
+    epoch: int = 0  # next epoch to run
+    best_fitness: float | None = None
+    fitness_history: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Ultralytics YOLO detection training through `deepspeed.initialize`, on any launcher and ZeRO stage.
+
+    Examples:
+        >>> trainer = Trainer(cfg, run_dir)
+        >>> trainer.train()
+        >>> trainer.close()
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        import deepspeed
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = torch.device(cfg.device, dist.get_local_rank() if cfg.device == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        from ultralytics.utils.torch_utils import init_seeds
+
+        init_seeds(
+            cfg.seed + dist.get_rank()
+        )  # model init identical on all ranks: DeepSpeed broadcasts rank 0's anyway
+
+        data_yaml = resolve_data_yaml(cfg, run_dir)
+        self.data = load_data_yaml(data_yaml)
+        self.hyp = build_hyp(cfg, data_yaml)
+        self.ds_config, self.batch_plan = resolve_deepspeed_config(
+            cfg, world_size=dist.get_world_size(), nbs=self.hyp.nbs
+        )
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.precision = resolved_precision(self.ds_config)
+        if dist.is_main_process():
+            write_json(run_dir / "ds_config.json", self.ds_config)
+
+        model = build_model(
+            cfg.model,
+            num_classes=self.data["nc"],
+            class_names=self.data["names"],
+            hyp=self.hyp,
+            verbose=dist.is_main_process(),
+        )
+        self.loss_names = loss_names(model)
+        stride = model_stride(model)
+        self.train_data = build_train_data(
+            self.hyp,
+            self.data,
+            micro_batch=self.batch_plan.micro_batch,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            stride=stride,
+            pin_memory=self.device.type == "cuda",
+        )
+        val_loader = build_val_loader(
+            self.hyp,
+            self.data,
+            batch=self.batch_plan.micro_batch * 2,
+            workers=cfg.workers if self.device.type == "cuda" else 0,
+            stride=stride,
+            device=self.device,
+        )
+        self.validator = EpochValidator(
+            val_loader, hyp=self.hyp, data=self.data, run_dir=run_dir, device=self.device, loss_names=self.loss_names
+        )
+
+        batches_per_epoch = self.train_data.batches_per_epoch()
+        accumulate = min(self.batch_plan.accumulate, batches_per_epoch * cfg.epochs)
+        weight_decay = weight_decay_for(hyp=self.hyp, global_batch=self.batch_plan.global_batch, accumulate=accumulate)
+        iterations = optimizer_iterations(
+            num_train_images=self.train_data.num_images,
+            global_batch=self.batch_plan.global_batch,
+            nbs=self.hyp.nbs,
+            epochs=cfg.epochs,
+        )
+        model = model.to(self.device)
+        optimizer, self.train_hyp = build_optimizer(
+            model,
+            hyp=self.hyp,
+            num_classes=self.data["nc"],
+            iterations=iterations,
+            weight_decay=weight_decay,
+            zero_stage=self.zero_stage,
+        )
+        self.schedule = Schedule(
+            epochs=cfg.epochs,
+            batches_per_epoch=batches_per_epoch,
+            accumulate=accumulate,
+            lr0_per_group=tuple(group["lr"] for group in optimizer.param_groups),
+            bias_groups=tuple(group.get("param_group") == "bias" for group in optimizer.param_groups),
+            lrf=self.hyp.lrf,
+            cos_lr=bool(self.hyp.cos_lr),
+            momentum=self.hyp.momentum,
+            warmup_epochs=self.hyp.warmup_epochs,
+            warmup_momentum=self.hyp.warmup_momentum,
+            warmup_bias_lr=self.train_hyp.warmup_bias_lr,
+        )
+        self.ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
+
+        self.logger = RunLogger(run_dir, loss_names=self.loss_names)
+        self.state = TrainState()
+        self.last_optimizer_iteration = -1
+        if cfg.resume:
+            self._restore()
+        self.logger.info(
+            f"yolods: {dist.get_world_size()} ranks, ZeRO-{self.zero_stage}, {self.precision}, global batch "
+            f"{self.batch_plan.global_batch} ({self.batch_plan.micro_batch}/rank) x accumulate {accumulate}, "
+            f"{type(optimizer).__name__}(lr0={self.train_hyp.lr0:g}), {self.train_data.num_images} train images, run dir {run_dir}"
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run the remaining epochs; returns the last validation metrics (rank 0) or {}."""
+        metrics: dict[str, Any] = {}
+        for epoch in range(self.state.epoch, self.cfg.epochs):
+            train_losses = self.train_epoch(epoch)
+            metrics = self.end_epoch(epoch, train_losses)
+            if self._should_stop(epoch):
+                break
+        self.logger.plot()
+        return metrics
+
+    def train_epoch(self, epoch: int) -> list[float]:
+        """One pass over this rank's shard; returns the epoch's mean train losses."""
+        if self.hyp.close_mosaic and epoch >= self.cfg.epochs - self.hyp.close_mosaic:
+            self.train_data.close_mosaic(self.hyp)
+        self.engine.train()
+        loader = self.train_data.loader_for_epoch(epoch)
+        num_batches = len(loader)
+        loss_sums = torch.zeros(len(self.loss_names))
+        step_started = time.perf_counter()
+        for batch_index, batch in enumerate(
+            self.logger.progress(loader, epoch=epoch, epochs=self.cfg.epochs, total=num_batches)
+        ):
+            iteration = batch_index + num_batches * epoch
+            data_wait_s = time.perf_counter() - step_started
+            loss_items = self.train_step(
+                batch, iteration=iteration, epoch=epoch, last_in_epoch=batch_index == num_batches - 1
+            )
+            loss_sums += loss_items
+            step_time_s = time.perf_counter() - step_started
+            imgs_per_s = batch["img"].shape[0] * dist.get_world_size() / step_time_s
+            self.logger.update_bar(
+                epoch=epoch,
+                epochs=self.cfg.epochs,
+                mean_losses=(loss_sums / (batch_index + 1)).tolist(),
+                imgs_per_s=imgs_per_s,
+                mem_gib=self._memory_gib(),
+                imgsz=batch["img"].shape[-1],
+            )
+            self.logger.log_step(
+                iteration,
+                {
+                    **{f"train/{name}": float(value) for name, value in zip(self.loss_names, loss_items)},
+                    **{f"lr/pg{index}": group["lr"] for index, group in enumerate(self.engine.optimizer.param_groups)},
+                    "throughput/imgs_per_s": imgs_per_s,
+                    "time/step_s": step_time_s,
+                    "time/data_wait_share": data_wait_s / step_time_s,
+                    "memory/used_gib": self._memory_gib(),
+                },
+            )
+            step_started = time.perf_counter()
+        return (loss_sums / max(num_batches, 1)).tolist()
+
+    def train_step(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> torch.Tensor:
+        """Forward, backward and (at an accumulation boundary) an optimizer step; returns detached losses."""
+        plan = self.schedule.at(iteration, epoch)
+        for group, lr in zip(self.engine.optimizer.param_groups, plan.lrs):
+            group["lr"] = lr
+            if "momentum" in group:
+                group["momentum"] = plan.momentum
+        # Ultralytics steps when `accumulate` micro-batches have passed; accumulation ramps up during warmup, so
+        # the boundary is ours to set. The last batch of an epoch always steps: checkpoints hold no half-summed grads.
+        is_boundary = iteration - self.last_optimizer_iteration >= plan.accumulate or last_in_epoch
+        self.engine.set_gradient_accumulation_boundary(is_boundary)
+        batch = preprocess_batch(batch, device=self.device, input_dtype=self.input_dtype)
+        loss, loss_items = self.engine(batch)
+        # Ultralytics' loss is a sum over the rank's images; x world size because DeepSpeed, like DDP, averages
+        # gradients over ranks. Never divided by accumulation: Ultralytics sums accumulated gradients.
+        self.engine.backward(loss.sum() * dist.get_world_size(), scale_wrt_gas=False)
+        self.engine.step()
+        if is_boundary:
+            self.last_optimizer_iteration = iteration
+            self.ema.update(self.engine.module, zero_stage=self.zero_stage)
+        return torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names])
+
+    def end_epoch(self, epoch: int, train_losses: list[float]) -> dict[str, Any]:
+        """Sync BatchNorm statistics, validate, log, save weights and the DeepSpeed checkpoint."""
+        # DeepSpeed broadcasts buffers once, at initialize; each rank's BatchNorm then tracks its own shard.
+        # Averaging them (model and EMA) makes every rank validate and save the same network.
+        dist.all_reduce_mean_(floating_buffers(self.engine.module) + floating_buffers(self.ema.ema))
+        metrics = self.validator(self.ema.ema, epoch=epoch, epochs=self.cfg.epochs)
+        fitness = dist.broadcast_object(metrics.get("fitness") if metrics else None)
+        self.state.epoch = epoch + 1
+        self.state.fitness_history.append(fitness)
+        is_best = fitness is not None and (self.state.best_fitness is None or fitness >= self.state.best_fitness)
+        if is_best:
+            self.state.best_fitness = fitness
+        if dist.is_main_process():
+            values = {
+                **{f"train/{name}": round(loss, 5) for name, loss in zip(self.loss_names, train_losses)},
+                **{key: value for key, value in metrics.items() if key != "fitness"},
+                **{f"lr/pg{index}": group["lr"] for index, group in enumerate(self.engine.optimizer.param_groups)},
+            }
+            self.logger.log_epoch(epoch, values)
+            self._export(epoch, metrics, is_best)
+        checkpoint.save_training_state(self.engine, self.run_dir, epoch=epoch, client_state=self._client_state())
+        return metrics or {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _should_stop(self, epoch: int) -> bool:
+        """Ultralytics' patience rule: stop when fitness has not improved for `patience` epochs."""
+        history = [f for f in self.state.fitness_history if f is not None]
+        if not history or not self.hyp.patience:
+            return False
+        best_epoch = max(range(len(history)), key=lambda i: (history[i], i))
+        stop = len(history) - 1 - best_epoch >= self.hyp.patience and epoch + 1 < self.cfg.epochs
+        if stop:
+            self.logger.info(f"Stopping early: no improvement in the last {self.hyp.patience} epochs.")
+        return stop
+
+    def _export(self, epoch: int, metrics: dict[str, Any], is_best: bool) -> None:
+        weights_dir = self.run_dir / "weights"
+        snapshot = export_snapshot(self.ema.ema)
+        train_args = {**vars(self.train_hyp), "save_dir": str(self.run_dir)}
+        for path in [weights_dir / "last.pt"] + ([weights_dir / "best.pt"] if is_best else []):
+            checkpoint.export_weights(
+                path,
+                snapshot=snapshot,
+                epoch=epoch,
+                best_fitness=self.state.best_fitness,
+                updates=self.ema.updates,
+                train_args=train_args,
+                metrics=metrics,
+            )
+
+    def _client_state(self) -> dict[str, Any]:
+        return {
+            "yolods": {
+                "epoch": self.state.epoch,
+                "best_fitness": self.state.best_fitness,
+                "fitness_history": self.state.fitness_history,
+                "last_optimizer_iteration": self.last_optimizer_iteration,
+                "ema_updates": self.ema.updates,
+            },
+            "ema": self.ema.ema.state_dict(),
+        }
+
+    def _restore(self) -> None:
+        client_state = checkpoint.load_training_state(self.engine, self.run_dir)
+        saved = client_state["yolods"]
+        self.state = TrainState(
+            epoch=saved["epoch"], best_fitness=saved["best_fitness"], fitness_history=list(saved["fitness_history"])
+        )
+        self.last_optimizer_iteration = saved["last_optimizer_iteration"]
+        self.ema.ema.load_state_dict(client_state["ema"])
+        self.ema.updates = saved["ema_updates"]
+        if self.state.epoch >= self.cfg.epochs:
+            self.logger.info(f"{self.run_dir} already finished its {self.cfg.epochs} epochs; nothing to resume.")
+        else:
+            self.logger.info(f"Resuming {self.run_dir} at epoch {self.state.epoch + 1}/{self.cfg.epochs}")
+
+    def _memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_reserved(self.device) / 2**30
+        return 0.0
+
+    def close(self) -> None:
+        """Flush logs and leave the process group cleanly (every rank)."""
+        self.logger.close()
+        dist.shutdown(self.engine)

@@ -1,0 +1,48 @@
+"""Process environment that must be in place before Ultralytics, DeepSpeed or torch read it."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+def _translate_slurm_env() -> None:
+    """Map the variables `srun` sets onto the ones torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    The deepspeed launcher and torchrun set RANK themselves; under srun only SLURM_* exist. MASTER_ADDR must
+    name the first node (the sbatch example in benchmarks/README.md exports it); we fall back to the node that
+    launched the step.
+    """
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _device_flag(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def prepare_process_env(argv: list[str] | None = None) -> None:
+    """Set the variables that Ultralytics, DeepSpeed and torch read once, at import."""
+    argv = sys.argv if argv is None else argv
+    # Ultralytics must never reach the network: no analytics, no font/weight/dataset downloads, no pip checks.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "True")
+    _translate_slurm_env()
+    # DeepSpeed picks its accelerator at import; `--device cpu` on a GPU host must select the CPU one.
+    if _device_flag(argv) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch 2.14 warns on every step about the collectives DeepSpeed's ZeRO calls; they say nothing actionable.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")

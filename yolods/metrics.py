@@ -1,0 +1,104 @@
+"""One logging rank: console progress, results.csv, TensorBoard scalars and results.png.
+
+Every method is a no-op on ranks other than 0, so callers never check the rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from yolods import dist
+
+
+class RunLogger:
+    """Writes what rank 0 sees of a run.
+
+    Examples:
+        >>> logger = RunLogger(run_dir, loss_names=("box_loss", "cls_loss", "dfl_loss"))
+        >>> for batch in logger.progress(loader, epoch=0, epochs=10): ...
+        >>> logger.log_epoch(epoch=0, values={"metrics/mAP50(B)": 0.5})
+    """
+
+    def __init__(self, run_dir: Path, *, loss_names: tuple[str, ...], tensorboard: bool = True):
+        self.enabled = dist.is_main_process()
+        self.run_dir = run_dir
+        self.loss_names = loss_names
+        self.csv_path = run_dir / "results.csv"
+        self.started = time.time()
+        self.writer = None
+        self._bar = None
+        if self.enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            from ultralytics.utils import LOGGER
+
+            LOGGER.info(message)
+
+    def progress(self, loader: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
+        """The loader, wrapped in a progress bar with an epoch header on rank 0."""
+        if not self.enabled:
+            return loader
+        from ultralytics.utils import TQDM
+
+        self.info(
+            ("\n" + "%11s" * (4 + len(self.loss_names))) % ("Epoch", "Mem(GiB)", *self.loss_names, "img/s", "Size")
+        )
+        self._bar = TQDM(loader, total=total)
+        self._bar.set_description(f"{epoch + 1}/{epochs}")
+        return self._bar
+
+    def update_bar(
+        self, *, epoch: int, epochs: int, mean_losses: list[float], imgs_per_s: float, mem_gib: float, imgsz: int
+    ) -> None:
+        if self._bar is not None:
+            self._bar.set_description(
+                ("%11s" * 2 + "%11.4g" * (len(mean_losses) + 1) + "%11s")
+                % (f"{epoch + 1}/{epochs}", f"{mem_gib:.3g}G", *mean_losses, imgs_per_s, imgsz)
+            )
+
+    def log_step(self, step: int, scalars: dict[str, float]) -> None:
+        """Per optimizer step scalars to TensorBoard (x axis: optimizer steps)."""
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        """A results.csv row (Ultralytics' columns) and the same values to TensorBoard (x axis: epochs)."""
+        if not self.enabled:
+            return
+        row = {"epoch": epoch + 1, "time": round(time.time() - self.started, 3), **values}
+        new_file = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"epoch/{name}" if name.startswith("lr/") else name, value, epoch + 1)
+            self.writer.flush()
+
+    def plot(self) -> Path | None:
+        """results.png from results.csv with Ultralytics' plotter (matplotlib only; no font download)."""
+        if not self.enabled or not self.csv_path.exists():
+            return None
+        from ultralytics.utils.plotting import plot_results
+
+        plot_results(file=self.csv_path)
+        return self.run_dir / "results.png"
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def read_results(self) -> list[dict[str, Any]]:
+        with self.csv_path.open() as file:
+            return list(csv.DictReader(file))

@@ -1,0 +1,191 @@
+"""The one module that reaches into Ultralytics' model, loss, optimizer groups and EMA.
+
+A new Ultralytics release should need changes here and in data.py only.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from yolods.config import ConfigError
+
+
+def _load_weights_file(path: Path) -> nn.Module:
+    """The EMA (else model) of a local Ultralytics .pt, in fp32. Never downloads."""
+    from ultralytics.nn.tasks import load_checkpoint
+
+    if not path.is_file():
+        raise ConfigError(
+            f"--model {path}: weights file not found; yolods never downloads, so pass a local .pt or a yaml name such as yolov8n.yaml"
+        )
+    try:
+        weights, _ = load_checkpoint(str(path))
+    except Exception as error:  # torch.load / unpickling errors, one line for the user
+        raise ConfigError(
+            f"--model {path}: not a readable Ultralytics checkpoint ({type(error).__name__}: {error})"
+        ) from None
+    return weights.float()
+
+
+def build_model(
+    model_spec: str, *, num_classes: int, class_names: dict[int, str], hyp: SimpleNamespace, verbose: bool
+) -> nn.Module:
+    """An Ultralytics DetectionModel from a yaml name, or from a local .pt with its classes adapted to the data.
+
+    Args:
+        model_spec: 'yolov8n.yaml', 'yolo11s.yaml', ... or a path to a local .pt file.
+        num_classes: classes in the data set; the head is built for them.
+        class_names: index -> name, stored on the model so exported weights carry them.
+        hyp: Ultralytics hyperparameters; the loss reads box/cls/dfl gains from `model.args`.
+        verbose: print Ultralytics' layer table (rank 0 only).
+
+    Examples:
+        >>> model = build_model("yolov8n.yaml", num_classes=3, class_names={0: "a", 1: "b", 2: "c"}, hyp=hyp, verbose=False)
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    weights = None
+    cfg: Any = model_spec
+    if model_spec.endswith(".pt"):
+        weights = _load_weights_file(Path(model_spec))
+        cfg = weights.yaml
+    elif not model_spec.endswith((".yaml", ".yml")):
+        raise ConfigError(f"--model {model_spec}: expected an Ultralytics yaml name (yolov8n.yaml) or a local .pt file")
+    try:
+        model = DetectionModel(cfg, nc=num_classes, verbose=verbose)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--model {model_spec}: unknown model; use an Ultralytics detection yaml such as yolov8n.yaml, yolo11s.yaml or a local .pt"
+        ) from None
+    model.names = class_names  # before load(): the head remaps classes by name when they match
+    if weights is not None:
+        model.load(weights, verbose=verbose)
+    model.nc = num_classes
+    model.names = class_names
+    model.args = hyp
+    model.criterion = model.init_criterion()
+    untie_shared_modules(model)
+    return model
+
+
+def untie_shared_modules(model: nn.Module) -> int:
+    """Give every parent its own copy of a submodule that several parents share; returns how many were copied.
+
+    Ultralytics' `Conv.default_act` is one SiLU instance shared by every Conv of every model in the process.
+    ZeRO-3 hooks each module once per parent (hundreds of hooks on one SiLU): half the throughput, a stall on
+    step 1, and a hook left on the class attribute that makes later models unpicklable. SiLU has no state, so
+    copies change nothing else.
+    """
+    from collections import Counter
+
+    parents_of = Counter(id(child) for parent in model.modules() for child in parent.children())
+    copies = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            # Every occurrence is copied, the first too: the original is the class attribute ZeRO-3 would hook.
+            if parents_of[id(child)] > 1 and not any(True for _ in child.parameters()):
+                setattr(parent, child_name, deepcopy(child))
+                copies += 1
+    return copies
+
+
+def model_stride(model: nn.Module) -> int:
+    """Largest stride of the detection head, at least 32 (Ultralytics' grid size for letterboxing)."""
+    return max(int(model.stride.max()), 32)
+
+
+def build_optimizer(
+    model: nn.Module, *, hyp: SimpleNamespace, num_classes: int, iterations: int, weight_decay: float, zero_stage: int
+) -> tuple[torch.optim.Optimizer, SimpleNamespace]:
+    """Ultralytics' optimizer: its parameter groups (decayed weights, norm weights, biases) and its `auto` choice.
+
+    Calls Ultralytics' own `BaseTrainer.build_optimizer` so the grouping and the auto rule stay Ultralytics'.
+    Returns the optimizer and the hyperparameters as that choice changed them (optimizer, lr0, warmup_bias_lr).
+
+    `auto` picks MuSGD for long runs; Muon orthogonalises each weight matrix, which ZeRO 1-3 cannot do on the
+    flat partitions they optimise, so there yolods falls back to SGD(lr0=0.01), Ultralytics' earlier choice.
+    """
+    from ultralytics.engine.trainer import BaseTrainer
+
+    chosen = SimpleNamespace(**vars(hyp))
+    shim = SimpleNamespace(args=chosen, data={"nc": num_classes})  # the two trainer attributes it reads
+    optimizer = BaseTrainer.build_optimizer(
+        shim, model, name=hyp.optimizer, lr=hyp.lr0, momentum=hyp.momentum, decay=weight_decay, iterations=iterations
+    )
+    if type(optimizer).__name__ == "MuSGD" and zero_stage > 0:
+        chosen.optimizer, chosen.lr0 = "SGD", 0.01
+        optimizer = BaseTrainer.build_optimizer(
+            shim, model, name="SGD", lr=0.01, momentum=0.9, decay=weight_decay, iterations=iterations
+        )
+    return optimizer, chosen
+
+
+def optimizer_iterations(*, num_train_images: int, global_batch: int, nbs: int, epochs: int) -> int:
+    """Ultralytics' estimate of optimizer steps, which decides `optimizer=auto`."""
+    return math.ceil(num_train_images / max(global_batch, nbs)) * epochs
+
+
+def weight_decay_for(*, hyp: SimpleNamespace, global_batch: int, accumulate: int) -> float:
+    """Ultralytics scales weight decay by the images per optimizer step over the nominal batch."""
+    return hyp.weight_decay * global_batch * accumulate / hyp.nbs
+
+
+def loss_names(model: nn.Module) -> tuple[str, ...]:
+    """('box_loss', 'cls_loss', 'dfl_loss') for detection models."""
+    return tuple(model.criterion.loss_names)
+
+
+def export_snapshot(ema_model: nn.Module) -> nn.Module:
+    """The fp16, criterion-free copy Ultralytics stores under 'ema' in last.pt / best.pt."""
+    snapshot = deepcopy(ema_model).half().to(memory_format=torch.contiguous_format)
+    snapshot.criterion = None
+    for tensor in snapshot.state_dict().values():
+        if tensor.is_floating_point():
+            torch.nan_to_num_(tensor)  # fp16 overflow would make the file unloadable for inference
+    return snapshot
+
+
+def build_ema(model: nn.Module):
+    """Ultralytics' ModelEMA, made safe for DeepSpeed; build it before `deepspeed.initialize`.
+
+    ZeRO-3 empties parameters at initialize, so the copy must be taken before. Returns an EMA whose `update`
+    takes the DeepSpeed engine's module and the ZeRO stage.
+    """
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    class DeepSpeedModelEMA(ModelEMA):
+        def update(self, module: nn.Module, zero_stage: int = 0) -> None:
+            if zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                    self._update_from(module)
+            else:
+                self._update_from(module)
+
+        def _update_from(self, module: nn.Module) -> None:
+            # ModelEMA caches (ema, model) tensor pairs on its first update. DeepSpeed moves parameter storage
+            # (ZeRO flattening, ZeRO-3 gathering), so cached pairs go stale silently: rebuild them every update.
+            # A bf16/fp16 DeepSpeed section leaves module tensors in half precision; the EMA stays fp32.
+            model_state = module.state_dict()
+            ema_tensors, model_tensors = [], []
+            for name, tensor in self.ema.state_dict().items():
+                if tensor.dtype.is_floating_point:
+                    ema_tensors.append(tensor)
+                    model_tensors.append(model_state[name].detach().to(tensor.dtype))
+            self._pairs = ema_tensors, model_tensors
+            super().update(module)
+
+    return DeepSpeedModelEMA(model)
+
+
+def floating_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """BatchNorm running statistics (the floating-point buffers), which each rank updates from its own shard."""
+    return [buffer for buffer in module.buffers() if buffer.dtype.is_floating_point]
