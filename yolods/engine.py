@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from yolods import checkpoint, dist
-from yolods.config import RunConfig, resolve_deepspeed_config, resolved_precision, write_json
+from yolods.config import RunConfig, place_monitor_outputs, resolve_deepspeed_config, resolved_precision, write_json
 from yolods.data import build_train_data, build_val_loader, load_data_yaml, preprocess_batch
 from yolods.metrics import RunLogger
 from yolods.model import (
@@ -28,6 +28,7 @@ from yolods.model import (
     optimizer_iterations,
     weight_decay_for,
 )
+from yolods.profiling import StepProfiler
 from yolods.schedule import Schedule
 from yolods.validation import EpochValidator
 
@@ -117,6 +118,7 @@ class Trainer:
         )
         self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
         self.precision = resolved_precision(self.ds_config)
+        place_monitor_outputs(self.ds_config, run_dir)
         if dist.is_main_process():
             write_json(run_dir / "ds_config.json", self.ds_config)
 
@@ -186,8 +188,10 @@ class Trainer:
         self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
 
         self.logger = RunLogger(run_dir, loss_names=self.loss_names)
+        self.profiler = StepProfiler(cfg.profile, run_dir=run_dir, engine=self.engine, comms_logger=cfg.comms_logger)
         self.state = TrainState()
         self.last_optimizer_iteration = -1
+        self.stage0_grad_norm: float | None = None
         if cfg.resume:
             self._restore()
         self.logger.info(
@@ -216,42 +220,66 @@ class Trainer:
         loader = self.train_data.loader_for_epoch(epoch)
         num_batches = len(loader)
         loss_sums = torch.zeros(len(self.loss_names))
+        bar = self.logger.progress(loader, epoch=epoch, epochs=self.cfg.epochs, total=num_batches)
         step_started = time.perf_counter()
-        for batch_index, batch in enumerate(
-            self.logger.progress(loader, epoch=epoch, epochs=self.cfg.epochs, total=num_batches)
-        ):
-            iteration = batch_index + num_batches * epoch
+        for batch_index, batch in enumerate(bar):
             data_wait_s = time.perf_counter() - step_started
-            loss_items = self.train_step(
-                batch, iteration=iteration, epoch=epoch, last_in_epoch=batch_index == num_batches - 1
-            )
-            loss_sums += loss_items
+            iteration = batch_index + num_batches * epoch
+            with self.profiler.step():
+                loss_items, stepped = self.train_step(
+                    batch, iteration=iteration, epoch=epoch, last_in_epoch=batch_index == num_batches - 1
+                )
+            loss_sums += loss_items  # .cpu() in train_step synced with the device already
             step_time_s = time.perf_counter() - step_started
             imgs_per_s = batch["img"].shape[0] * dist.get_world_size() / step_time_s
+            mean_losses = (loss_sums / (batch_index + 1)).tolist()
             self.logger.update_bar(
                 epoch=epoch,
                 epochs=self.cfg.epochs,
-                mean_losses=(loss_sums / (batch_index + 1)).tolist(),
+                mean_losses=mean_losses,
                 imgs_per_s=imgs_per_s,
                 mem_gib=self._memory_gib(),
                 imgsz=batch["img"].shape[-1],
             )
-            self.logger.log_step(
-                iteration,
-                {
-                    **{f"train/{name}": float(value) for name, value in zip(self.loss_names, loss_items)},
-                    **{f"lr/pg{index}": group["lr"] for index, group in enumerate(self.engine.optimizer.param_groups)},
-                    "throughput/imgs_per_s": imgs_per_s,
-                    "time/step_s": step_time_s,
-                    "time/data_wait_share": data_wait_s / step_time_s,
-                    "memory/used_gib": self._memory_gib(),
-                },
-            )
+            if stepped:
+                self.logger.log_step(
+                    self.engine.global_steps,
+                    self._step_scalars(
+                        loss_items, imgs_per_s=imgs_per_s, step_time_s=step_time_s, data_wait_s=data_wait_s
+                    ),
+                )
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
 
-    def train_step(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> torch.Tensor:
-        """Forward, backward and (at an accumulation boundary) an optimizer step; returns detached losses."""
+    def _step_scalars(
+        self, loss_items: torch.Tensor, *, imgs_per_s: float, step_time_s: float, data_wait_s: float
+    ) -> dict[str, float]:
+        """TensorBoard scalars for one optimizer step; names carry their units."""
+        scalars = {f"train/{name}": float(value) for name, value in zip(self.loss_names, loss_items)}
+        scalars.update({f"lr/pg{index}": group["lr"] for index, group in enumerate(self.engine.optimizer.param_groups)})
+        scalars.update(
+            {
+                "throughput/imgs_per_s": imgs_per_s,
+                "time/step_s": step_time_s,
+                "time/data_wait_share": data_wait_s / step_time_s,
+                "memory/peak_gib": self._memory_gib(),
+            }
+        )
+        grad_norm = self.engine.get_global_grad_norm() if self.zero_stage else self.stage0_grad_norm
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        scale = loss_scale(self.engine)
+        if scale is not None:
+            scalars["train/loss_scale"] = scale
+        return scalars
+
+    def train_step(
+        self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """Forward, backward and (at an accumulation boundary) an optimizer step.
+
+        Returns the detached losses and whether the optimizer stepped.
+        """
         plan = self.schedule.at(iteration, epoch)
         for group, lr in zip(self.engine.optimizer.param_groups, plan.lrs):
             group["lr"] = lr
@@ -266,11 +294,13 @@ class Trainer:
         # Ultralytics' loss is a sum over the rank's images; x world size because DeepSpeed, like DDP, averages
         # gradients over ranks. Never divided by accumulation: Ultralytics sums accumulated gradients.
         self.engine.backward(loss.sum() * dist.get_world_size(), scale_wrt_gas=False)
+        if is_boundary and self.zero_stage == 0:
+            self.stage0_grad_norm = self._reduced_grad_norm()
         self.engine.step()
         if is_boundary:
             self.last_optimizer_iteration = iteration
             self.ema.update(self.engine.module, zero_stage=self.zero_stage)
-        return torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names])
+        return torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names]), is_boundary
 
     def end_epoch(self, epoch: int, train_losses: list[float]) -> dict[str, Any]:
         """Sync BatchNorm statistics, validate, log, save weights and the DeepSpeed checkpoint."""
@@ -348,12 +378,37 @@ class Trainer:
         else:
             self.logger.info(f"Resuming {self.run_dir} at epoch {self.state.epoch + 1}/{self.cfg.epochs}")
 
+    def _reduced_grad_norm(self) -> float:
+        """Gradient norm before clipping, for ZeRO-0, where DeepSpeed does not report it.
+
+        At the boundary DeepSpeed has already averaged the gradients over ranks, so every rank gets the global norm.
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # float() syncs
+        return norm / (loss_scale(self.engine) or 1.0)
+
     def _memory_gib(self) -> float:
+        """Peak memory of this rank: CUDA max allocated on GPU, peak RSS of the process on CPU."""
         if self.device.type == "cuda":
-            return torch.cuda.memory_reserved(self.device) / 2**30
-        return 0.0
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
     def close(self) -> None:
         """Flush logs and leave the process group cleanly (every rank)."""
+        self.profiler.close()
         self.logger.close()
         dist.shutdown(self.engine)
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 loss scale in force, wherever DeepSpeed keeps it; None when there is none (fp32, bf16)."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
+        engine.optimizer, "torch_autocast_gradscaler", None
+    )
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    if engine.fp16_enabled():
+        return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 0.0)))
+    return None

@@ -83,7 +83,9 @@ class RunLogger:
             writer.writerow(row)
         if self.writer is not None:
             for name, value in values.items():
-                self.writer.add_scalar(f"epoch/{name}" if name.startswith("lr/") else name, value, epoch + 1)
+                # Train losses and lr also exist per step; their epoch means get their own tags.
+                tag = f"epoch/{name}" if name.startswith(("train/", "lr/")) else name
+                self.writer.add_scalar(tag, value, epoch + 1)
             self.writer.flush()
 
     def plot(self) -> Path | None:

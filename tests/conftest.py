@@ -1,0 +1,104 @@
+"""Fixtures: small synthetic data on disk, and real `yolods.train` processes (1 rank, or 2 ranks over gloo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TRAIN_TIMEOUT_S = 420
+IMGSZ = 128
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", YOLO_OFFLINE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_command(args: list[str], *, nproc: int) -> list[str]:
+    """`python -m yolods.train ARGS`, or under torchrun with `nproc` ranks on a free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "yolods.train", *args]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+    ]
+    return [*torchrun, "-m", "yolods.train", *args]
+
+
+def run_train(
+    args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """Run a real training process to completion and return its output (stdout + stderr, text)."""
+    return subprocess.run(
+        train_command(args, nproc=nproc),
+        cwd=cwd,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epochs: int = 3) -> list[str]:
+    """A short job on the small shapes set: 32 images, batch 8, imgsz 128."""
+    return [
+        "--data",
+        str(data_yaml),
+        "--epochs",
+        str(epochs),
+        "--imgsz",
+        str(IMGSZ),
+        "--batch",
+        "8",
+        "--workers",
+        "0",
+        "--project",
+        str(project),
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """data.yaml of 32 train / 8 val synthetic images."""
+    from yolods.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("shapes"), num_train=32, num_val=8, imgsz=IMGSZ, seed=0)
+
+
+@pytest.fixture(scope="session")
+def projects(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def zero2_run(shapes_data, projects) -> Path:
+    """A finished 2-rank ZeRO-2 fp32 run with a few profiled steps (read by several tests)."""
+    result = run_train(small_run_args(shapes_data, projects, "zero2", "--zero", "2", "--profile", "1,1,1"), nproc=2)
+    assert_ok(result)
+    (projects / "zero2" / "train.log").write_text(result.stdout + result.stderr)
+    return projects / "zero2"

@@ -1,0 +1,137 @@
+"""Batch arithmetic and DeepSpeed config resolution: one-line errors naming both values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from yolods.config import ConfigError, RunConfig, default_deepspeed_config, parse_args, resolve_deepspeed_config
+
+DS_CONFIGS = Path(__file__).parents[1] / "ds_configs"
+
+
+def resolve(world_size: int = 2, nbs: int = 64, **fields):
+    return resolve_deepspeed_config(RunConfig(device="cpu", **fields), world_size=world_size, nbs=nbs)
+
+
+def test_global_batch_splits_into_micro_batches_and_accumulation():
+    config, plan = resolve(world_size=4, batch=32, batch_from_flag=True)
+    assert (plan.micro_batch, plan.accumulate, plan.global_batch) == (8, 2, 32)  # round(64 / 32) = 2
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 64
+
+
+def test_batch_that_does_not_split_names_both_values_and_a_fix():
+    with pytest.raises(ConfigError, match=r"--batch 10 does not split over 4 ranks.*--batch 8"):
+        resolve(world_size=4, batch=10, batch_from_flag=True)
+
+
+def test_micro_batch_from_the_config_when_no_batch_flag(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 12}))
+    _, plan = resolve(world_size=2, deepspeed_config=str(path))
+    assert plan.global_batch == 24
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "pattern"),
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            {"batch": 16, "batch_from_flag": True},
+            r"--batch 16 gives 8 images per rank.*train_micro_batch_size_per_gpu=4",
+        ),
+        ({"zero_optimization": {"stage": 1}}, {"zero": 3}, r"--zero 3 disagrees with zero_optimization.stage=1"),
+        ({"bf16": {"enabled": True}}, {"precision": "fp16"}, r"--precision fp16 disagrees .* bf16"),
+        ({"train_batch_size": 100}, {"batch": 16, "batch_from_flag": True}, r"train_batch_size=100 .* = 64"),
+        ({"optimizer": {"type": "Adam"}}, {}, r"defines an optimizer"),
+    ],
+)
+def test_config_that_disagrees_with_flags(tmp_path, content, flags, pattern):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=pattern):
+        resolve(deepspeed_config=str(path), **flags)
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        resolve(deepspeed_config=str(tmp_path / "missing.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ nope")
+    with pytest.raises(ConfigError, match="invalid JSON at line 1"):
+        resolve(deepspeed_config=str(broken))
+
+
+def test_user_bf16_section_gets_matching_buffers(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))
+    config, _ = resolve(deepspeed_config=str(path))
+    assert config["data_types"]["buffer_dtype"] == "bf16"
+    assert config["gradient_clipping"] == 10.0  # Ultralytics' max_norm, not DeepSpeed's 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "precision"),
+    [
+        ("zero0_fp32", 0, "fp32"),
+        ("zero1_bf16", 1, "bf16"),
+        ("zero2_bf16", 2, "bf16"),
+        ("zero2_fp16", 2, "fp16"),
+        ("zero3_bf16", 3, "bf16"),
+    ],
+)
+def test_shipped_configs_are_the_defaults(name, stage, precision):
+    """ds_configs/*.json and the embedded defaults hold the same numbers (ds_configs/README.md explains them)."""
+    assert json.loads((DS_CONFIGS / f"{name}.json").read_text()) == default_deepspeed_config(
+        zero_stage=stage, precision=precision
+    )
+
+
+def test_offload_config_differs_from_zero2_only_by_offload():
+    offload = json.loads((DS_CONFIGS / "zero2_offload_bf16.json").read_text())
+    assert offload["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}
+    assert offload.pop("zero_force_ds_cpu_optimizer") is False
+    assert offload == default_deepspeed_config(zero_stage=2, precision="bf16")
+
+
+def test_buckets_split_even_the_smallest_yolo():
+    """DeepSpeed's 5e8-element default bucket holds a whole YOLO, so nothing overlaps with backward."""
+    zero = default_deepspeed_config(zero_stage=2, precision="bf16")["zero_optimization"]
+    yolov8n_params = 3_011_433
+    assert zero["reduce_bucket_size"] < yolov8n_params and zero["overlap_comm"]
+
+
+def test_parse_args_defaults_for_synthetic_and_real_data():
+    synthetic = parse_args([])
+    assert (synthetic.data, synthetic.epochs, synthetic.imgsz, synthetic.batch) == ("synthetic", 5, 160, 16)
+    real = parse_args(["--data", "coco.yaml", "--local_rank=3"])
+    assert (real.epochs, real.imgsz) == (100, 640)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--zero", "5"], "--zero 5"),
+        (["--precision", "fp8"], "fp8"),
+        (["--hyp", "mosiac=0.5"], "mosiac"),
+        (["--batch", "0"], "--batch 0"),
+    ],
+)
+def test_bad_flags(argv, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_args(argv)
+
+
+def test_fp16_autocast_under_zero_runs_unclipped(tmp_path):
+    """DeepSpeed 0.19.8 clips still-scaled fp16 gradients at ZeRO 1-3: default to no clipping, refuse it if asked."""
+    config, _ = resolve(zero=2, precision="fp16")
+    assert config["gradient_clipping"] == 0.0
+    assert resolve(zero=0, precision="fp16")[0]["gradient_clipping"] == 10.0
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 1.0, "torch_autocast": {"enabled": True, "dtype": "float16"}}))
+    with pytest.raises(ConfigError, match=r"gradient_clipping=1\.0 .* fp16 torch_autocast at ZeRO-1"):
+        resolve(zero=1, deepspeed_config=str(path))

@@ -1,0 +1,59 @@
+"""What rank 0 writes for people: TensorBoard scalars, profiler traces, results.csv/png, the console."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.multirank
+
+
+def scalars(run_dir) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_step_and_epoch_series(zero2_run):
+    series = scalars(zero2_run)
+    for tag in (
+        "train/box_loss",
+        "train/cls_loss",
+        "train/dfl_loss",
+        "lr/pg0",
+        "lr/pg2",
+        "throughput/imgs_per_s",
+        "time/step_s",
+        "time/data_wait_share",
+        "train/grad_norm",
+        "memory/peak_gib",
+    ):
+        steps = [event.step for event in series[tag]]
+        assert len(steps) >= 3 and steps == sorted(set(steps)), (tag, steps)
+    for tag in ("metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/precision(B)", "metrics/recall(B)", "val/box_loss"):
+        assert [event.step for event in series[tag]] == [1, 2, 3], tag
+    assert "train/loss_scale" not in series  # fp32: no loss scaling
+
+
+def test_profile_writes_a_trace_per_rank_and_a_flops_summary(zero2_run):
+    traces = sorted((zero2_run / "profile").glob("*.pt.trace.json"))
+    assert [trace.name.split(".")[0] for trace in traces] == ["rank0", "rank1"]
+    trace = json.loads(traces[0].read_text())
+    assert any(event.get("name", "").startswith("train_step_") for event in trace["traceEvents"])
+    assert "params" in (zero2_run / "flops_profile.txt").read_text().lower()
+
+
+def test_results_csv_and_png(zero2_run):
+    header = (zero2_run / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "time", "train/box_loss", "train/cls_loss", "train/dfl_loss"]
+    assert {"metrics/mAP50(B)", "metrics/mAP50-95(B)", "val/box_loss", "lr/pg0"} <= set(header)
+    assert (zero2_run / "results.png").stat().st_size > 10_000
+
+
+def test_one_rank_prints_the_progress(zero2_run):
+    log = (zero2_run / "train.log").read_text()
+    assert log.count("yolods: 2 ranks, ZeRO-2") == 1
+    assert log.count("Epoch   Mem(GiB)") == 3  # one header per epoch, from rank 0 alone

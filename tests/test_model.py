@@ -1,0 +1,92 @@
+"""The Ultralytics glue: model building, shared-module untying, optimizer groups, EMA."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import yolods  # noqa: F401  (offline environment before Ultralytics is imported)
+from yolods.config import ConfigError, RunConfig
+from yolods.engine import build_hyp
+from yolods.model import build_ema, build_model, build_optimizer, export_snapshot, untie_shared_modules
+
+NAMES = {0: "rectangle", 1: "ellipse", 2: "triangle"}
+
+
+@pytest.fixture(scope="module")
+def hyp(shapes_data):
+    return build_hyp(RunConfig(data=str(shapes_data), device="cpu"), str(shapes_data))
+
+
+@pytest.fixture
+def model(hyp):
+    return build_model("yolov8n.yaml", num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+
+
+def test_every_conv_has_its_own_activation(model):
+    from ultralytics.nn.modules import Conv
+
+    activations = [m.act for m in model.modules() if isinstance(m, Conv)]
+    assert len({id(a) for a in activations}) == len(activations)
+    assert all(a is not Conv.default_act for a in activations)
+    assert untie_shared_modules(model) == 0  # idempotent
+
+
+def test_untied_model_survives_hooks_on_the_class_activation(model):
+    """A hook left on Conv.default_act (as ZeRO-3 leaves) must not reach our models or their pickles."""
+    from ultralytics.nn.modules import Conv
+
+    handle = Conv.default_act.register_forward_hook(lambda *args: None)
+    try:
+        pickle.dumps(export_snapshot(model))
+    finally:
+        handle.remove()
+
+
+def test_unknown_model_and_missing_weights(hyp, tmp_path):
+    with pytest.raises(ConfigError, match="unknown model"):
+        build_model("yolov99z.yaml", num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+    with pytest.raises(ConfigError, match="never downloads"):
+        build_model(str(tmp_path / "yolo11n.pt"), num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="not a readable Ultralytics checkpoint"):
+        build_model(str(corrupt), num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+
+
+def test_ultralytics_parameter_groups(model, hyp):
+    optimizer, chosen = build_optimizer(model, hyp=hyp, num_classes=3, iterations=100, weight_decay=5e-4, zero_stage=2)
+    groups = {group["param_group"]: group for group in optimizer.param_groups}
+    assert set(groups) == {"weight", "bn", "bias"}
+    assert (
+        groups["weight"]["weight_decay"] == 5e-4
+        and groups["bn"]["weight_decay"] == 0
+        and groups["bias"]["weight_decay"] == 0
+    )
+    assert type(optimizer).__name__ == "AdamW" and chosen.optimizer == "AdamW"  # `auto` on a short run
+    assert chosen.lr0 == pytest.approx(round(0.002 * 5 / (4 + 3), 6))
+
+
+def test_auto_optimizer_avoids_muon_under_zero(model, hyp):
+    """Muon orthogonalises weight matrices, which ZeRO's flat partitions do not hold."""
+    optimizer, chosen = build_optimizer(
+        model, hyp=hyp, num_classes=3, iterations=100_000, weight_decay=5e-4, zero_stage=1
+    )
+    assert type(optimizer).__name__ == "SGD" and chosen.lr0 == 0.01
+    optimizer, _ = build_optimizer(model, hyp=hyp, num_classes=3, iterations=100_000, weight_decay=5e-4, zero_stage=0)
+    assert type(optimizer).__name__ == "MuSGD"
+
+
+def test_ema_follows_parameters_in_other_dtypes_and_new_storage(model):
+    ema = build_ema(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data + 1.0  # new storage, as DeepSpeed's flattening gives
+    half = model.to(torch.bfloat16)
+    ema.update(half)
+    first_ema = next(ema.ema.parameters())
+    first_model = next(half.parameters())
+    assert first_ema.dtype == torch.float32
+    assert torch.allclose(first_ema, first_model.float(), atol=0.05)  # decay ~0 on the first update

@@ -1,0 +1,155 @@
+"""End-to-end training through the real DeepSpeed engine: 2 ranks over gloo, real Ultralytics models and data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import IMGSZ, assert_ok, run_train, small_run_args, train_command, train_env
+
+pytestmark = pytest.mark.multirank
+
+LOSSES = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+
+
+def read_results(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / "results.csv").open() as file:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(file)]
+
+
+def total_train_loss(row: dict[str, float]) -> float:
+    return sum(row[name] for name in LOSSES)
+
+
+def assert_weights_load_and_validate(weights: Path, data_yaml: Path, *, num_classes: int) -> None:
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    assert len(model.names) == num_classes
+    metrics = model.val(data=str(data_yaml), imgsz=IMGSZ, batch=8, device="cpu", plots=False, verbose=False, workers=0)
+    assert 0.0 <= metrics.box.map50 <= 1.0
+    val_images = Path(yaml.safe_load(data_yaml.read_text())["path"]) / "images" / "val"
+    predictions = model.predict(next(val_images.glob("*.jpg")), imgsz=IMGSZ, verbose=False)
+    assert len(predictions) == 1
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 3])
+def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
+    name = f"zero{zero_stage}"
+    assert_ok(run_train(small_run_args(shapes_data, projects, name, "--zero", str(zero_stage)), nproc=2))
+    run_dir = projects / name
+    rows = read_results(run_dir)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
+    assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero_stage
+    assert_weights_load_and_validate(run_dir / "weights" / "best.pt", shapes_data, num_classes=3)
+
+
+def test_zero2_run_outputs(zero2_run, shapes_data):
+    rows = read_results(zero2_run)
+    assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
+    config = json.loads((zero2_run / "ds_config.json").read_text())
+    # global batch 8 = 4 per rank x 2 ranks; accumulation to nbs=64 capped by the 4 x 3 micro-steps of the run
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["train_batch_size"] == 4 * 2 * config["gradient_accumulation_steps"]
+    assert config["gradient_clipping"] == 10.0
+    assert (zero2_run / "args.yaml").is_file()
+    checkpoints = zero2_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("epoch*")) == ["epoch2", "epoch3"]  # the two newest are kept
+    assert (checkpoints / "latest").read_text().strip() == "epoch3"
+    assert_weights_load_and_validate(zero2_run / "weights" / "last.pt", shapes_data, num_classes=3)
+
+
+@pytest.mark.parametrize("config", ["zero2_bf16.json", "zero3_bf16.json"])
+def test_bf16_autocast_configs_train(config, shapes_data, projects):
+    name = config.removesuffix(".json")
+    config_path = Path(__file__).parents[1] / "ds_configs" / config
+    assert_ok(run_train(small_run_args(shapes_data, projects, name, "--deepspeed_config", str(config_path)), nproc=2))
+    rows = read_results(projects / name)
+    assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
+    assert json.loads((projects / name / "ds_config.json").read_text())["torch_autocast"]["dtype"] == "bfloat16"
+    assert_weights_load_and_validate(projects / name / "weights" / "best.pt", shapes_data, num_classes=3)
+
+
+def test_deepspeed_bf16_section_runs(shapes_data, projects, tmp_path):
+    """A user's own config with DeepSpeed's `bf16` section (not torch_autocast) must also train."""
+    config = tmp_path / "user_bf16.json"
+    config.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    assert_ok(
+        run_train(
+            small_run_args(shapes_data, projects, "user_bf16", "--deepspeed_config", str(config), epochs=1), nproc=2
+        )
+    )
+    assert_weights_load_and_validate(projects / "user_bf16" / "weights" / "last.pt", shapes_data, num_classes=3)
+
+
+def test_killed_run_resumes_at_next_epoch(shapes_data, projects):
+    """Kill the launcher once epoch 1's checkpoint is on disk; --resume continues with epoch 2."""
+    run_dir = projects / "killed"
+    args = small_run_args(shapes_data, projects, "killed", "--zero", "2", epochs=3)
+    process = subprocess.Popen(
+        train_command(args, nproc=2),
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "epoch1").is_dir() or not (run_dir / "checkpoints" / "latest").is_file():
+        assert process.poll() is None and time.time() < deadline, "run ended or stalled before its first checkpoint"
+        time.sleep(0.5)
+    # Everything at once, as a lost node would go: torchrun starts its workers in sessions of their own.
+    for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    completed = {int(row["epoch"]) for row in read_results(run_dir)}
+    assert 1 in completed and 3 not in completed
+
+    result = run_train(["--resume", str(run_dir)], nproc=2)
+    assert_ok(result)
+    assert "Resuming" in result.stdout + result.stderr
+    epochs = [int(row["epoch"]) for row in read_results(run_dir)]
+    assert epochs[-1] == 3 and epochs.count(1) == 1, epochs
+
+
+def test_finetune_from_produced_weights_adapts_classes(zero2_run, shapes_data, projects, tmp_path):
+    """--model best.pt on a data set with 5 class names: the head is rebuilt for 5 classes, training runs."""
+    data = yaml.safe_load(shapes_data.read_text())
+    data["names"] = {i: f"class{i}" for i in range(5)}
+    five_class_yaml = tmp_path / "five.yaml"
+    five_class_yaml.write_text(yaml.safe_dump(data))
+    weights = zero2_run / "weights" / "best.pt"
+    assert_ok(run_train(small_run_args(five_class_yaml, projects, "finetune", "--model", str(weights), epochs=1)))
+    assert_weights_load_and_validate(projects / "finetune" / "weights" / "last.pt", five_class_yaml, num_classes=5)
+
+
+def test_default_run_with_no_arguments(tmp_path):
+    """`python -m yolods.train` alone: synthetic shapes, yolov8n, finishes with Ultralytics weights."""
+    result = run_train([], cwd=tmp_path)
+    assert_ok(result)
+    run_dir = tmp_path / "runs" / "train" / "exp"
+    assert len(read_results(run_dir)) == 5
+    assert (run_dir / "weights" / "best.pt").is_file()
+
+
+def test_corrupt_image_is_skipped_with_a_warning(shapes_data, projects, tmp_path):
+    data_root = tmp_path / "corrupt"
+    shutil.copytree(shapes_data.parent, data_root)
+    (data_root / "labels" / "train.cache").unlink(missing_ok=True)
+    (data_root / "images" / "train" / "000000.jpg").write_bytes(b"not a jpeg")
+    data = yaml.safe_load(shapes_data.read_text())
+    data["path"] = str(data_root)
+    data_yaml = data_root / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(data))
+    result = run_train(small_run_args(data_yaml, projects, "corrupt", epochs=1))
+    assert_ok(result)
+    assert "000000.jpg" in result.stdout + result.stderr and "corrupt" in (result.stdout + result.stderr).lower()
+    assert (projects / "corrupt" / "weights" / "last.pt").is_file()

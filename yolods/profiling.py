@@ -1,0 +1,114 @@
+"""On-demand profiling of training steps: torch.profiler traces, DeepSpeed's flops profiler, its comms logger.
+
+`--profile WAIT,WARMUP,ACTIVE` skips WAIT steps, warms up WARMUP and records ACTIVE steps of the first epoch;
+each rank writes `profile/rank{N}.*.pt.trace.json` in the run dir (TensorBoard's profiler view and Perfetto
+open it). The first recorded step also goes through DeepSpeed's flops profiler (rank 0 prints the summary and
+writes flops_profile.txt). `--comms_logger` adds DeepSpeed's per-collective summary at the end; it
+synchronises every collective, so it is off unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from yolods import dist
+from yolods.config import ConfigError
+
+
+def parse_profile_spec(spec: str) -> tuple[int, int, int]:
+    """'1,2,3' -> (wait, warmup, active) steps."""
+    try:
+        wait, warmup, active = (int(part) for part in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--profile {spec}: expected WAIT,WARMUP,ACTIVE step counts, e.g. --profile 1,2,3") from None
+    if min(wait, warmup) < 0 or active < 1:
+        raise ConfigError(f"--profile {spec}: counts must be >= 0 and ACTIVE >= 1")
+    return wait, warmup, active
+
+
+class StepProfiler:
+    """Wraps training steps; does nothing unless `spec` is given.
+
+    Examples:
+        >>> profiler = StepProfiler("1,1,2", run_dir=run_dir, engine=engine)
+        >>> for batch in loader:
+        ...     with profiler.step():
+        ...         train_step(batch)
+        >>> profiler.close()
+    """
+
+    def __init__(self, spec: str | None, *, run_dir: Path, engine, comms_logger: bool = False):
+        self.enabled = spec is not None
+        self.run_dir = run_dir
+        self.engine = engine
+        self.comms_logger = comms_logger
+        self.steps_seen = 0
+        self.torch_profiler = None
+        if not self.enabled:
+            return
+        wait, warmup, active = parse_profile_spec(spec)
+        self.flops_step = wait + warmup  # the first recorded step
+        self.last_step = wait + warmup + active
+        trace_dir = run_dir / "profile"
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.torch_profiler = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                str(trace_dir), worker_name=f"rank{dist.get_rank()}"
+            ),
+            record_shapes=True,
+            with_stack=False,  # stacks make traces ~10x larger; shapes are what tell kernels apart
+        )
+        self.torch_profiler.start()
+
+    @contextlib.contextmanager
+    def step(self):
+        """Profile one training step (forward, backward, optimizer step)."""
+        if not self.enabled or self.steps_seen >= self.last_step:
+            yield
+            return
+        flops_profiler = self._start_flops_profiler() if self.steps_seen == self.flops_step else None
+        with torch.profiler.record_function(f"train_step_{self.steps_seen}"):
+            yield
+        if flops_profiler is not None:
+            self._finish_flops_profiler(flops_profiler)
+        self.torch_profiler.step()
+        self.steps_seen += 1
+        if self.steps_seen == self.last_step:
+            self.torch_profiler.stop()  # writes the traces
+
+    def _start_flops_profiler(self):
+        from deepspeed.profiling.flops_profiler import FlopsProfiler
+
+        profiler = FlopsProfiler(self.engine.module, ds_engine=self.engine)
+        profiler.start_profile()
+        return profiler
+
+    def _finish_flops_profiler(self, profiler) -> None:
+        profiler.stop_profile()
+        if dist.is_main_process():
+            output = self.run_dir / "flops_profile.txt"
+            profiler.print_model_profile(
+                profile_step=self.flops_step, module_depth=2, top_modules=3, output_file=str(output)
+            )
+            print(output.read_text().split("\n\n")[0] if output.exists() else "", flush=True)
+        profiler.end_profile()
+
+    def close(self) -> None:
+        if self.enabled and self.steps_seen < self.last_step:
+            self.torch_profiler.stop()  # fewer steps ran than asked for: write what was recorded
+        if self.comms_logger:
+            import deepspeed.comm
+
+            deepspeed.comm.log_summary()
+
+
+def trace_files(run_dir: Path) -> list[Path]:
+    """The torch.profiler traces a run wrote, one or more per rank."""
+    return sorted((run_dir / "profile").glob("*.pt.trace.json"))
