@@ -62,23 +62,38 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig(**{**saved, "resume": str(run_dir)})
 
 
-def save_training_state(engine, run_dir: Path, *, epoch: int, client_state: dict[str, Any]) -> None:
-    """DeepSpeed checkpoint of model, optimizer and ZeRO partitions; a collective, so every rank calls it."""
+def save_training_state(
+    engine, run_dir: Path, *, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]
+) -> None:
+    """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus each rank's own state.
+
+    A collective: every rank calls it. Each rank writes its file before DeepSpeed writes `latest`, so a tag
+    that `latest` names is complete.
+    """
     checkpoint_dir = run_dir / CHECKPOINT_DIR
-    engine.save_checkpoint(str(checkpoint_dir), tag=f"epoch{epoch + 1}", client_state=client_state)
+    (checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rank_state, checkpoint_dir / tag / f"yolods_rank{dist.get_rank()}.pt")
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
     dist.barrier()  # every rank's shard is on disk before anything older goes
     if dist.is_main_process():
-        tags = sorted((p for p in checkpoint_dir.glob("epoch*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+        tags = sorted((p for p in checkpoint_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
         for stale in tags[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def load_training_state(engine, run_dir: Path) -> dict[str, Any]:
-    """Load the latest checkpoint into the engine (every rank) and return its client state."""
-    load_path, client_state = engine.load_checkpoint(str(run_dir / CHECKPOINT_DIR))
+def load_training_state(engine, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the latest checkpoint into the engine (every rank); returns the client state and this rank's state."""
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir))
     if load_path is None:
-        raise ConfigError(f"--resume {run_dir}: DeepSpeed found no loadable checkpoint in {run_dir / CHECKPOINT_DIR}")
-    return client_state
+        raise ConfigError(f"--resume {run_dir}: DeepSpeed found no loadable checkpoint in {checkpoint_dir}")
+    tag = (checkpoint_dir / "latest").read_text().strip()
+    rank_file = checkpoint_dir / tag / f"yolods_rank{dist.get_rank()}.pt"
+    if not rank_file.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: {rank_file.name} missing from {tag}; resume with as many ranks as the run had"
+        )
+    return client_state, torch.load(rank_file, weights_only=False)
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:

@@ -28,6 +28,7 @@ from yolods.model import (
     optimizer_iterations,
     weight_decay_for,
 )
+from yolods.preemption import StopRequest, TrainingInterrupted
 from yolods.profiling import StepProfiler
 from yolods.schedule import Schedule
 from yolods.validation import EpochValidator
@@ -82,7 +83,8 @@ def resolve_data_yaml(cfg: RunConfig, run_dir: Path) -> str:
 class TrainState:
     """What a checkpoint must carry beyond DeepSpeed's own state."""
 
-    epoch: int = 0  # next epoch to run
+    epoch: int = 0  # epoch to run next (or the one a stop signal interrupted)
+    batch_index: int = 0  # first batch of `epoch` still to run: > 0 only after a stop signal
     best_fitness: float | None = None
     fitness_history: list[float] = field(default_factory=list)
 
@@ -192,6 +194,9 @@ class Trainer:
         self.state = TrainState()
         self.last_optimizer_iteration = -1
         self.stage0_grad_norm: float | None = None
+        self.resumed_loss_sums: torch.Tensor | None = None
+        self.stop_request = StopRequest().install()
+        self.stop_after_epoch = False
         if cfg.resume:
             self._restore()
         self.logger.info(
@@ -209,20 +214,30 @@ class Trainer:
             metrics = self.end_epoch(epoch, train_losses)
             if self._should_stop(epoch):
                 break
+            if self.stop_after_epoch:
+                raise TrainingInterrupted(f"epoch{epoch + 1}")
         self.logger.plot()
         return metrics
 
     def train_epoch(self, epoch: int) -> list[float]:
-        """One pass over this rank's shard; returns the epoch's mean train losses."""
+        """One pass over this rank's shard; returns the epoch's mean train losses.
+
+        After a stop signal the epoch ends early with a checkpoint and TrainingInterrupted. A run resumed from
+        that checkpoint replays the epoch's loader up to where it stopped without training on it, so sampler,
+        augmentation and mosaic draws continue exactly where they were.
+        """
         if self.hyp.close_mosaic and epoch >= self.cfg.epochs - self.hyp.close_mosaic:
             self.train_data.close_mosaic(self.hyp)
         self.engine.train()
         loader = self.train_data.loader_for_epoch(epoch)
         num_batches = len(loader)
-        loss_sums = torch.zeros(len(self.loss_names))
+        first_batch, self.state.batch_index = self.state.batch_index, 0
+        loss_sums = self.resumed_loss_sums if first_batch else torch.zeros(len(self.loss_names))
         bar = self.logger.progress(loader, epoch=epoch, epochs=self.cfg.epochs, total=num_batches)
         step_started = time.perf_counter()
         for batch_index, batch in enumerate(bar):
+            if batch_index < first_batch:
+                continue  # already trained on before the interruption
             data_wait_s = time.perf_counter() - step_started
             iteration = batch_index + num_batches * epoch
             with self.profiler.step():
@@ -232,24 +247,40 @@ class Trainer:
             loss_sums += loss_items  # .cpu() in train_step synced with the device already
             step_time_s = time.perf_counter() - step_started
             imgs_per_s = batch["img"].shape[0] * dist.get_world_size() / step_time_s
-            mean_losses = (loss_sums / (batch_index + 1)).tolist()
             self.logger.update_bar(
                 epoch=epoch,
                 epochs=self.cfg.epochs,
-                mean_losses=mean_losses,
+                mean_losses=(loss_sums / (batch_index + 1)).tolist(),
                 imgs_per_s=imgs_per_s,
                 mem_gib=self._memory_gib(),
                 imgsz=batch["img"].shape[-1],
             )
             if stepped:
-                self.logger.log_step(
-                    self.engine.global_steps,
-                    self._step_scalars(
-                        loss_items, imgs_per_s=imgs_per_s, step_time_s=step_time_s, data_wait_s=data_wait_s
-                    ),
+                scalars = self._step_scalars(
+                    loss_items, imgs_per_s=imgs_per_s, step_time_s=step_time_s, data_wait_s=data_wait_s
                 )
+                self.logger.log_step(self.engine.global_steps, scalars)
+            stop = self.stop_request.agreed()  # a collective at every step, so all ranks stop at the same one
+            if stop and stepped and batch_index < num_batches - 1:
+                self._save_interrupted(epoch, next_batch=batch_index + 1, loss_sums=loss_sums)
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
+
+    def _save_interrupted(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> None:
+        """Checkpoint mid-epoch, at an optimizer-step boundary (no half-summed gradients), then stop."""
+        self.state.epoch, self.state.batch_index = epoch, next_batch
+        tag = f"epoch{epoch + 1}-batch{next_batch}"
+        checkpoint.save_training_state(
+            self.engine,
+            self.run_dir,
+            tag=tag,
+            client_state=self._client_state(),
+            rank_state=self._rank_state(loss_sums),
+        )
+        self.logger.info(
+            f"\nStopped by {getattr(self.stop_request.received, 'name', 'a signal to another rank')}: checkpoint {tag} saved; continue with --resume {self.run_dir}"
+        )
+        raise TrainingInterrupted(tag)
 
     def _step_scalars(
         self, loss_items: torch.Tensor, *, imgs_per_s: float, step_time_s: float, data_wait_s: float
@@ -322,7 +353,16 @@ class Trainer:
             }
             self.logger.log_epoch(epoch, values)
             self._export(epoch, metrics, is_best)
-        checkpoint.save_training_state(self.engine, self.run_dir, epoch=epoch, client_state=self._client_state())
+        self.stop_after_epoch = self.stop_request.agreed()  # a signal during the last step or validation
+        if self.stop_after_epoch:
+            self.logger.info(f"Stopped by a signal after epoch {epoch + 1}; continue with --resume {self.run_dir}")
+        checkpoint.save_training_state(
+            self.engine,
+            self.run_dir,
+            tag=f"epoch{epoch + 1}",
+            client_state=self._client_state(),
+            rank_state=self._rank_state(None),
+        )
         return metrics or {}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -356,6 +396,7 @@ class Trainer:
         return {
             "yolods": {
                 "epoch": self.state.epoch,
+                "batch_index": self.state.batch_index,
                 "best_fitness": self.state.best_fitness,
                 "fitness_history": self.state.fitness_history,
                 "last_optimizer_iteration": self.last_optimizer_iteration,
@@ -364,19 +405,44 @@ class Trainer:
             "ema": self.ema.ema.state_dict(),
         }
 
+    def _rank_state(self, loss_sums: torch.Tensor | None) -> dict[str, Any]:
+        """What differs between ranks mid-epoch and DeepSpeed saves from rank 0 only (BatchNorm statistics of the
+        model and the EMA), this rank's running train losses, and the fp16 loss scaler."""
+        scaler = grad_scaler(self.engine)
+        return {
+            "module_buffers": [b.detach().clone() for b in floating_buffers(self.engine.module)],
+            "ema_buffers": [b.detach().clone() for b in floating_buffers(self.ema.ema)],
+            "loss_sums": loss_sums,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        }
+
     def _restore(self) -> None:
-        client_state = checkpoint.load_training_state(self.engine, self.run_dir)
+        client_state, rank_state = checkpoint.load_training_state(self.engine, self.run_dir)
         saved = client_state["yolods"]
         self.state = TrainState(
-            epoch=saved["epoch"], best_fitness=saved["best_fitness"], fitness_history=list(saved["fitness_history"])
+            batch_index=saved["batch_index"],
+            epoch=saved["epoch"],
+            best_fitness=saved["best_fitness"],
+            fitness_history=list(saved["fitness_history"]),
         )
         self.last_optimizer_iteration = saved["last_optimizer_iteration"]
         self.ema.ema.load_state_dict(client_state["ema"])
         self.ema.updates = saved["ema_updates"]
+        with torch.no_grad():
+            for target, value in zip(floating_buffers(self.engine.module), rank_state["module_buffers"]):
+                target.copy_(value)
+            for target, value in zip(floating_buffers(self.ema.ema), rank_state["ema_buffers"]):
+                target.copy_(value)
+        self.resumed_loss_sums = rank_state["loss_sums"]
+        scaler = grad_scaler(self.engine)
+        if scaler is not None and rank_state["grad_scaler"]:
+            scaler.load_state_dict(rank_state["grad_scaler"])
+        self.logger.truncate_results(completed_epochs=self.state.epoch)
         if self.state.epoch >= self.cfg.epochs:
             self.logger.info(f"{self.run_dir} already finished its {self.cfg.epochs} epochs; nothing to resume.")
         else:
-            self.logger.info(f"Resuming {self.run_dir} at epoch {self.state.epoch + 1}/{self.cfg.epochs}")
+            where = f", batch {self.state.batch_index + 1}" if self.state.batch_index else ""
+            self.logger.info(f"Resuming {self.run_dir} at epoch {self.state.epoch + 1}/{self.cfg.epochs}{where}")
 
     def _reduced_grad_norm(self) -> float:
         """Gradient norm before clipping, for ZeRO-0, where DeepSpeed does not report it.
@@ -402,11 +468,16 @@ class Trainer:
         dist.shutdown(self.engine)
 
 
-def loss_scale(engine) -> float | None:
-    """The fp16 loss scale in force, wherever DeepSpeed keeps it; None when there is none (fp32, bf16)."""
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
+def grad_scaler(engine):
+    """The GradScaler DeepSpeed attaches for fp16 torch_autocast (ZeRO-0 on the engine, else the optimizer)."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
         engine.optimizer, "torch_autocast_gradscaler", None
     )
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 loss scale in force, wherever DeepSpeed keeps it; None when there is none (fp32, bf16)."""
+    scaler = grad_scaler(engine)
     if scaler is not None and scaler.is_enabled():
         return float(scaler.get_scale())
     if engine.fp16_enabled():

@@ -77,7 +77,7 @@ class RunLogger:
         row = {"epoch": epoch + 1, "time": round(time.time() - self.started, 3), **values}
         new_file = not self.csv_path.exists()
         with self.csv_path.open("a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(row))
+            writer = csv.DictWriter(file, fieldnames=list(row), lineterminator="\n")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
@@ -87,6 +87,15 @@ class RunLogger:
                 tag = f"epoch/{name}" if name.startswith(("train/", "lr/")) else name
                 self.writer.add_scalar(tag, value, epoch + 1)
             self.writer.flush()
+
+    def truncate_results(self, *, completed_epochs: int) -> None:
+        """Drop results.csv rows of epochs a resumed run will redo (written after the checkpoint it resumes from)."""
+        if not self.enabled or not self.csv_path.exists():
+            return
+        with self.csv_path.open() as file:
+            lines = file.readlines()
+        kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= completed_epochs]
+        self.csv_path.write_text("".join(kept))
 
     def plot(self) -> Path | None:
         """results.png from results.csv with Ultralytics' plotter (matplotlib only; no font download)."""

@@ -15,6 +15,7 @@ import sys
 
 from yolods import dist
 from yolods.config import ConfigError, parse_args
+from yolods.preemption import EXIT_CODE, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
+    except TrainingInterrupted:
+        return EXIT_CODE  # the checkpoint is on disk; the scheduler may requeue
     finally:
         trainer.close()
     return 0

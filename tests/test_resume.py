@@ -1,0 +1,108 @@
+"""Exact resume: a 2-rank run stopped at any point and resumed matches, epoch for epoch, the run left alone."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import assert_ok, run_train, train_command, train_env
+
+pytestmark = pytest.mark.multirank
+
+
+def job_args(data_yaml: Path, project: Path, name: str, zero_stage: int) -> list[str]:
+    """3 epochs of 8 micro-batches per rank, an optimizer step after each (nbs = batch), so a signal lands mid-epoch."""
+    return [
+        "--data",
+        str(data_yaml),
+        "--epochs",
+        "3",
+        "--imgsz",
+        "128",
+        "--batch",
+        "4",
+        "--nbs",
+        "4",
+        "--workers",
+        "0",
+        "--zero",
+        str(zero_stage),
+        "--project",
+        str(project),
+        "--name",
+        name,
+    ]
+
+
+def results_without_time(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "results.csv").open() as file:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(file)]
+
+
+def interrupt(args: list[str], run_dir: Path, *, how: signal.Signals, after_s: float) -> int:
+    """Start the run, wait for its first checkpoint, then signal the launcher (SIGTERM) or kill everything (SIGKILL)."""
+    process = subprocess.Popen(
+        train_command(args, nproc=2),
+        env=train_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "latest").is_file():
+        assert process.poll() is None and time.time() < deadline, "run ended or stalled before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(after_s)
+    if how == signal.SIGKILL:  # a lost node: no chance to save; torchrun's workers live in sessions of their own
+        for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            victim.kill()
+    else:
+        process.send_signal(how)  # torchrun passes it on to every worker
+    return process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(shapes_data, tmp_path_factory):
+    """Uninterrupted runs, one per ZeRO stage, built on first use."""
+    project = tmp_path_factory.mktemp("reference")
+    cache: dict[int, list[dict[str, str]]] = {}
+
+    def results(zero_stage: int) -> list[dict[str, str]]:
+        if zero_stage not in cache:
+            assert_ok(run_train(job_args(shapes_data, project, f"zero{zero_stage}", zero_stage), nproc=2))
+            cache[zero_stage] = results_without_time(project / f"zero{zero_stage}")
+        return cache[zero_stage]
+
+    return results
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "how", "after_s"),
+    [
+        (0, signal.SIGTERM, 0.3),
+        (1, signal.SIGTERM, 0.6),
+        (2, signal.SIGTERM, 0.2),
+        (3, signal.SIGTERM, 0.4),
+        (2, signal.SIGKILL, 0.5),
+    ],
+)
+def test_stopped_and_resumed_run_matches_the_uninterrupted_one(
+    zero_stage, how, after_s, reference_runs, shapes_data, tmp_path
+):
+    run_dir = tmp_path / "stopped"
+    args = job_args(shapes_data, tmp_path, "stopped", zero_stage)
+    assert interrupt(args, run_dir, how=how, after_s=after_s) != 0
+    assert len(results_without_time(run_dir)) < 2, "the run finished before the signal: nothing was tested"
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    rank_files = sorted(p.name for p in (run_dir / "checkpoints" / latest).glob("yolods_rank*.pt"))
+    assert rank_files == ["yolods_rank0.pt", "yolods_rank1.pt"], (latest, rank_files)
+
+    result = run_train(["--resume", str(run_dir)], nproc=2)
+    assert_ok(result)
+    assert "Resuming" in result.stdout + result.stderr
+    assert results_without_time(run_dir) == reference_runs(zero_stage)  # losses, mAP, lr: every digit
