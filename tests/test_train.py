@@ -47,6 +47,29 @@ def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
     assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero_stage
     assert_weights_load_and_validate(run_dir / "weights" / "best.pt", shapes_data, num_classes=3)
+    if zero_stage == 3:
+        assert_ema_followed_the_partitioned_model(run_dir)
+
+
+def assert_ema_followed_the_partitioned_model(run_dir: Path) -> None:
+    """Under ZeRO-3 the EMA must be updated from gathered parameters, not left at the initial weights.
+
+    After a handful of updates the EMA's decay is ~0, so the exported EMA sits next to the trained weights
+    (consolidated from the ZeRO-3 shards) and far from where training started.
+    """
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import init_seeds
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"))
+    ema = torch.load(run_dir / "weights" / "last.pt", weights_only=False)["ema"].float().state_dict()
+    init_seeds(0)  # yolods seeds rank 0 with --seed (0) before building the model
+    initial = DetectionModel("yolov8n.yaml", nc=3, verbose=False).state_dict()
+    names = [name for name in trained if name.endswith(".weight") and trained[name].ndim == 4]
+    ema_to_trained = sum(float((ema[n] - trained[n]).norm()) for n in names)
+    initial_to_trained = sum(float((initial[n] - trained[n]).norm()) for n in names)
+    assert initial_to_trained > 0 and ema_to_trained < 0.2 * initial_to_trained, (ema_to_trained, initial_to_trained)
 
 
 def test_zero2_run_outputs(zero2_run, shapes_data):

@@ -98,13 +98,32 @@ class RunLogger:
         self.csv_path.write_text("".join(kept))
 
     def plot(self) -> Path | None:
-        """results.png from results.csv with Ultralytics' plotter (matplotlib only; no font download)."""
+        """results.png: one panel per results.csv column (losses, P, R, mAP, lr), as Ultralytics draws them.
+
+        Ultralytics' own plot_results leaves the lr out; this adds it. matplotlib's bundled font only: no download.
+        """
         if not self.enabled or not self.csv_path.exists():
             return None
-        from ultralytics.utils.plotting import plot_results
+        import matplotlib
 
-        plot_results(file=self.csv_path)
-        return self.run_dir / "results.png"
+        matplotlib.use("Agg")  # headless nodes have no display
+        import matplotlib.pyplot as plt
+
+        rows = self.read_results()
+        columns = [c for c in rows[0] if c not in ("epoch", "time")]
+        epochs = [int(row["epoch"]) for row in rows]
+        num_cols = (len(columns) + 1) // 2
+        figure, axes = plt.subplots(2, num_cols, figsize=(2.6 * num_cols, 5.5), tight_layout=True)
+        for axis in axes.ravel()[len(columns) :]:
+            axis.set_visible(False)
+        for axis, column in zip(axes.ravel(), columns):
+            axis.plot(epochs, [float(row[column]) for row in rows], marker=".", linewidth=2, markersize=8)
+            axis.set_title(column, fontsize=10)
+            axis.set_xlabel("epoch", fontsize=8)
+        path = self.run_dir / "results.png"
+        figure.savefig(path, dpi=150)
+        plt.close(figure)
+        return path
 
     def close(self) -> None:
         if self.writer is not None:
