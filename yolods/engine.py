@@ -100,17 +100,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path):
         import deepspeed
+        from ultralytics.utils.torch_utils import init_seeds
 
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = torch.device(cfg.device, dist.get_local_rank() if cfg.device == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        from ultralytics.utils.torch_utils import init_seeds
-
-        init_seeds(
-            cfg.seed + dist.get_rank()
-        )  # model init identical on all ranks: DeepSpeed broadcasts rank 0's anyway
+        # Per-rank seeds; the initial weights still agree because DeepSpeed broadcasts rank 0's at initialize.
+        init_seeds(cfg.seed + dist.get_rank())
 
         data_yaml = resolve_data_yaml(cfg, run_dir)
         self.data = load_data_yaml(data_yaml)
@@ -124,56 +122,84 @@ class Trainer:
         if dist.is_main_process():
             write_json(run_dir / "ds_config.json", self.ds_config)
 
+        names, num_classes = self.data["names"], self.data["nc"]
         model = build_model(
-            cfg.model,
-            num_classes=self.data["nc"],
-            class_names=self.data["names"],
-            hyp=self.hyp,
-            verbose=dist.is_main_process(),
+            cfg.model, num_classes=num_classes, class_names=names, hyp=self.hyp, verbose=dist.is_main_process()
         )
         self.loss_names = loss_names(model)
-        stride = model_stride(model)
+        self._build_data(stride=model_stride(model))
+        optimizer = self._build_optimizer_and_schedule(model.to(self.device))
+        self.ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
+
+        self.logger = RunLogger(run_dir, loss_names=self.loss_names)
+        self.profiler = StepProfiler(cfg.profile, run_dir=run_dir, engine=self.engine, comms_logger=cfg.comms_logger)
+        self.stop_request = StopRequest().install()
+        self.stop_after_epoch = False
+        self.state = TrainState()
+        self.last_optimizer_iteration = -1
+        self.stage0_grad_norm: float | None = None
+        self.resumed_loss_sums: torch.Tensor | None = None
+        if cfg.resume:
+            self._restore()
+        self.logger.info(
+            f"yolods: {dist.get_world_size()} ranks, ZeRO-{self.zero_stage}, {self.precision}, global batch "
+            f"{self.batch_plan.global_batch} ({self.batch_plan.micro_batch}/rank) x accumulate {self.schedule.accumulate}, "
+            f"{type(optimizer).__name__}(lr0={self.train_hyp.lr0:g}), {self.train_data.num_images} train images, run dir {run_dir}"
+        )
+
+    def _build_data(self, *, stride: int) -> None:
+        """Train data (rebuilt per epoch) and the validator with its sharded loader."""
+        micro_batch, workers = self.batch_plan.micro_batch, self.cfg.workers
+        on_gpu = self.device.type == "cuda"
         self.train_data = build_train_data(
             self.hyp,
             self.data,
-            micro_batch=self.batch_plan.micro_batch,
-            workers=cfg.workers,
-            seed=cfg.seed,
+            micro_batch=micro_batch,
+            workers=workers,
+            seed=self.cfg.seed,
             stride=stride,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=on_gpu,
         )
+        # Validation on CPU is compute-bound: worker processes would only compete with it (Ultralytics does the same).
         val_loader = build_val_loader(
             self.hyp,
             self.data,
-            batch=self.batch_plan.micro_batch * 2,
-            workers=cfg.workers if self.device.type == "cuda" else 0,
+            batch=micro_batch * 2,
+            workers=workers if on_gpu else 0,
             stride=stride,
             device=self.device,
         )
         self.validator = EpochValidator(
-            val_loader, hyp=self.hyp, data=self.data, run_dir=run_dir, device=self.device, loss_names=self.loss_names
+            val_loader,
+            hyp=self.hyp,
+            data=self.data,
+            run_dir=self.run_dir,
+            device=self.device,
+            loss_names=self.loss_names,
         )
 
+    def _build_optimizer_and_schedule(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Ultralytics' optimizer groups and `auto` choice, with its lr/momentum/accumulation schedule."""
         batches_per_epoch = self.train_data.batches_per_epoch()
-        accumulate = min(self.batch_plan.accumulate, batches_per_epoch * cfg.epochs)
-        weight_decay = weight_decay_for(hyp=self.hyp, global_batch=self.batch_plan.global_batch, accumulate=accumulate)
-        iterations = optimizer_iterations(
-            num_train_images=self.train_data.num_images,
-            global_batch=self.batch_plan.global_batch,
-            nbs=self.hyp.nbs,
-            epochs=cfg.epochs,
-        )
-        model = model.to(self.device)
+        accumulate = min(self.batch_plan.accumulate, batches_per_epoch * self.cfg.epochs)  # as Ultralytics caps it
+        global_batch = self.batch_plan.global_batch
         optimizer, self.train_hyp = build_optimizer(
             model,
             hyp=self.hyp,
             num_classes=self.data["nc"],
-            iterations=iterations,
-            weight_decay=weight_decay,
+            iterations=optimizer_iterations(
+                num_train_images=self.train_data.num_images,
+                global_batch=global_batch,
+                nbs=self.hyp.nbs,
+                epochs=self.cfg.epochs,
+            ),
+            weight_decay=weight_decay_for(hyp=self.hyp, global_batch=global_batch, accumulate=accumulate),
             zero_stage=self.zero_stage,
         )
         self.schedule = Schedule(
-            epochs=cfg.epochs,
+            epochs=self.cfg.epochs,
             batches_per_epoch=batches_per_epoch,
             accumulate=accumulate,
             lr0_per_group=tuple(group["lr"] for group in optimizer.param_groups),
@@ -185,25 +211,7 @@ class Trainer:
             warmup_momentum=self.hyp.warmup_momentum,
             warmup_bias_lr=self.train_hyp.warmup_bias_lr,
         )
-        self.ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
-
-        self.logger = RunLogger(run_dir, loss_names=self.loss_names)
-        self.profiler = StepProfiler(cfg.profile, run_dir=run_dir, engine=self.engine, comms_logger=cfg.comms_logger)
-        self.state = TrainState()
-        self.last_optimizer_iteration = -1
-        self.stage0_grad_norm: float | None = None
-        self.resumed_loss_sums: torch.Tensor | None = None
-        self.stop_request = StopRequest().install()
-        self.stop_after_epoch = False
-        if cfg.resume:
-            self._restore()
-        self.logger.info(
-            f"yolods: {dist.get_world_size()} ranks, ZeRO-{self.zero_stage}, {self.precision}, global batch "
-            f"{self.batch_plan.global_batch} ({self.batch_plan.micro_batch}/rank) x accumulate {accumulate}, "
-            f"{type(optimizer).__name__}(lr0={self.train_hyp.lr0:g}), {self.train_data.num_images} train images, run dir {run_dir}"
-        )
+        return optimizer
 
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
