@@ -135,3 +135,32 @@ def test_fp16_autocast_under_zero_runs_unclipped(tmp_path):
     path.write_text(json.dumps({"gradient_clipping": 1.0, "torch_autocast": {"enabled": True, "dtype": "float16"}}))
     with pytest.raises(ConfigError, match=r"gradient_clipping=1\.0 .* fp16 torch_autocast at ZeRO-1"):
         resolve(zero=1, deepspeed_config=str(path))
+
+
+def test_deepspeed_monitors_write_beside_yolods_logs(tmp_path):
+    from yolods.config import place_monitor_outputs
+
+    config = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True, "output_path": "/elsewhere"}}
+    place_monitor_outputs(config, tmp_path)
+    assert config["tensorboard"] == {
+        "enabled": True,
+        "output_path": str(tmp_path / "deepspeed"),
+        "job_name": "tensorboard",
+    }
+    assert config["csv_monitor"]["output_path"] == "/elsewhere"  # the user's choice stands
+
+
+def test_resume_finds_the_newest_run_with_a_checkpoint(tmp_path):
+    import os
+
+    from yolods.checkpoint import find_resume_dir
+
+    for age_s, name in ((200, "old"), (100, "new")):
+        latest = tmp_path / name / "checkpoints" / "latest"
+        latest.parent.mkdir(parents=True)
+        latest.write_text("epoch1")
+        os.utime(latest, (latest.stat().st_atime - age_s, latest.stat().st_mtime - age_s))
+    (tmp_path / "no_checkpoint").mkdir()
+    assert find_resume_dir(RunConfig(project=str(tmp_path), resume="")) == (tmp_path / "new").resolve()
+    with pytest.raises(ConfigError, match="no DeepSpeed checkpoint there"):
+        find_resume_dir(RunConfig(project=str(tmp_path), resume=str(tmp_path / "no_checkpoint")))

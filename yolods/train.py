@@ -2,9 +2,9 @@
 
     python -m yolods.train                                   # synthetic shapes, yolov8n, a few minutes on a CPU
     python -m yolods.train --data data.yaml --model yolov8s.yaml --epochs 100 --imgsz 640 --batch 64
-    deepspeed --num_gpus 8 -m yolods.train --data coco.yaml --model yolo11m.yaml --batch 256 \\
+    deepspeed --num_gpus 8 --module yolods.train --data coco.yaml --model yolo11m.yaml --batch 256 \\
         --deepspeed_config ds_configs/zero2_bf16.json
-    deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 -m yolods.train ...
+    deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.train ...
     torchrun --nproc_per_node 8 -m yolods.train ...          # srun under SLURM works the same
     python -m yolods.train --resume runs/train/exp           # continue from its last DeepSpeed checkpoint
 """
