@@ -128,7 +128,13 @@ class Trainer:
         )
         self.loss_names = loss_names(model)
         self._build_data(stride=model_stride(model))
-        optimizer = self._build_optimizer_and_schedule(model.to(self.device))
+        # NHWC on CUDA, as Ultralytics trains by default: Tensor-Core friendly, lossless. No gain on CPU.
+        self.memory_format = (
+            torch.channels_last
+            if self.device.type == "cuda" and self.hyp.channels_last is not False
+            else torch.contiguous_format
+        )
+        optimizer = self._build_optimizer_and_schedule(model.to(self.device, memory_format=self.memory_format))
         self.ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
@@ -328,7 +334,9 @@ class Trainer:
         # the boundary is ours to set. The last batch of an epoch always steps: checkpoints hold no half-summed grads.
         is_boundary = iteration - self.last_optimizer_iteration >= plan.accumulate or last_in_epoch
         self.engine.set_gradient_accumulation_boundary(is_boundary)
-        batch = preprocess_batch(batch, device=self.device, input_dtype=self.input_dtype)
+        batch = preprocess_batch(
+            batch, device=self.device, input_dtype=self.input_dtype, memory_format=self.memory_format
+        )
         loss, loss_items = self.engine(batch)
         # Ultralytics' loss is a sum over the rank's images; x world size because DeepSpeed, like DDP, averages
         # gradients over ranks. Never divided by accumulation: Ultralytics sums accumulated gradients.

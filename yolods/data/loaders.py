@@ -168,11 +168,18 @@ def build_val_loader(
     return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=rank_flag, device=device)
 
 
-def preprocess_batch(batch: dict[str, Any], *, device: torch.device, input_dtype: torch.dtype) -> dict[str, Any]:
+def preprocess_batch(
+    batch: dict[str, Any],
+    *,
+    device: torch.device,
+    input_dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, Any]:
     """Move a collated batch to the device and scale images to [0, 1], as Ultralytics' DetectionTrainer does."""
     non_blocking = device.type == "cuda"
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             batch[key] = value.to(device, non_blocking=non_blocking)
-    batch["img"] = (batch["img"].float() / 255).to(input_dtype)
+    # Images in the model's memory format: ZeRO 1-2 flatten parameters back to NCHW, the input keeps convs NHWC.
+    batch["img"] = (batch["img"].float() / 255).to(input_dtype).contiguous(memory_format=memory_format)
     return batch
