@@ -1,0 +1,345 @@
+"""yolods.bench: the analytical model and the ZeRO-paper formulas without processes, then one end-to-end run.
+
+The end-to-end test runs the bench on one process (real input, the Ultralytics baseline) and on two gloo ranks
+(synthetic input, DDP and ZeRO-2), then the report, at sizes that take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from yolods.bench import comm_model as cm
+from yolods.bench.analysis import ratio_vs, select_lines
+from yolods.bench.measure import StepRecord, mean_phases, step_stats, time_steps
+from yolods.bench.memory import model_state_bytes
+from yolods.bench.results import REQUIRED_KEYS, append_line, make_line, read_lines
+from yolods.bench.sweep import build_parser, expand, parse_count
+from yolods.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PSI = 3_000_000  # about yolov8n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Communication model
+
+
+def test_ring_bytes_per_rank():
+    assert cm.bytes_sent_per_rank(cm.ALL_REDUCE, 100.0, 4) == pytest.approx(150.0)  # 2(N-1)/N
+    assert cm.bytes_sent_per_rank(cm.ALL_GATHER, 100.0, 4) == pytest.approx(75.0)  # (N-1)/N
+    assert cm.bytes_sent_per_rank(cm.REDUCE_SCATTER, 100.0, 4) == pytest.approx(75.0)
+    assert cm.bytes_sent_per_rank(cm.ALL_REDUCE, 100.0, 1) == 0.0
+
+
+def test_ring_time_is_latency_per_hop_and_call_plus_bytes_over_bandwidth():
+    link = cm.Link(bandwidth_bytes_per_s=1e9, latency_s=1e-5)
+    collective = cm.Collective(cm.ALL_REDUCE, 4e8, calls=3, phase="backward", overlappable=True)
+    expected = 3 * 2 * 7 * 1e-5 + 2 * 7 / 8 * 4e8 / 1e9
+    assert cm.collective_time_s(collective, num_ranks=8, link=link) == pytest.approx(expected)
+    assert cm.collective_time_s(collective, num_ranks=1, link=link) == 0.0
+
+
+def test_exposed_time_hides_all_but_the_last_bucket_when_compute_is_long():
+    assert cm.exposed_time_s(compute_s=1.0, comm_s=0.4, calls=4, overlappable=True) == pytest.approx(0.1)
+    # communication longer than compute: what the compute could not cover stays exposed
+    assert cm.exposed_time_s(compute_s=1.0, comm_s=2.0, calls=4, overlappable=True) == pytest.approx(2.0 - 0.75)
+    assert cm.exposed_time_s(compute_s=1.0, comm_s=0.4, calls=4, overlappable=False) == pytest.approx(0.4)
+
+
+def test_zero2_sends_one_and_a_half_times_ddp_in_deepspeed_0_19():
+    """All-reduced gradient buckets (multi-rank bucket all-reduce) plus the parameter all-gather: 3 Psi, not 2."""
+    ddp = cm.CommSpec(zero_stage=None, num_params=PSI)
+    zero2 = cm.CommSpec(zero_stage=2, num_params=PSI)
+    ratio = cm.comm_bytes_per_rank(zero2, num_ranks=8) / cm.comm_bytes_per_rank(ddp, num_ranks=8)
+    assert ratio == pytest.approx(1.5, rel=1e-3)
+    ops = [(c.op, c.phase, c.overlappable) for c in cm.step_collectives(zero2)]
+    assert (cm.ALL_GATHER, "after_step", False) in ops
+
+
+def test_zero0_reduces_after_backward_without_overlap():
+    (collective,) = cm.step_collectives(cm.CommSpec(zero_stage=0, num_params=PSI))
+    assert (collective.op, collective.phase, collective.overlappable, collective.calls) == (
+        cm.ALL_REDUCE,
+        "after_backward",
+        False,
+        1,
+    )
+
+
+def test_zero3_gathers_parameters_per_module_and_again_for_the_ema():
+    spec = cm.CommSpec(
+        zero_stage=3, num_params=PSI, stage3_gather_calls=120, ema_gather_calls=40, ema_gather_elements=PSI
+    )
+    collectives = cm.step_collectives(spec)
+    gathers = [c for c in collectives if c.op == cm.ALL_GATHER]
+    assert [c.calls for c in gathers] == [120, 40]
+    assert any(c.op == cm.REDUCE_SCATTER for c in collectives)
+
+
+def test_one_rank_step_is_the_compute_and_zero_partitions_the_optimizer():
+    compute = cm.ComputeTimes(forward_s=0.1, backward_s=0.2, optimizer_s=0.04)
+    link = cm.Link(1e9, 1e-5)
+    one = cm.estimate_step(compute, cm.CommSpec(zero_stage=None, num_params=PSI), num_ranks=1, link=link)
+    assert one.step_s == pytest.approx(compute.total_s) and one.comm_s == 0
+    two = cm.estimate_step(
+        compute, cm.CommSpec(zero_stage=2, num_params=PSI), num_ranks=2, link=link, can_overlap=False
+    )
+    assert two.step_s == pytest.approx(0.3 + 0.02 + two.exposed_comm_s)
+    assert two.exposed_comm_s == pytest.approx(two.comm_s)  # no overlap: all of it on the critical path
+
+
+def test_projection_efficiency_falls_with_nodes_and_rises_with_bandwidth():
+    compute = cm.ComputeTimes(forward_s=0.008, backward_s=0.016, optimizer_s=0.001)
+    spec = cm.CommSpec(zero_stage=None, num_params=11_000_000)
+    slow = cm.project_scaling(compute, spec, topology=cm.h100_cluster(100), micro_batch=16)
+    fast = cm.project_scaling(compute, spec, topology=cm.h100_cluster(400), micro_batch=16)
+    efficiencies = [point.efficiency for point in slow]
+    assert efficiencies == sorted(efficiencies, reverse=True)
+    assert all(f.efficiency >= s.efficiency for f, s in zip(fast, slow))
+    assert slow[0].num_ranks == 8 and slow[-1].num_nodes == 256
+
+
+@pytest.mark.parametrize("op", [cm.ALL_REDUCE, cm.ALL_GATHER, cm.REDUCE_SCATTER])
+def test_fit_link_recovers_latency_and_bandwidth(op):
+    truth = cm.Link(bandwidth_bytes_per_s=2e9, latency_s=3e-4)
+    sizes = [4096.0, 2.0**20, 2.0**23, 2.0**25]
+    seconds = [
+        cm.collective_time_s(cm.Collective(op, size, 1, "backward", False), num_ranks=4, link=truth) for size in sizes
+    ]
+    fitted = cm.fit_link(op=op, num_ranks=4, message_bytes=sizes, seconds=seconds)
+    assert fitted.bandwidth_bytes_per_s == pytest.approx(2e9, rel=1e-6)
+    assert fitted.latency_s == pytest.approx(3e-4, rel=1e-6)
+
+
+def test_zero_paper_figure_1_numbers():
+    """The paper's Figure 1: 7.5B parameters on 64 GPUs: 120, 31.4, 16.6 and 1.9 GB per device."""
+    gigabytes = [
+        cm.zero_model_state_bytes(stage=stage, num_params=7_500_000_000, num_ranks=64, state=cm.PAPER_MIXED_ADAM) / 1e9
+        for stage in range(4)
+    ]
+    assert gigabytes == pytest.approx([120, 31.4, 16.6, 1.9], abs=0.06)
+
+
+def test_fp32_equivalent_and_deepspeed_as_implemented():
+    psi, ranks = 1000, 4
+    assert (
+        cm.zero_model_state_bytes(stage=2, num_params=psi, num_ranks=ranks, state=cm.PAPER_FP32_ADAM)
+        == 4 * psi + 12 * psi / ranks
+    )
+    # DeepSpeed keeps an fp32 master partition even for fp32 parameters; stage 1 has reduced its grads by then
+    zero1 = cm.deepspeed_model_state_bytes(stage=1, num_params=psi, num_ranks=ranks, optimizer="AdamW")
+    zero2 = cm.deepspeed_model_state_bytes(stage=2, num_params=psi, num_ranks=ranks, optimizer="AdamW")
+    assert zero1 == zero2 == 4 * psi + (4 + 8 + 4) * psi / ranks
+    assert cm.deepspeed_model_state_bytes(stage=0, num_params=psi, num_ranks=ranks, optimizer="SGD") == 12 * psi
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory, timing, sweep, results lines
+
+
+def test_model_state_bytes_counts_each_storage_once():
+    model = torch.nn.Linear(100, 10)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 100)).sum().backward()
+    optimizer.step()
+    params = sum(p.numel() for p in model.parameters()) * 4
+    states = model_state_bytes(model, optimizer)
+    assert states.params == params and states.grads == params
+    assert states.optimizer == pytest.approx(2 * params, abs=64)  # exp_avg, exp_avg_sq (+ scalar step counters)
+
+
+class _FakeStepper:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def forward(self, batch):
+        return torch.tensor(float(batch["x"]))
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+
+def test_time_steps_excludes_burn_in_and_records_every_phase():
+    stepper = _FakeStepper()
+    records, window_s = time_steps(
+        stepper, iter([{"x": i} for i in range(10)]), steps=4, warmup_steps=3, device=torch.device("cpu")
+    )
+    assert stepper.steps == 7 and len(records) == 4 and window_s >= sum(r.total_s for r in records) * 0.99
+    assert set(mean_phases(records)) == {"data_wait", "forward", "backward", "optimizer"}
+    stats = step_stats([0.3, 0.1, 0.2, 0.4])
+    assert (stats["min"], stats["median"], stats["max"]) == (0.1, pytest.approx(0.25), 0.4)
+    assert isinstance(records[0], StepRecord)
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_sweep_expands_comma_lists_and_repeated_flags_with_baselines():
+    configs = expand(_args("--zero", "0,1", "--zero", "3", "--model", "n,s", "--device", "cpu"), world_size=1)
+    engines = [c.engine for c in configs]
+    assert engines.count("deepspeed") == 6 and engines.count("ddp") == 2 and engines.count("ultralytics") == 2
+    assert {c.model for c in configs} == {"yolov8n.yaml", "yolov8s.yaml"}
+    assert all(c.input == "real" for c in configs if c.engine == "ultralytics")
+    assert configs[-1].engine == "ultralytics"  # the child-process baseline runs last
+    # Ultralytics trains in fp32 only on CPU: no bf16 baseline there
+    bf16 = expand(_args("--zero", "2", "--precision", "fp32,bf16", "--device", "cpu"), world_size=1)
+    assert [(c.engine, c.precision) for c in bf16 if c.engine == "ultralytics"] == [("ultralytics", "fp32")]
+
+
+def test_sweep_at_two_ranks_drops_ultralytics_and_splits_the_global_batch():
+    configs = expand(_args("--batch", "16", "--zero", "2", "--device", "cpu"), world_size=2)
+    assert {c.engine for c in configs} == {"deepspeed", "ddp"}
+    assert {(c.micro_batch, c.global_batch) for c in configs} == {(8, 16)}
+    with pytest.raises(ConfigError, match="does not split"):
+        expand(_args("--batch", "15", "--device", "cpu"), world_size=2)
+    with pytest.raises(ConfigError, match="keep one"):
+        expand(_args("--batch", "16", "--micro-batch", "8", "--device", "cpu"), world_size=2)
+
+
+def test_bucket_and_overlap_sweeps_apply_to_deepspeed_only():
+    configs = expand(
+        _args(
+            "--zero",
+            "2",
+            "--reduce-bucket-size",
+            "5e5,2M",
+            "--overlap-comm",
+            "on,off",
+            "--engine",
+            "deepspeed,ddp",
+            "--device",
+            "cpu",
+        ),
+        world_size=2,
+    )
+    deepspeed = [c for c in configs if c.engine == "deepspeed"]
+    assert {(c.reduce_bucket_size, c.overlap_comm) for c in deepspeed} == {
+        (500_000, True),
+        (500_000, False),
+        (2_000_000, True),
+        (2_000_000, False),
+    }
+    assert [c.reduce_bucket_size for c in configs if c.engine == "ddp"] == [None]
+    assert parse_count("512K") == 512_000
+
+
+def test_a_deepspeed_json_sets_stage_and_precision_and_the_sweep_overrides_buckets(tmp_path):
+    from yolods.bench.engines import bench_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    configs = expand(
+        _args("--deepspeed_config", str(path), "--reduce-bucket-size", "1M", "--device", "cpu"), world_size=2
+    )
+    deepspeed = next(c for c in configs if c.engine == "deepspeed")
+    assert (deepspeed.zero_stage, deepspeed.precision) == (None, "bf16")  # the JSON's stage, resolved when run
+    ds_config = bench_deepspeed_config(deepspeed, world_size=2)
+    assert ds_config["zero_optimization"]["stage"] == 2
+    assert ds_config["zero_optimization"]["reduce_bucket_size"] == 1_000_000
+    assert ds_config["gradient_accumulation_steps"] == 1  # every timed step is an optimizer step
+    clash = expand(_args("--deepspeed_config", str(path), "--zero", "3", "--device", "cpu"), world_size=2)
+    with pytest.raises(ConfigError, match="disagrees"):
+        bench_deepspeed_config(next(c for c in clash if c.engine == "deepspeed"), world_size=2)
+
+
+def test_results_line_has_the_required_keys_and_round_trips(tmp_path):
+    measured = {key: 1 for key in REQUIRED_KEYS if key not in ("world_size", "num_nodes")}
+    line = make_line(measured, context={"world_size": 2, "num_nodes": 1})
+    assert set(REQUIRED_KEYS) <= set(line) and len(line["load_avg"]) == 3
+    append_line(tmp_path, line)
+    append_line(tmp_path, line)
+    assert read_lines(tmp_path / "results.jsonl") == [line, line]
+
+
+def _line(engine: str, imgs_per_s: float, *, run_id: str = "a", zero_stage: int | None = None, world_size: int = 2):
+    return {
+        "engine": engine, "zero_stage": zero_stage, "precision": "fp32", "model": "yolov8n.yaml", "imgsz": 160,
+        "micro_batch": 8, "input": "synthetic", "world_size": world_size, "num_nodes": 1, "imgs_per_s": imgs_per_s,
+        "run_id": run_id, "timestamp": run_id, "config": {"device": "cpu"},
+    }  # fmt: skip
+
+
+def test_report_takes_the_median_repeat_of_the_latest_run_and_ratios_against_ddp():
+    lines = [
+        _line("ddp", 100.0, run_id="a"),
+        _line("ddp", 50.0, run_id="b"),
+        _line("ddp", 80.0, run_id="b"),
+        _line("ddp", 60.0, run_id="b"),
+        _line("deepspeed", 90.0, run_id="b", zero_stage=2),
+    ]
+    selected = select_lines(lines)
+    ddp = next(line for line in selected if line["engine"] == "ddp")
+    assert (ddp["imgs_per_s"], ddp["repeats"], ddp["imgs_per_s_range"]) == (60.0, 3, [50.0, 80.0])
+    zero2 = next(line for line in selected if line["engine"] == "deepspeed")
+    assert ratio_vs(zero2, selected, "ddp") == pytest.approx(1.5)
+    assert ratio_vs(zero2, selected, "ultralytics") is None  # Ultralytics: one rank, real input only
+    # with repeats on both sides, ratios are paired repeat by repeat: load drift cancels
+    paired = [
+        *(_line("ddp", value, run_id="c") | {"timestamp": f"c{i}"} for i, value in enumerate([100.0, 50.0, 80.0])),
+        *(_line("deepspeed", v, run_id="c", zero_stage=0) | {"timestamp": f"c{i}"} for i, v in enumerate([90, 45, 72])),
+    ]
+    selected = select_lines(paired)
+    zero0 = next(line for line in selected if line["engine"] == "deepspeed")
+    assert ratio_vs(zero0, selected, "ddp") == pytest.approx(0.9)  # the medians alone would say 72 / 80 = 0.9 too
+    assert zero0["imgs_per_s_repeats"] == [90, 45, 72]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: one process with real input and the Ultralytics baseline, two gloo ranks, then the report
+
+
+def _run(command: list[str], *, timeout: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+TINY = ["--model", "yolov8n.yaml", "--imgsz", "64", "--micro-batch", "2", "--steps", "2", "--warmup-steps", "1"]
+
+
+@pytest.mark.multirank
+def test_bench_on_one_and_two_ranks_then_report(tmp_path):
+    out = tmp_path / "bench"
+    _run(
+        [sys.executable, "-m", "yolods.bench", *TINY, "--engine", "deepspeed,ultralytics", "--zero", "0",
+         "--input", "real", "--out", str(out)],
+        timeout=180,
+    )  # fmt: skip
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "yolods.bench", *TINY,
+         "--engine", "deepspeed,ddp", "--zero", "2", "--input", "synthetic", "--comms-logger", "--out", str(out)],
+        timeout=180,
+    )  # fmt: skip
+    lines = [json.loads(text) for text in (out / "results.jsonl").read_text().splitlines()]
+    assert {(line["engine"], line["world_size"]) for line in lines} == {
+        ("deepspeed", 1), ("ultralytics", 1), ("deepspeed", 2), ("ddp", 2)
+    }  # fmt: skip
+    for line in lines:
+        assert set(REQUIRED_KEYS) <= set(line)
+        assert line["imgs_per_s"] > 0 and line["peak_mem_bytes"] > 0
+    zero2 = next(line for line in lines if line["engine"] == "deepspeed" and line["world_size"] == 2)
+    assert zero2["zero_stage"] == 2 and zero2["interconnect"]["probe"]["backend"] == "gloo"
+    assert zero2["model_state_bytes"]["grads"] < zero2["model_state_bytes"]["params"]  # partitioned gradients
+    assert "all_gather_into_tensor" in zero2["comm"]["logged_per_step"]
+    _run([sys.executable, "-m", "yolods.bench.report", str(out)], timeout=120)
+    report = (out / "report.md").read_text()
+    assert "## Goals" in report and "ZeRO paper" in report and "Projection" in report
+    for png in (
+        "throughput_vs_ranks",
+        "throughput_vs_nodes",
+        "scaling_efficiency",
+        "memory_per_rank",
+        "step_breakdown",
+    ):
+        assert (out / f"{png}.png").stat().st_size > 10_000

@@ -1,0 +1,132 @@
+"""`python -m yolods.bench`: parse -> expand the sweep -> probe the links -> measure each configuration -> append.
+
+python -m yolods.bench --zero 0,1,2,3 --steps 30                        # 1 rank; baselines included
+torchrun --nproc_per_node 2 -m yolods.bench --zero 0,1,2,3              # appends the 2-rank lines
+deepspeed --num_gpus 8 --module yolods.bench --model s --imgsz 640 --zero 2 --input synthetic,real
+deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.bench ...   # see benchmarks/README.md
+python -m yolods.bench.report benchmarks/results/local                  # report.md and PNG plots
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from yolods import dist
+from yolods.bench import inputs
+from yolods.bench.comm_model import Link
+from yolods.bench.engines import bench_deepspeed_config
+from yolods.bench.measure import probe_link
+from yolods.bench.results import append_line, make_line, run_context
+from yolods.bench.runner import dataset_images, measure_training, measure_ultralytics
+from yolods.bench.sweep import BenchConfig, build_parser, expand
+from yolods.config import ConfigError
+
+
+def _say(message: str) -> None:
+    if dist.is_main_process():
+        print(f"yolods.bench: {message}", flush=True)
+
+
+def _data_yaml(cfg: BenchConfig) -> str | None:
+    """The data.yaml real input and the Ultralytics trainer read (every rank calls this: it may barrier)."""
+    if cfg.input != "real":
+        return None
+    if cfg.data != "synthetic":
+        return cfg.data
+    return inputs.shapes_dataset(num_images=dataset_images(cfg), imgsz=cfg.imgsz, seed=cfg.seed)
+
+
+def _probe(device: torch.device) -> tuple[dict | None, dict[str, Link] | None]:
+    """The link fits of this job (None on one rank), announced on rank 0."""
+    probe = probe_link(device)
+    if probe is None:
+        return None, None
+    links = {op: Link(fit["bandwidth_bytes_per_s"], fit["latency_s"]) for op, fit in probe["ops"].items()}
+    for op, link in links.items():
+        _say(
+            f"{probe['backend']} {op} fit over {dist.get_world_size()} ranks: {link.latency_s * 1e6:.0f} us/hop, "
+            f"{link.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
+        )
+    return probe, links
+
+
+def _ultralytics_or_none(cfg: BenchConfig, *, data_yaml: str) -> dict | None:
+    """The Ultralytics baseline (one rank only); its failure is reported and skipped: it runs in a child process."""
+    try:
+        return measure_ultralytics(cfg, data_yaml=data_yaml)
+    except (RuntimeError, subprocess.TimeoutExpired) as error:
+        _say(f"skipped {cfg.label}: {error}")
+        return None
+
+
+def _run_sweep(
+    configs: list[BenchConfig],
+    *,
+    repeats: int,
+    device: torch.device,
+    links: dict[str, Link] | None,
+    context: dict,
+    out_dir: Path,
+) -> None:
+    """Measure every configuration `repeats` times, round the whole sweep, appending a line after each."""
+    total = len(configs) * repeats
+    schedule = [(repeat, cfg) for repeat in range(repeats) for cfg in configs]
+    for index, (repeat, cfg) in enumerate(schedule, start=1):
+        data_yaml = _data_yaml(cfg)
+        if cfg.engine == "ultralytics":
+            measured = _ultralytics_or_none(cfg, data_yaml=data_yaml)
+        else:
+            measured = measure_training(cfg, device=device, data_yaml=data_yaml, links=links)
+        if measured is None:  # ranks other than 0
+            continue
+        append_line(out_dir, make_line({**measured, "repeat": repeat}, context=context))
+        _say(
+            f"[{index}/{total}] {cfg.label}: {measured['imgs_per_s']:.1f} img/s "
+            f"({measured['imgs_per_s_per_rank']:.1f}/rank), median step "
+            f"{measured['step_time_s']['median'] * 1e3:.0f} ms, peak {measured['peak_mem_bytes'] / 2**20:.0f} MiB"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; returns the exit code (2 for a user mistake, reported in one line)."""
+    args = build_parser().parse_args(argv)
+    world_size = dist.get_world_size()
+    try:
+        configs = expand(args, world_size=world_size)
+        for cfg in configs:  # every DeepSpeed config resolves before any process group or model exists
+            if cfg.engine == "deepspeed":
+                bench_deepspeed_config(cfg, world_size=world_size)
+    except ConfigError as error:
+        if dist.is_main_process():
+            print(f"yolods.bench: error: {error}", file=sys.stderr)
+        return 2
+    if not configs:
+        _say("nothing to measure (the Ultralytics baseline alone runs only at world size 1)")
+        return 0
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # one initialize per configuration is chatty
+
+    dist.init_distributed(configs[0].device)
+    device = torch.device(configs[0].device, dist.get_local_rank() if configs[0].device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    probe, links = _probe(device)
+    context = run_context(device, label=args.interconnect, link_probe=probe)
+    # One id for every line of this invocation (or of several, with --run-id): the report takes each configuration's
+    # latest run and the median of its repeats. Repeats go round the whole sweep, so load drifts hit every engine.
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    context["run_id"] = dist.broadcast_object(args.run_id or now)
+    out_dir = Path(args.out)
+    repeats = max(args.repeat, 1)
+    _say(
+        f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"
+    )
+    _run_sweep(configs, repeats=repeats, device=device, links=links, context=context, out_dir=out_dir)
+    _say(f"appended to {out_dir / 'results.jsonl'}; report: python -m yolods.bench.report {out_dir}")
+    dist.shutdown()
+    return 0

@@ -1,0 +1,215 @@
+"""Timing: burn-in, then timed steps split into data wait / forward / backward / optimizer step.
+
+The same loop times the DeepSpeed engine and the DDP baseline; the Ultralytics baseline sees only its batch
+boundaries, and `step_stats` summarises both the same way. On CUDA every phase ends with a synchronize, so each
+phase is charged its own kernels (the syncs cost a little throughput, the same for every engine).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from yolods import dist
+from yolods.bench.comm_model import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fit_link
+
+PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+
+class Stepper(Protocol):
+    """A training step cut at the phase boundaries the breakdown reports."""
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward and loss; returns the loss to backpropagate."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward, including the gradient reduction the engine does in or right after it."""
+
+    def step(self) -> None:
+        """Optimizer step (and the parameter all-gather of ZeRO 1-2), gradient clipping and the EMA update."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One timed step; `phases` maps PHASES to seconds."""
+
+    total_s: float
+    phases: dict[str, float]
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None  # CPU kernels have finished when the call returns
+
+
+def time_steps(
+    stepper: Stepper,
+    batches: Iterator[dict[str, Any]],
+    *,
+    steps: int,
+    warmup_steps: int,
+    device: torch.device,
+    on_window_start: Callable[[], None] | None = None,
+) -> tuple[list[StepRecord], float]:
+    """Run `warmup_steps` untimed, then `steps` timed steps; returns their records and the window's wall time.
+
+    The window runs between two barriers, so it ends when the slowest rank does: global images/s is
+    global batch x steps / window.
+    """
+    sync = synchronizer(device)
+    for _ in range(warmup_steps):
+        stepper.backward(stepper.forward(next(batches)))
+        stepper.step()
+    sync()
+    dist.barrier()
+    if on_window_start is not None:
+        on_window_start()
+    records = []
+    window_start = time.perf_counter()
+    for _ in range(steps):
+        started = time.perf_counter()
+        batch = next(batches)
+        sync()
+        fetched = time.perf_counter()
+        loss = stepper.forward(batch)
+        sync()
+        forwarded = time.perf_counter()
+        stepper.backward(loss)
+        sync()
+        backwarded = time.perf_counter()
+        stepper.step()
+        sync()
+        stepped = time.perf_counter()
+        records.append(
+            StepRecord(
+                total_s=stepped - started,
+                phases={
+                    "data_wait": fetched - started,
+                    "forward": forwarded - fetched,
+                    "backward": backwarded - forwarded,
+                    "optimizer": stepped - backwarded,
+                },
+            )
+        )
+    dist.barrier()
+    return records, time.perf_counter() - window_start
+
+
+def step_stats(step_times_s: list[float]) -> dict[str, float]:
+    """Mean, median, p90, min and max of step times, in seconds."""
+    ordered = sorted(step_times_s)
+    p90_index = min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))
+    return {
+        "mean": statistics.fmean(ordered),
+        "median": statistics.median(ordered),
+        "p90": ordered[p90_index],
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
+
+
+def mean_phases(records: list[StepRecord]) -> dict[str, float]:
+    """Mean seconds per phase over the timed steps."""
+    return {phase: statistics.fmean(record.phases[phase] for record in records) for phase in PHASES}
+
+
+def probe_link(
+    device: torch.device, *, message_bytes: tuple[int, ...] = (2**12, 2**20, 2**23, 2**25), repeats: int = 5
+) -> dict[str, Any] | None:
+    """Time each collective ZeRO uses at a few sizes and fit its latency and bandwidth (None on one rank).
+
+    Calibrates the communication model against this job's backend and links (gloo here, NCCL on GPUs). Sizes
+    are whole tensors: the all-reduce's, the all-gather's output, the reduce-scatter's input.
+    """
+    world_size = dist.get_world_size()
+    if world_size < 2:
+        return None
+    import torch.distributed as torch_dist
+
+    sync = synchronizer(device)
+
+    def timed(run: Callable[[], Any]) -> float:
+        for _ in range(2):  # first calls set up buffers and connections
+            run()
+        sync()
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        sync()
+        return (time.perf_counter() - started) / repeats
+
+    fits: dict[str, Any] = {}
+    for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER):
+        seconds = []
+        for size in message_bytes:
+            whole = torch.zeros(size // 4 // world_size * world_size, dtype=torch.float32, device=device)
+            shard = torch.zeros(whole.numel() // world_size, dtype=torch.float32, device=device)
+            run = {
+                ALL_REDUCE: lambda whole=whole: torch_dist.all_reduce(whole),
+                ALL_GATHER: lambda whole=whole, shard=shard: torch_dist.all_gather_into_tensor(whole, shard),
+                REDUCE_SCATTER: lambda whole=whole, shard=shard: torch_dist.reduce_scatter_tensor(shard, whole),
+            }[op]
+            seconds.append(timed(run))
+        seconds = dist.broadcast_object(seconds)  # rank 0's view for everyone
+        link = fit_link(op=op, num_ranks=world_size, message_bytes=message_bytes, seconds=seconds)
+        fits[op] = {
+            "message_bytes": list(message_bytes),
+            "seconds": seconds,
+            "latency_s": link.latency_s,
+            "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s,
+        }
+    return {
+        "backend": torch_dist.get_backend(),
+        "ops": fits,
+        **{k: fits[ALL_REDUCE][k] for k in ("latency_s", "bandwidth_bytes_per_s")},
+    }
+
+
+def logged_comm_per_step(run_steps: Callable[[int], None], *, steps: int) -> dict[str, dict[str, float]]:
+    """Calls, bytes and seconds per step of each collective, from DeepSpeed's comms logger.
+
+    The logger synchronizes after every collective, so these steps are run apart from the timed window.
+    DeepSpeed 0.19.8 records each op's running timer total (`elapsed(reset=False)`), not the op's own time,
+    so op timers are reset first and the largest record is the op's total.
+    """
+    import deepspeed.comm as ds_comm
+    from deepspeed.comm import comm as ds_comm_module
+
+    ds_comm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
+    ds_comm.reset_log()
+    for timer in ds_comm_module.timers.timers.values():
+        timer.reset()
+    try:
+        run_steps(steps)
+        raw = ds_comm.comms_logger.get_raw_data()
+    finally:
+        ds_comm.configure(enabled=False)
+    per_step = {}
+    for op_name, by_size in raw.items():
+        calls = sum(record[0] for record in by_size.values())
+        total_bytes = sum(size * record[0] for size, record in by_size.items())
+        total_ms = max(max(record[1]) for record in by_size.values())
+        per_step[op_name] = {
+            "calls": calls / steps,
+            "message_bytes": total_bytes / steps,
+            "seconds": total_ms / 1000 / steps,
+        }
+    return per_step
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if dist.get_world_size() < 2:
+        return [value]
+    import torch.distributed as torch_dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered

@@ -1,0 +1,159 @@
+"""results.jsonl: one JSON line per measured configuration, with versions, hardware and machine load.
+
+Lines are appended, so the same command run on 1, 2, 4, 8 nodes (or at 1 and 2 ranks) fills one file; the report
+reads them all. Keys every line has are listed in REQUIRED_KEYS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yolods import dist
+
+RESULTS_FILE = "results.jsonl"
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = (
+    "engine",
+    "zero_stage",
+    "precision",
+    "world_size",
+    "num_nodes",
+    "micro_batch",
+    "imgsz",
+    "model",
+    "input",
+    "imgs_per_s",
+    "peak_mem_bytes",
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The yolods commit measured, with '-dirty' when yolods/ differs from it (untracked files included)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "yolods"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def versions() -> dict[str, str | None]:
+    import deepspeed
+    import ultralytics
+
+    import yolods
+
+    return {
+        "yolods": yolods.__version__,
+        "yolods_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "ultralytics": ultralytics.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+    }
+
+
+def hardware(device: torch.device, *, hostnames: list[str]) -> dict[str, Any]:
+    """This job's machines: CPU, GPU model and count, hosts."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_rank": torch.get_num_threads(),
+        "hosts": sorted(set(hostnames)),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=properties.name,
+            gpu_memory_bytes=properties.total_memory,
+            gpus_per_node=torch.cuda.device_count(),
+        )
+    return info
+
+
+def interconnect(*, backend: str, label: str, link_probe: dict[str, Any] | None) -> dict[str, Any]:
+    """What is known about the links: the backend, the user's label, and the measured all-reduce fit."""
+    known: dict[str, Any] = {"backend": backend, "label": label or None}
+    for variable in ("NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_NET", "GLOO_SOCKET_IFNAME"):
+        if os.environ.get(variable):
+            known[variable] = os.environ[variable]
+    if link_probe is not None:
+        known["probe"] = link_probe
+    return known
+
+
+def run_context(device: torch.device, *, label: str, link_probe: dict[str, Any] | None) -> dict[str, Any]:
+    """What every line of this run shares; call on every rank (it gathers hostnames)."""
+    from yolods.bench.measure import all_gather_object
+
+    hostnames = all_gather_object(socket.gethostname())
+    import torch.distributed as torch_dist
+
+    backend = torch_dist.get_backend() if torch_dist.is_initialized() else "none"
+    return {
+        "world_size": dist.get_world_size(),
+        "num_nodes": max(dist.get_num_nodes(), len(set(hostnames))),
+        "ranks_per_node": dist.get_local_world_size(),
+        "versions": versions(),
+        "hardware": hardware(device, hostnames=hostnames),
+        "interconnect": interconnect(backend=backend, label=label, link_probe=link_probe),
+    }
+
+
+def make_line(measured: dict[str, Any], *, context: dict[str, Any]) -> dict[str, Any]:
+    """A results line: the measurement, the run's context, a timestamp and the machine's load."""
+    line = {
+        "schema": SCHEMA_VERSION,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **measured,
+        **context,
+        # 1/5/15-minute load averages: on a shared machine they say how much else was running
+        "load_avg": list(os.getloadavg()),
+    }
+    missing = [key for key in REQUIRED_KEYS if key not in line]
+    assert not missing, f"results line lacks {missing}"  # internal invariant: the writer builds every key
+    return line
+
+
+def append_line(out_dir: Path, line: dict[str, Any]) -> Path:
+    """Append one line to out_dir/results.jsonl (rank 0 only) and return the file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS_FILE
+    with path.open("a") as file:
+        file.write(json.dumps(line, sort_keys=True) + "\n")
+    return path
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a results.jsonl (blank lines skipped)."""
+    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]

@@ -1,0 +1,299 @@
+"""The bench command line, and its expansion into one BenchConfig per configuration to measure.
+
+A sweep flag takes a comma list, may be repeated, or both: `--zero 0,1 --zero 3` measures stages 0, 1 and 3.
+Baselines ride along: every (model, image size, batch, precision, input) measured under DeepSpeed is also
+measured under torch DDP and, at world size 1, under the Ultralytics trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from yolods.config import PRECISIONS, ConfigError, load_deepspeed_json, precision_of
+
+ENGINES = ("deepspeed", "ddp", "ultralytics")
+INPUTS = ("synthetic", "real")
+# A CPU step at 640 px takes seconds; the CPU defaults keep a default sweep to minutes.
+DEVICE_DEFAULTS = {"cpu": {"imgsz": 160, "micro_batch": 8}, "cuda": {"imgsz": 640, "micro_batch": 16}}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration to measure; every field lands in its results line.
+
+    Bucket sizes and overlap_comm are None where the DeepSpeed config's value applies (and for the baselines).
+    """
+
+    engine: str
+    model: str
+    imgsz: int
+    micro_batch: int
+    global_batch: int
+    precision: str
+    zero_stage: int | None
+    input: str
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
+    overlap_comm: bool | None = None
+    deepspeed_config: str | None = None
+    data: str = "synthetic"
+    steps: int = 20
+    warmup_steps: int = 5
+    workers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    optimizer: str = "AdamW"
+    lr0: float = 0.001
+    ema: bool = True
+    comms_logger: bool = False
+    wall_clock_breakdown: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """Short human name: 'ZeRO-2 fp32 yolov8n@160 mb8 synthetic'."""
+        engine = {"deepspeed": f"ZeRO-{self.zero_stage}", "ddp": "DDP", "ultralytics": "Ultralytics"}[self.engine]
+        extras = []
+        if self.reduce_bucket_size is not None:
+            extras.append(f"reduce-bucket {_count_label(self.reduce_bucket_size)}")
+        if self.allgather_bucket_size is not None:
+            extras.append(f"gather-bucket {_count_label(self.allgather_bucket_size)}")
+        if self.overlap_comm is not None:
+            extras.append("overlap" if self.overlap_comm else "no-overlap")
+        model = self.model.removesuffix(".yaml")
+        return " ".join([engine, self.precision, f"{model}@{self.imgsz}", f"mb{self.micro_batch}", self.input, *extras])
+
+
+def _count_label(count: int) -> str:
+    """2000000 -> '2M', 500000 -> '500K'."""
+    for suffix, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= scale and count % (scale // 10) == 0:
+            return f"{count / scale:g}{suffix}"
+    return str(count)
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """A flag under both spellings: --warmup-steps (the issue's) and --warmup_steps (yolods.train's)."""
+    stem = name.removeprefix("--")
+    spellings = dict.fromkeys([name, "--" + stem.replace("_", "-"), "--" + stem.replace("-", "_")])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m yolods.bench",
+        description="Measure yolods training throughput and memory against torch DDP and the Ultralytics trainer.",
+        epilog="Sweep flags (marked LIST) take comma lists and may be repeated; every combination is measured.",
+    )
+    sweep = {"action": "append", "default": None}
+    _flag(parser, "--model", **sweep, help="LIST: Ultralytics yamls or sizes: yolov8n.yaml,yolov8s or n,s,m,l,x")
+    _flag(parser, "--imgsz", **sweep, help="LIST: image sizes (default 640 on CUDA, 160 on CPU)")
+    _flag(parser, "--batch", **sweep, help="LIST: GLOBAL batch, split over the ranks as in yolods.train")
+    _flag(parser, "--micro-batch", **sweep, help="LIST: images per rank (default 16 on CUDA, 8 on CPU)")
+    _flag(parser, "--zero", **sweep, help="LIST: ZeRO stages (default 0,1,2,3)")
+    _flag(parser, "--precision", **sweep, help="LIST: fp32, bf16, fp16 (default bf16 on CUDA, fp32 on CPU)")
+    _flag(parser, "--reduce-bucket-size", **sweep, help="LIST: ZeRO reduce_bucket_size in elements (2e6, 5M)")
+    _flag(parser, "--allgather-bucket-size", **sweep, help="LIST: ZeRO 1-2 allgather bucket (ZeRO-3: prefetch)")
+    _flag(parser, "--overlap-comm", **sweep, help="LIST: on,off")
+    _flag(parser, "--input", **sweep, help="LIST: synthetic (tensors on the device) and/or real (dataloader)")
+    _flag(parser, "--engine", **sweep, help="LIST: deepspeed,ddp,ultralytics (default all three)")
+    _flag(parser, "--deepspeed_config", **sweep, help="LIST: DeepSpeed JSONs (stage/precision from them)")
+    _flag(parser, "--steps", type=int, default=20, help="timed steps per configuration")
+    _flag(parser, "--warmup-steps", type=int, default=5, help="burn-in steps, not timed")
+    _flag(parser, "--repeat", type=int, default=1, help="measure the whole sweep this many times, interleaved")
+    _flag(
+        parser,
+        "--run-id",
+        help="group several invocations as one run: the report takes the median over a run's repeats (default: now)",
+    )
+    _flag(parser, "--out", default="benchmarks/results/local", help="results directory (results.jsonl is appended)")
+    _flag(parser, "--data", default="synthetic", help="data.yaml for --input real (default: drawn shapes)")
+    _flag(parser, "--workers", type=int, help="dataloader workers per rank (default 2 on CUDA, 0 on CPU)")
+    _flag(parser, "--optimizer", default="AdamW", help="Ultralytics optimizer name; the ZeRO paper assumes Adam")
+    _flag(parser, "--lr0", type=float, default=0.001)
+    _flag(parser, "--seed", type=int, default=0)
+    _flag(parser, "--device", choices=("cpu", "cuda"), help="default: cuda when present")
+    _flag(parser, "--ema", action=argparse.BooleanOptionalAction, default=True, help="update the EMA each step")
+    _flag(parser, "--comms-logger", action="store_true", help="extra steps with DeepSpeed's comms logger")
+    _flag(parser, "--wall-clock-breakdown", action="store_true", help="also record DeepSpeed's own timers")
+    _flag(parser, "--interconnect", default="", help="free text for the results, e.g. '8x NDR 400 Gb/s IB'")
+    _flag(parser, "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return parser
+
+
+def split_list(values: list[str] | None) -> list[str]:
+    """['0,1', '3'] -> ['0', '1', '3']; None -> []."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+def parse_count(text: str) -> int:
+    """'2e6', '2000000', '5M', '512K' -> elements."""
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}
+    suffix = text[-1:].upper()
+    try:
+        if suffix in scale:
+            return int(float(text[:-1]) * scale[suffix])
+        return int(float(text))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a count: write 2e6, 2000000 or 2M") from None
+
+
+def parse_switch(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"--overlap-comm {text!r}: use on or off")
+
+
+def model_yaml(name: str) -> str:
+    """'s' -> 'yolov8s.yaml', 'yolo11m' -> 'yolo11m.yaml'; yamls and .pt paths pass through."""
+    if name in ("n", "s", "m", "l", "x"):
+        return f"yolov8{name}.yaml"
+    if name.endswith((".yaml", ".yml", ".pt")):
+        return name
+    return f"{name}.yaml"
+
+
+def _ints(values: list[str] | None, flag: str) -> list[int]:
+    try:
+        return [int(value) for value in split_list(values)]
+    except ValueError:
+        raise ConfigError(f"{flag} takes integers, e.g. {flag} 8,16") from None
+
+
+def _choices(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
+    for value in values:
+        if value not in allowed:
+            raise ConfigError(f"{flag} {value!r} is unknown: use {', '.join(allowed)}")
+    return values
+
+
+def _precisions(args: argparse.Namespace, *, device: str, ds_configs: list[str | None]) -> tuple[list[str], dict]:
+    """Precisions to sweep, and each DeepSpeed JSON's own (a JSON naming one sets it for its runs and baselines)."""
+    json_precisions = {path: precision_of(load_deepspeed_json(path)) for path in ds_configs if path}
+    device_precision = "bf16" if device == "cuda" else "fp32"
+    precisions = _choices(split_list(args.precision), PRECISIONS, "--precision") or list(
+        dict.fromkeys(json_precisions.get(path) or device_precision for path in ds_configs)
+    )
+    for path, json_precision in json_precisions.items():
+        if json_precision and json_precision not in precisions:
+            raise ConfigError(f"--precision {','.join(precisions)} disagrees with {path} ({json_precision}): drop one")
+    return precisions, json_precisions
+
+
+def _batch_pairs(args: argparse.Namespace, *, world_size: int, default_micro_batch: int) -> list[tuple[int, int]]:
+    """(images per rank, global batch) pairs from --batch (global) or --micro-batch (per rank)."""
+    global_batches = _ints(args.batch, "--batch")
+    micro_batches = _ints(args.micro_batch, "--micro-batch")
+    if global_batches and micro_batches:
+        raise ConfigError("--batch (global) and --micro-batch (per rank) both given: keep one")
+    for batch in global_batches:
+        if batch < world_size or batch % world_size:
+            raise ConfigError(f"--batch {batch} does not split over {world_size} ranks: use a multiple of {world_size}")
+    pairs = [(batch // world_size, batch) for batch in global_batches]
+    pairs += [(micro, micro * world_size) for micro in micro_batches]
+    return pairs or [(default_micro_batch, default_micro_batch * world_size)]
+
+
+def _stages(args: argparse.Namespace, *, ds_configs: list[str | None]) -> list[int | None]:
+    """ZeRO stages to sweep; None where the DeepSpeed JSON decides."""
+    stages: list[int | None] = list(_ints(args.zero, "--zero"))
+    for stage in stages:
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero {stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if stages:
+        return stages
+    return [None] if ds_configs != [None] else [0, 1, 2, 3]
+
+
+def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
+    """Every configuration the command line asks for, baselines included, in run order.
+
+    Configurations sharing a (model, imgsz, batch, precision, input) run back to back, DDP first, so machine load
+    drifts as little as possible between a figure and its baseline. Ultralytics runs last and only on one rank:
+    its own multi-GPU mode spawns its own processes, which a launcher-started bench cannot host.
+    """
+    if args.steps < 1 or args.warmup_steps < 0:
+        raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = DEVICE_DEFAULTS[device]
+    engines = _choices(split_list(args.engine) or list(ENGINES), ENGINES, "--engine")
+    inputs = _choices(split_list(args.input) or ["synthetic"], INPUTS, "--input")
+    models = [model_yaml(name) for name in split_list(args.model) or ["yolov8n.yaml"]]
+    sizes = _ints(args.imgsz, "--imgsz") or [defaults["imgsz"]]
+    ds_configs: list[str | None] = list(split_list(args.deepspeed_config)) or [None]
+    stages = _stages(args, ds_configs=ds_configs)
+    precisions, json_precisions = _precisions(args, device=device, ds_configs=ds_configs)
+    batch_pairs = _batch_pairs(args, world_size=world_size, default_micro_batch=defaults["micro_batch"])
+    zero_variants = list(
+        itertools.product(
+            ds_configs,
+            stages,
+            [parse_count(v) for v in split_list(args.reduce_bucket_size)] or [None],
+            [parse_count(v) for v in split_list(args.allgather_bucket_size)] or [None],
+            [parse_switch(v) for v in split_list(args.overlap_comm)] or [None],
+        )
+    )
+    common = {
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "data": args.data,
+        "workers": args.workers if args.workers is not None else (2 if device == "cuda" else 0),
+        "seed": args.seed,
+        "device": device,
+        "optimizer": args.optimizer,
+        "lr0": args.lr0,
+        "ema": args.ema,
+    }
+
+    configs: list[BenchConfig] = []
+    ultralytics_configs: list[BenchConfig] = []
+    for model, imgsz, (micro, global_batch), precision, input_mode in itertools.product(
+        models, sizes, batch_pairs, precisions, inputs
+    ):
+        base = BenchConfig(
+            engine="ddp",
+            model=model,
+            imgsz=imgsz,
+            micro_batch=micro,
+            global_batch=global_batch,
+            precision=precision,
+            zero_stage=None,
+            input=input_mode,
+            **common,
+        )
+        if "ddp" in engines:
+            configs.append(base)
+        if "deepspeed" in engines:
+            for ds_config, stage, reduce_bucket, gather_bucket, overlap in zero_variants:
+                if json_precisions.get(ds_config) not in (None, precision):
+                    continue  # that JSON runs at its own precision, measured in its own iteration
+                configs.append(
+                    replace(
+                        base,
+                        engine="deepspeed",
+                        zero_stage=stage,
+                        deepspeed_config=ds_config,
+                        reduce_bucket_size=reduce_bucket,
+                        allgather_bucket_size=gather_bucket,
+                        overlap_comm=overlap,
+                        comms_logger=args.comms_logger,
+                        wall_clock_breakdown=args.wall_clock_breakdown,
+                    )
+                )
+        # The Ultralytics trainer always reads through its own dataloader: input 'real', once per real/synthetic pair.
+        # On CPU it trains in fp32 only (its bf16 autocast requires CUDA, its AMP check turns fp16 off).
+        if "ultralytics" in engines and world_size == 1 and (device == "cuda" or precision == "fp32"):
+            candidate = replace(base, engine="ultralytics", input="real")
+            if candidate not in ultralytics_configs:
+                ultralytics_configs.append(candidate)
+    return configs + ultralytics_configs
