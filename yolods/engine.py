@@ -26,6 +26,7 @@ from yolods.model import (
     loss_names,
     model_stride,
     optimizer_iterations,
+    training_memory_format,
     weight_decay_for,
 )
 from yolods.preemption import StopRequest, TrainingInterrupted
@@ -128,12 +129,7 @@ class Trainer:
         )
         self.loss_names = loss_names(model)
         self._build_data(stride=model_stride(model))
-        # NHWC on CUDA, as Ultralytics trains by default: Tensor-Core friendly, lossless. No gain on CPU.
-        self.memory_format = (
-            torch.channels_last
-            if self.device.type == "cuda" and self.hyp.channels_last is not False
-            else torch.contiguous_format
-        )
+        self.memory_format = training_memory_format(self.device, self.hyp)
         optimizer = self._build_optimizer_and_schedule(model.to(self.device, memory_format=self.memory_format))
         self.ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)

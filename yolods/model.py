@@ -96,6 +96,12 @@ def untie_shared_modules(model: nn.Module) -> int:
     return copies
 
 
+def training_memory_format(device: torch.device, hyp: SimpleNamespace) -> torch.memory_format:
+    """NHWC on CUDA, as Ultralytics trains by default (Tensor-Core friendly, lossless); no gain on CPU."""
+    use_nhwc = device.type == "cuda" and getattr(hyp, "channels_last", None) is not False
+    return torch.channels_last if use_nhwc else torch.contiguous_format
+
+
 def model_stride(model: nn.Module) -> int:
     """Largest stride of the detection head, at least 32 (Ultralytics' grid size for letterboxing)."""
     return max(int(model.stride.max()), 32)

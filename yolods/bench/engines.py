@@ -213,14 +213,15 @@ def build_for(cfg: BenchConfig, *, device: torch.device, data_yaml: str | None) 
     from yolods.bench.inputs import shapes_num_classes
     from yolods.data import load_data_yaml
     from yolods.engine import build_hyp
-    from yolods.model import build_ema, build_model, build_optimizer, model_stride
+    from yolods.model import build_ema, build_model, build_optimizer, model_stride, training_memory_format
 
     init_seeds(cfg.seed)  # same weights everywhere, as DeepSpeed and DDP would broadcast anyway
     run_cfg = run_config(cfg, data=data_yaml or "synthetic")
     hyp = build_hyp(run_cfg, data_yaml or "synthetic")
     data = load_data_yaml(data_yaml) if data_yaml else None
     num_classes, names = (data["nc"], data["names"]) if data else shapes_num_classes()
-    model = build_model(cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False).to(device)
+    model = build_model(cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False)
+    model = model.to(device, memory_format=training_memory_format(device, hyp))  # as yolods.train runs it
     optimizer, _ = build_optimizer(
         model,
         hyp=hyp,

@@ -34,7 +34,7 @@ def synthetic_batch(
     centers = uniform(num_boxes, 2, low=0.25, high=0.75)
     sizes = uniform(num_boxes, 2, low=0.05, high=0.4)
     return {
-        "img": uniform(micro_batch, 3, imgsz, imgsz).to(dtype),
+        "img": uniform(micro_batch, 3, imgsz, imgsz).to(dtype).contiguous(memory_format=_memory_format(device)),
         "cls": torch.randint(0, num_classes, (num_boxes, 1), generator=generator, device=device).float(),
         "bboxes": torch.cat([centers, sizes], dim=1),
         "batch_idx": torch.arange(micro_batch, device=device).repeat_interleave(BOXES_PER_IMAGE).float(),
@@ -77,8 +77,13 @@ def real_batches(
     epoch = 0
     while True:
         for batch in train_data.loader_for_epoch(epoch):
-            yield preprocess_batch(batch, device=device, input_dtype=input_dtype)
+            yield preprocess_batch(batch, device=device, input_dtype=input_dtype, memory_format=_memory_format(device))
         epoch += 1
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    """The input layout yolods.train uses (NHWC on CUDA unless the user turns Ultralytics' channels_last off)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def shapes_num_classes() -> tuple[int, dict[int, str]]:
