@@ -1,0 +1,673 @@
+"""Accuracy parity: the Ultralytics trainer against yolods on the same model, data, hyperparameters and epochs.
+
+    python benchmarks/parity.py                       # the committed table: synthetic shapes, CPU (~20 min on 2 cores)
+    python benchmarks/parity.py --rows ultralytics,zero2-2rank-fp32 --seeds 3 --yolods-seeds 2
+    python benchmarks/parity.py --data path/to/data.yaml --device cuda --epochs 100 --imgsz 640 --batch 64 \\
+        --rows ultralytics,zero0-1rank-bf16,zero2-8rank-bf16 --out-dir benchmarks/results/mydata
+
+Each run is a fresh process: `ultralytics.YOLO(model).train(...)` (one process, this script's hidden
+`--_ultralytics-worker` entry), and `python -m yolods.train` (1 rank) or `torchrun -m yolods.train` (N ranks) at
+the same GLOBAL batch. A row is a trainer setting; its seeds give a distribution of the final-epoch mAP50-95
+(the two trainers draw data order and augmentation from different random streams, so only distributions compare).
+
+The bar (issue #3): a yolods row passes when |mean mAP50-95 - Ultralytics' mean| <= max(0.01, 2 x the standard
+deviation of the Ultralytics seeds). Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
+passes, 1 when a row is outside the bar, 2 when a run failed.
+
+Row names: `ultralytics`, or `zero{0,1,2,3}-{N}rank-{fp32,bf16,fp16}` for yolods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ROWS = (
+    "ultralytics",
+    "zero0-1rank-fp32",
+    "zero0-2rank-fp32",
+    "zero1-2rank-fp32",
+    "zero2-2rank-fp32",
+    "zero3-2rank-fp32",
+    "zero2-2rank-bf16",
+)
+LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
+MAP50_COLUMN, MAP50_95_COLUMN = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
+MIN_TOLERANCE = 0.01  # the bar's floor, in mAP50-95
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
+NETWORK_MARKER = "parity: blocked network access"
+ROW_PATTERN = re.compile(r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)$")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One trainer setting of the table."""
+
+    name: str
+    trainer: str  # "ultralytics" or "yolods"
+    zero: int | None = None
+    ranks: int = 1
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        if self.trainer == "ultralytics":
+            return "Ultralytics (reference)"
+        return f"yolods ZeRO-{self.zero}, {self.ranks} rank{'s' if self.ranks > 1 else ''}, {self.precision}"
+
+
+def parse_row(name: str) -> Row:
+    """`ultralytics` or `zero2-2rank-bf16` -> Row; ValueError with the accepted forms otherwise."""
+    if name == "ultralytics":
+        return Row(name=name, trainer="ultralytics")
+    match = ROW_PATTERN.match(name)
+    if not match:
+        raise ValueError(f"--rows: {name!r} is not 'ultralytics' or zero{{0-3}}-{{N}}rank-{{fp32,bf16,fp16}}")
+    return Row(
+        name=name,
+        trainer="yolods",
+        zero=int(match["zero"]),
+        ranks=int(match["ranks"]),
+        precision=match["precision"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics and the bar
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for a single value, None for none)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def tolerance(reference_std: float | None, *, floor: float = MIN_TOLERANCE) -> float:
+    """The bar's half-width: max(floor, 2 x the reference seeds' standard deviation)."""
+    return max(floor, 2 * (reference_std or 0.0))
+
+
+def judge(row_mean: float | None, *, reference_mean: float | None, reference_std: float | None) -> dict[str, Any]:
+    """Whether a row's mean mAP50-95 lies within the bar around the reference mean."""
+    bar = tolerance(reference_std)
+    if row_mean is None or reference_mean is None:
+        return {"diff": None, "tolerance": bar, "passed": False}
+    diff = row_mean - reference_mean
+    return {"diff": diff, "tolerance": bar, "passed": abs(diff) <= bar}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def read_results_csv(path: Path) -> list[dict[str, float]]:
+    """results.csv (Ultralytics' and yolods' share its columns) as a list of floats per epoch."""
+    with path.open() as file:
+        rows = list(csv.DictReader(file))
+    return [{key.strip(): float(value) for key, value in row.items() if value not in (None, "")} for row in rows]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment minus launcher variables (a run must not believe it is a rank of ours), offline Ultralytics."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    env.update(YOLO_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def snapshot_yolods(work_dir: Path) -> dict[str, Any]:
+    """Copy the yolods package as it is now into WORK_DIR/code/HASH; every run imports that copy (PYTHONPATH).
+
+    A long benchmark in a repository others commit to would otherwise measure several versions of yolods.
+    Returns where the copy is and what it is: git commit, uncommitted changes under yolods/, content hash.
+    """
+    source = Path(importlib.util.find_spec("yolods").submodule_search_locations[0])
+    staging = work_dir / "code" / f"staging-{os.getpid()}" / "yolods"
+    shutil.rmtree(staging.parent, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    digest = hashlib.sha256()
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(staging)).encode() + b"\0" + path.read_bytes())
+    sha = digest.hexdigest()[:16]
+    target = work_dir / "code" / sha / "yolods"  # content-addressed: a later invocation never rewrites it
+    if target.exists():
+        shutil.rmtree(staging.parent)
+    else:
+        staging.parent.rename(target.parent)
+    code = {
+        "source": str(source),
+        "snapshot": str(target.parent),
+        "git_commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "uncommitted_changes": git("status", "--porcelain", "--", str(source)).splitlines(),
+        "sha256": sha,
+    }
+    # Runs start in the caller's directory (relative paths in a data.yaml resolve as for a direct run), unless
+    # the interpreter would import a yolods/ found there instead of the copy (Python < 3.11 has no PYTHONSAFEPATH).
+    for cwd in (Path.cwd(), work_dir):
+        code["run_cwd"] = str(cwd)
+        probe = [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('yolods').origin)"]
+        found = subprocess.run(probe, cwd=cwd, env=run_env(code), capture_output=True, text=True).stdout.strip()
+        if found and Path(found).resolve().is_relative_to(target.resolve()):
+            return code
+    raise RuntimeError(f"runs would not import the yolods copy in {target} (they import {found})")
+
+
+def run_env(code: dict[str, Any]) -> dict[str, str]:
+    """The environment of every run: clean_env, the yolods copy first on sys.path, and not the working directory."""
+    python_path = os.pathsep.join(filter(None, [code["snapshot"], os.environ.get("PYTHONPATH")]))
+    return clean_env(PYTHONPATH=python_path, PYTHONSAFEPATH="1")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def yolods_command(row: Row, *, settings: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
+    """`python -m yolods.train` for 1 rank, torchrun for more, at the same global batch."""
+    args = [
+        "--model",
+        settings["model"],
+        "--data",
+        settings["data"],
+        "--epochs",
+        str(settings["epochs"]),
+        "--imgsz",
+        str(settings["imgsz"]),
+        "--batch",
+        str(settings["batch"]),
+        "--workers",
+        str(settings["workers"]),
+        "--seed",
+        str(seed),
+        "--zero",
+        str(row.zero),
+        "--precision",
+        row.precision,
+        "--device",
+        settings["device"],
+        "--project",
+        str(run_dir.parent),
+        "--name",
+        run_dir.name,
+        "--exist_ok",
+    ]
+    for key, value in settings["hyp"].items():
+        args += ["--hyp", f"{key}={value}"]
+    if row.ranks == 1:
+        return [sys.executable, "-m", "yolods.train", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={row.ranks}"]
+    return [*launcher, f"--master_port={free_port()}", "-m", "yolods.train", *args]
+
+
+def ultralytics_command(*, settings: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
+    spec = {"settings": settings, "seed": seed, "run_dir": str(run_dir)}
+    return [sys.executable, str(Path(__file__).resolve()), "--_ultralytics-worker", json.dumps(spec)]
+
+
+def run_one(
+    row: Row, *, settings: dict[str, Any], seed: int, work_dir: Path, code: dict[str, Any], reuse: bool
+) -> dict[str, Any]:
+    """Train one (row, seed) in a fresh process and return its per-epoch record (yolods from the copy in `code`)."""
+    run_dir = work_dir / row.name / f"seed{seed}"
+    record_path = run_dir / "parity_run.json"
+    if reuse and record_path.exists():
+        record = json.loads(record_path.read_text())
+        same_code = row.trainer == "ultralytics" or record.get("yolods_code", {}).get("sha256") == code["sha256"]
+        if record.get("settings") == settings and record.get("returncode") == 0 and same_code:
+            print(f"parity: reusing {row.name} seed {seed} from {run_dir}", flush=True)
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if row.trainer == "ultralytics":
+        command = ultralytics_command(settings=settings, seed=seed, run_dir=run_dir)
+    else:
+        command = yolods_command(row, settings=settings, seed=seed, run_dir=run_dir)
+    log_path = run_dir / "train.log"
+    started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    print(f"parity: {row.name} seed {seed}: {shlex.join(command)}", flush=True)
+    with log_path.open("w") as log:
+        completed = subprocess.run(
+            command,
+            cwd=code["run_cwd"],
+            env=run_env(code),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    wall_s = time.perf_counter() - started
+    log_text = log_path.read_text(errors="replace")
+    record: dict[str, Any] = {
+        "row": row.name,
+        "seed": seed,
+        "command": shlex.join(command),
+        "returncode": completed.returncode,
+        "started_utc": started_utc,
+        "wall_s": round(wall_s, 1),
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "run_dir": str(run_dir),
+        "network_attempts": log_text.count(NETWORK_MARKER) + log_text.count("Downloading"),
+        "settings": settings,
+    }
+    if row.trainer == "yolods":
+        record["yolods_code"] = code
+    csv_path = run_dir / "results.csv"
+    if completed.returncode != 0 or not csv_path.exists():
+        record["returncode"] = completed.returncode or -1
+        record["error_tail"] = log_text.splitlines()[-25:]
+        print(f"parity: {row.name} seed {seed} FAILED (exit {completed.returncode}); log: {log_path}", flush=True)
+    else:
+        epochs = read_results_csv(csv_path)
+        keep = ("epoch", *LOSS_COLUMNS, MAP50_COLUMN, MAP50_95_COLUMN)
+        record["epochs"] = [{key: epoch[key] for key in keep if key in epoch} for epoch in epochs]
+        record["final"] = {"mAP50": epochs[-1][MAP50_COLUMN], "mAP50-95": epochs[-1][MAP50_95_COLUMN]}
+        record["train_time_s"] = epochs[-1].get("time")
+        print(
+            f"parity: {row.name} seed {seed}: mAP50 {record['final']['mAP50']:.4f} "
+            f"mAP50-95 {record['final']['mAP50-95']:.4f} in {wall_s:.0f} s",
+            flush=True,
+        )
+    if record["network_attempts"]:
+        print(f"parity: WARNING {row.name} seed {seed} tried to reach the network; see {log_path}", flush=True)
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def ultralytics_worker(spec_json: str) -> int:
+    """Train with Ultralytics' own trainer in this (fresh) process; yolods' main process never imports it."""
+    spec = json.loads(spec_json)
+    settings, run_dir = spec["settings"], Path(spec["run_dir"])
+    _block_network()
+    os.environ["YOLO_OFFLINE"] = "1"  # as `import yolods` does; Ultralytics reads it once, at import
+    import ultralytics.data.utils as data_utils
+    from ultralytics import YOLO
+
+    # check_det_dataset asks for a plot font and, when it is missing, HEADs a URL even offline; plots are off.
+    data_utils.check_font = lambda *args, **kwargs: None
+    device = "cpu" if settings["device"] == "cpu" else "0"
+    YOLO(settings["model"]).train(
+        data=settings["data"],
+        epochs=settings["epochs"],
+        imgsz=settings["imgsz"],
+        batch=settings["batch"],
+        workers=settings["workers"],
+        seed=spec["seed"],
+        deterministic=True,
+        device=device,
+        plots=False,
+        amp=False,  # fp32 reference; amp=True would also run check_amp, which downloads weights
+        project=str(run_dir.parent),
+        name=run_dir.name,
+        exist_ok=True,
+        verbose=False,
+        val=True,
+        **settings["hyp"],
+    )
+    return 0
+
+
+def _block_network() -> None:
+    """Refuse every non-loopback connection and name lookup, loudly, so an attempt shows in the run's log."""
+    loopback = {"localhost", "127.0.0.1", "::1", "", None}
+    original_connect, original_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in loopback:
+            print(f"{NETWORK_MARKER}: connect {address}", file=sys.stderr, flush=True)
+            raise OSError(f"network disabled by benchmarks/parity.py ({address})")
+        return original_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in loopback:
+            print(f"{NETWORK_MARKER}: resolve {host}", file=sys.stderr, flush=True)
+            raise socket.gaierror(f"network disabled by benchmarks/parity.py ({host})")
+        return original_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = connect
+    socket.getaddrinfo = getaddrinfo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per row: seeds, mean/std of final mAP50 and mAP50-95, mean per-epoch losses, wall time, the bar."""
+    summaries = []
+    for row in rows:
+        done = [r for r in records[row.name] if r["returncode"] == 0]
+        map50_mean, map50_std = mean_std([r["final"]["mAP50"] for r in done])
+        map_mean, map_std = mean_std([r["final"]["mAP50-95"] for r in done])
+        num_epochs = min((len(r["epochs"]) for r in done), default=0)
+        per_epoch = {
+            column: [round(statistics.fmean(r["epochs"][e][column] for r in done), 5) for e in range(num_epochs)]
+            for column in (*LOSS_COLUMNS, MAP50_95_COLUMN)
+        }
+        summaries.append(
+            {
+                **asdict(row),
+                "label": row.label,
+                "seeds": [r["seed"] for r in records[row.name]],
+                "failed_seeds": [r["seed"] for r in records[row.name] if r["returncode"] != 0],
+                "mAP50_mean": map50_mean,
+                "mAP50_std": map50_std,
+                "mAP50-95_mean": map_mean,
+                "mAP50-95_std": map_std,
+                "per_epoch_mean": per_epoch,
+                "load_avg_start_mean": statistics.fmean(r["load_avg_start"][0] for r in records[row.name])
+                if records[row.name]
+                else None,
+                "wall_s_mean": round(statistics.fmean(r["wall_s"] for r in records[row.name]), 1)
+                if records[row.name]
+                else None,
+                "runs": records[row.name],
+            }
+        )
+    reference = next((s for s in summaries if s["trainer"] == "ultralytics"), None)
+    for summary in summaries:
+        if summary["trainer"] == "ultralytics":
+            summary["bar"] = None
+            continue
+        summary["bar"] = judge(
+            summary["mAP50-95_mean"] if not summary["failed_seeds"] else None,
+            reference_mean=reference["mAP50-95_mean"] if reference else None,
+            reference_std=reference["mAP50-95_std"] if reference else None,
+        )
+    return summaries
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    settings, summaries, env, code = report["settings"], report["rows"], report["environment"], report["yolods_code"]
+    reference = next((s for s in summaries if s["trainer"] == "ultralytics"), None)
+    hyp = ", ".join(f"{k}={v}" for k, v in settings["hyp"].items()) or "Ultralytics defaults"
+    lines = [
+        "# Accuracy parity: Ultralytics trainer vs yolods",
+        "",
+        f"Produced by `{report['command']}` on {report['finished_utc'][:10]}: {report['wall_s'] / 60:.1f} min wall "
+        f"({report['runs_wall_s'] / 60:.1f} min of training runs).",
+        "",
+        f"Setting: `{settings['model']}` from scratch on {settings['data_description']}, {settings['epochs']} epochs, "
+        f"imgsz {settings['imgsz']}, global batch {settings['batch']}, device {settings['device']}, "
+        f"hyperparameters: {hyp} (`optimizer=auto`: both pick the same optimizer and lr0). "
+        f"Ultralytics runs fp32 (`amp=False`, `deterministic=True`) in one process. Seeds: "
+        + ", ".join(f"{count} for {name}" for name, count in report["seeds"].items())
+        + " (the Ultralytics spread sets the bar; fewer seeds per yolods row keep the run short).",
+        "",
+        "Final-epoch validation of the EMA weights (the last row of results.csv), mean ± sample std over seeds. "
+        "The bar: |Δ mAP50-95| ≤ max(0.01, 2 x std of the Ultralytics seeds)"
+        + (
+            f" = {tolerance(reference['mAP50-95_std']):.4f}."
+            if reference and reference["mAP50-95_std"] is not None
+            else "."
+        ),
+        "",
+        "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | Δ mAP50-95 | within bar | wall s/run | load at start |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        seeds = ",".join(str(seed) for seed in s["seeds"]) + (
+            f" (failed: {s['failed_seeds']})" if s["failed_seeds"] else ""
+        )
+        per_seed = ", ".join(f"{r['final']['mAP50-95']:.4f}" for r in s["runs"] if r["returncode"] == 0)
+        if s["bar"] is None:
+            verdict, diff = "reference", ""
+        else:
+            verdict = "**pass**" if s["bar"]["passed"] else "**FAIL**"
+            diff = f"{s['bar']['diff']:+.4f}" if s["bar"]["diff"] is not None else "n/a"
+        lines.append(
+            f"| {s['label']} | {seeds} | {_fmt(s['mAP50_mean'])} ± {_fmt(s['mAP50_std'])} | "
+            f"{_fmt(s['mAP50-95_mean'])} ± {_fmt(s['mAP50-95_std'])} | {per_seed} | {diff} | {verdict} | {_fmt(s['wall_s_mean'], 0)} | {_fmt(s['load_avg_start_mean'], 1)} |"
+        )
+    num_epochs = max((len(s["per_epoch_mean"][LOSS_COLUMNS[0]]) for s in summaries), default=0)
+    header = "| epoch | " + " | ".join(s["name"] for s in summaries) + " |"
+    rule = "|---" * (len(summaries) + 1) + "|"
+    lines += [
+        "",
+        "## Train losses per epoch (box / cls / dfl, mean over seeds, rank 0's images)",
+        "",
+        header,
+        rule,
+    ]
+    for epoch in range(num_epochs):
+        cells = []
+        for s in summaries:
+            values = [s["per_epoch_mean"][column] for column in LOSS_COLUMNS]
+            cells.append(" / ".join(f"{v[epoch]:.3f}" for v in values) if epoch < len(values[0]) else "")
+        lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
+    lines += ["", "## Validation mAP50-95 per epoch (mean over seeds)", "", header, rule]
+    for epoch in range(num_epochs):
+        cells = [
+            f"{s['per_epoch_mean'][MAP50_95_COLUMN][epoch]:.4f}"
+            if epoch < len(s["per_epoch_mean"][MAP50_95_COLUMN])
+            else ""
+            for s in summaries
+        ]
+        lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Environment",
+        "",
+        f"{env['cpu']} ({env['cpu_count']} cores){', ' + env['gpu'] if env.get('gpu') else ''}; "
+        + ", ".join(f"{name} {version}" for name, version in env["versions"].items())
+        + f". yolods under test: a copy of `yolods/` taken when the benchmark started, at commit {code['git_commit']}"
+        + (
+            f" plus uncommitted changes ({'; '.join(code['uncommitted_changes'])})"
+            if code["uncommitted_changes"]
+            else ""
+        )
+        + f" (content sha256 {code['sha256']}); every yolods run imports that copy.",
+        "Wall time is reported, not judged: the machine is shared with other jobs, and the load column is the "
+        "1-minute load average when each run started (mean over seeds; above the core count, runs slow down, "
+        "one-process runs with a thread per core the most). Per-run commands, wall times, load averages and "
+        "per-seed values: `parity.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("torch", "torchvision", "deepspeed", "ultralytics", "numpy", "yolods"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["python"] = platform.python_version()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/parity.py",
+        description="Train with the Ultralytics trainer and with yolods on the same setting; compare mAP over seeds.",
+    )
+    parser.add_argument("--data", help="Ultralytics data.yaml; default: the synthetic shapes set, made in --work-dir")
+    parser.add_argument("--num-train", type=int, default=256, help="synthetic train images (without --data)")
+    parser.add_argument("--num-val", type=int, default=64, help="synthetic val images (without --data)")
+    parser.add_argument("--model", default="yolov8n.yaml", help="Ultralytics model yaml, trained from scratch")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--imgsz", type=int, default=160)
+    parser.add_argument("--batch", type=int, default=16, help="GLOBAL batch, the same for every row")
+    parser.add_argument("--workers", type=int, default=0, help="dataloader workers (Ultralytics forces 0 on CPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--seeds", type=int, default=3, help="Ultralytics seeds (0..N-1); their spread sets the bar")
+    parser.add_argument("--yolods-seeds", type=int, default=2, help="seeds (0..N-1) per yolods row")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated row names (see the docstring)")
+    parser.add_argument(
+        "--hyp", action="append", default=[], metavar="KEY=VALUE", help="Ultralytics setting for both trainers"
+    )
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/parity"), help="run directories and synthetic data")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs in --work-dir with the same settings")
+    parser.add_argument(
+        "--render", type=Path, metavar="PARITY_JSON", help="only rewrite parity.md next to an existing parity.json"
+    )
+    parser.add_argument("--_ultralytics-worker", dest="ultralytics_worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_hyp(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    hyp = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--hyp {pair!r} is not KEY=VALUE")
+        hyp[key] = yaml.safe_load(value)
+    return hyp
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.ultralytics_worker:
+        return ultralytics_worker(args.ultralytics_worker)
+    if args.render:
+        args.render.with_suffix(".md").write_text(render_markdown(json.loads(args.render.read_text())))
+        return 0
+    try:
+        rows = [parse_row(name.strip()) for name in args.rows.split(",") if name.strip()]
+        hyp = parse_hyp(args.hyp)
+    except ValueError as error:
+        print(f"parity: error: {error}", file=sys.stderr)
+        return 2
+    work_dir = args.work_dir.resolve()
+    if args.data:
+        data_yaml, data_description = str(Path(args.data).resolve()), f"`{args.data}`"
+    else:
+        from yolods.data.synthetic import make_synthetic_dataset
+
+        synthetic = work_dir / f"shapes-{args.num_train}-{args.num_val}-{args.imgsz}"
+        data_yaml = str(
+            make_synthetic_dataset(synthetic, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=0)
+        )
+        data_description = (
+            f"the synthetic shapes set ({args.num_train} train / {args.num_val} val images, 3 classes, "
+            f"`python -m yolods.data.synthetic OUT --num-train {args.num_train} --num-val {args.num_val} "
+            f"--imgsz {args.imgsz} --seed 0`)"
+        )
+    settings = {
+        "model": args.model,
+        "data": data_yaml,
+        "data_description": data_description,
+        "epochs": args.epochs,
+        "imgsz": args.imgsz,
+        "batch": args.batch,
+        "workers": args.workers,
+        "device": args.device,
+        "hyp": hyp,
+    }
+    code = snapshot_yolods(work_dir)
+    print(f"parity: yolods under test: {code}", flush=True)
+    seeds_of = {row.name: args.seeds if row.trainer == "ultralytics" else args.yolods_seeds for row in rows}
+    started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    records: dict[str, list[dict[str, Any]]] = {row.name: [] for row in rows}
+    # Seed-major order: a load spike from other jobs on a shared machine spreads over rows instead of hitting one.
+    for seed in range(max(seeds_of.values(), default=0)):
+        for row in rows:
+            if seed < seeds_of[row.name]:
+                records[row.name].append(
+                    run_one(row, settings=settings, seed=seed, work_dir=work_dir, code=code, reuse=args.reuse)
+                )
+    env = environment()
+    env.update(load_avg_start=[round(x, 2) for x in load_start], load_avg_end=[round(x, 2) for x in os.getloadavg()])
+    command = "python benchmarks/parity.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
+    report = {
+        "command": command,
+        "started_utc": started_utc,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - started, 1),  # this invocation (less than the runs' sum with --reuse)
+        "runs_wall_s": round(sum(r["wall_s"] for rs in records.values() for r in rs), 1),
+        "bar": f"|mean mAP50-95 - Ultralytics mean| <= max({MIN_TOLERANCE}, 2 x std of the Ultralytics seeds)",
+        "settings": settings,
+        "seeds": seeds_of,
+        "yolods_code": code,
+        "environment": env,
+        "rows": summarise(rows, records),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "parity.json").write_text(json.dumps(report, indent=1) + "\n")
+    markdown = render_markdown(report)
+    (args.out_dir / "parity.md").write_text(markdown)
+    print(markdown)
+    failed_runs = any(s["failed_seeds"] for s in report["rows"])
+    outside = any(s["bar"] is not None and not s["bar"]["passed"] for s in report["rows"])
+    return 2 if failed_runs else 1 if outside else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
