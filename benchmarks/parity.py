@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from yolods.dist import LAUNCHER_VARIABLES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROWS = (
     "ultralytics",
@@ -52,15 +54,6 @@ DEFAULT_ROWS = (
 LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 MAP50_COLUMN, MAP50_95_COLUMN = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
 MIN_TOLERANCE = 0.01  # the bar's floor, in mAP50-95
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
 NETWORK_MARKER = "parity: blocked network access"
 ROW_PATTERN = re.compile(r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)$")
 

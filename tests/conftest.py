@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from yolods.dist import LAUNCHER_VARIABLES
+
 TRAIN_TIMEOUT_S = 420
 IMGSZ = 128
 
@@ -23,7 +25,7 @@ def free_port() -> int:
 def train_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", YOLO_OFFLINE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in LAUNCHER_VARIABLES:
         env.pop(key, None)
     return env
 

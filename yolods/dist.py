@@ -12,6 +12,17 @@ import os
 import torch
 import torch.distributed as torch_dist
 
+# What launchers set for a process of a job; a child that must start a job of its own drops them.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
+
 
 def _initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
@@ -124,6 +135,7 @@ def shutdown(engine=None) -> None:
 
 
 __all__ = [
+    "LAUNCHER_VARIABLES",
     "all_reduce_mean_",
     "any_rank",
     "barrier",

@@ -25,16 +25,8 @@ from typing import Any
 import torch
 
 from yolods.bench.sweep import BenchConfig
+from yolods.dist import LAUNCHER_VARIABLES
 
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-)
 AMP = {"fp32": False, "bf16": "bf16", "fp16": True}  # Ultralytics' `amp` values
 
 
