@@ -197,7 +197,9 @@ class Trainer:
                 nbs=self.hyp.nbs,
                 epochs=self.cfg.epochs,
             ),
-            weight_decay=weight_decay_for(hyp=self.hyp, global_batch=global_batch, accumulate=accumulate),
+            weight_decay=weight_decay_for(
+                hyp=self.hyp, global_batch=global_batch, accumulate=self.batch_plan.accumulate
+            ),  # from the uncapped accumulation, as Ultralytics scales it
             zero_stage=self.zero_stage,
         )
         self.schedule = Schedule(
