@@ -22,7 +22,14 @@ BOXES_PER_IMAGE = 3  # the shapes set draws 1-3 per image
 
 
 def synthetic_batch(
-    *, micro_batch: int, imgsz: int, num_classes: int, device: torch.device, dtype: torch.dtype, seed: int
+    *,
+    micro_batch: int,
+    imgsz: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """One preprocessed batch in Ultralytics' format (img in [0, 1], cls, normalised xywh bboxes, batch_idx)."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -34,7 +41,7 @@ def synthetic_batch(
     centers = uniform(num_boxes, 2, low=0.25, high=0.75)
     sizes = uniform(num_boxes, 2, low=0.05, high=0.4)
     return {
-        "img": uniform(micro_batch, 3, imgsz, imgsz).to(dtype).contiguous(memory_format=_memory_format(device)),
+        "img": uniform(micro_batch, 3, imgsz, imgsz).to(dtype).contiguous(memory_format=memory_format),
         "cls": torch.randint(0, num_classes, (num_boxes, 1), generator=generator, device=device).float(),
         "bboxes": torch.cat([centers, sizes], dim=1),
         "batch_idx": torch.arange(micro_batch, device=device).repeat_interleave(BOXES_PER_IMAGE).float(),
@@ -69,6 +76,7 @@ def real_batches(
     stride: int,
     device: torch.device,
     input_dtype: torch.dtype,
+    memory_format: torch.memory_format,
 ) -> Iterator[dict[str, Any]]:
     """Batches from yolods' train loader (augmentation on), moved to the device; epochs repeat as needed."""
     train_data = build_train_data(
@@ -77,13 +85,8 @@ def real_batches(
     epoch = 0
     while True:
         for batch in train_data.loader_for_epoch(epoch):
-            yield preprocess_batch(batch, device=device, input_dtype=input_dtype, memory_format=_memory_format(device))
+            yield preprocess_batch(batch, device=device, input_dtype=input_dtype, memory_format=memory_format)
         epoch += 1
-
-
-def _memory_format(device: torch.device) -> torch.memory_format:
-    """The input layout yolods.train uses (NHWC on CUDA unless the user turns Ultralytics' channels_last off)."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def shapes_num_classes() -> tuple[int, dict[int, str]]:

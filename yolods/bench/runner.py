@@ -41,6 +41,9 @@ def dataset_images(cfg: BenchConfig) -> int:
 
 
 def _batches(cfg: BenchConfig, built: Any, *, device: torch.device, input_dtype: torch.dtype):
+    from yolods.model import training_memory_format
+
+    memory_format = training_memory_format(device, built.hyp)  # the layout yolods.train feeds the model
     if cfg.input == "synthetic":
         num_classes, _ = inputs.shapes_num_classes()
         batch = inputs.synthetic_batch(
@@ -49,6 +52,7 @@ def _batches(cfg: BenchConfig, built: Any, *, device: torch.device, input_dtype:
             num_classes=num_classes,
             device=device,
             dtype=input_dtype,
+            memory_format=memory_format,
             seed=cfg.seed + dist.get_rank(),
         )
         return inputs.repeat_batch(batch)
@@ -61,6 +65,7 @@ def _batches(cfg: BenchConfig, built: Any, *, device: torch.device, input_dtype:
         stride=built.stride,
         device=device,
         input_dtype=input_dtype,
+        memory_format=memory_format,
     )
 
 
