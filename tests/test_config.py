@@ -153,14 +153,19 @@ def test_deepspeed_monitors_write_beside_yolods_logs(tmp_path):
 def test_resume_finds_the_newest_run_with_a_checkpoint(tmp_path):
     import os
 
-    from yolods.checkpoint import find_resume_dir
+    from yolods.checkpoint import COMPLETE_MARKER, find_resume_dir
 
     for age_s, name in ((200, "old"), (100, "new")):
-        latest = tmp_path / name / "checkpoints" / "latest"
-        latest.parent.mkdir(parents=True)
-        latest.write_text("epoch1")
-        os.utime(latest, (latest.stat().st_atime - age_s, latest.stat().st_mtime - age_s))
+        (tmp_path / name / "checkpoints" / "epoch1").mkdir(parents=True)
+        (tmp_path / name / "args.yaml").write_text("{}")
+        marker = tmp_path / name / "checkpoints" / "epoch1" / COMPLETE_MARKER
+        marker.write_text("{}")
+        os.utime(marker, (marker.stat().st_atime - age_s, marker.stat().st_mtime - age_s))
+    # a newer run whose only checkpoint never completed (no marker) is not resumable
+    (tmp_path / "unfinished" / "checkpoints" / "epoch1").mkdir(parents=True)
+    (tmp_path / "unfinished" / "args.yaml").write_text("{}")
     (tmp_path / "no_checkpoint").mkdir()
+    (tmp_path / "no_checkpoint" / "args.yaml").write_text("{}")
     assert find_resume_dir(RunConfig(project=str(tmp_path), resume="")) == (tmp_path / "new").resolve()
-    with pytest.raises(ConfigError, match="no DeepSpeed checkpoint there"):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
         find_resume_dir(RunConfig(project=str(tmp_path), resume=str(tmp_path / "no_checkpoint")))

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import yolods  # noqa: F401
-from yolods.config import RunConfig
+from yolods.config import RunConfig, hyperparameters
 from yolods.data import build_train_data, load_data_yaml
 from yolods.data.synthetic import main as synthetic_main
 from yolods.data.synthetic import make_synthetic_dataset
-from yolods.engine import build_hyp
 
 
 def digest(root) -> str:
@@ -35,7 +34,7 @@ def test_synthetic_command_line(tmp_path, capsys):
 
 def test_epoch_loader_is_a_function_of_seed_and_epoch(shapes_data):
     """Two loaders for the same epoch give identical augmented batches; another epoch differs."""
-    hyp = build_hyp(RunConfig(data=str(shapes_data), device="cpu", imgsz=128), str(shapes_data))
+    hyp = hyperparameters(RunConfig(data=str(shapes_data), device="cpu", imgsz=128))
     data = load_data_yaml(str(shapes_data))
     train = build_train_data(hyp, data, micro_batch=4, workers=0, seed=0, stride=32, pin_memory=False)
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import yolods  # noqa: F401  (offline environment before Ultralytics is imported)
-from yolods.config import ConfigError, RunConfig
-from yolods.engine import build_hyp
+from yolods.config import ConfigError, RunConfig, hyperparameters
 from yolods.model import build_ema, build_model, build_optimizer, export_snapshot, untie_shared_modules
 
 NAMES = {0: "rectangle", 1: "ellipse", 2: "triangle"}
@@ -17,7 +16,7 @@ NAMES = {0: "rectangle", 1: "ellipse", 2: "triangle"}
 
 @pytest.fixture(scope="module")
 def hyp(shapes_data):
-    return build_hyp(RunConfig(data=str(shapes_data), device="cpu"), str(shapes_data))
+    return hyperparameters(RunConfig(data=str(shapes_data), device="cpu"))
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """One optimizer step of yolods' Trainer on fixed images, for the world-size invariance test.
 
 Run under torchrun with 1 or 2 ranks: the 16 images are split as micro-batches over (micro-step, rank) in a
-fixed order, every rank steps through `Trainer.train_step`, and rank 0 saves the parameters after the step.
+fixed order, every rank steps through the Trainer's `TrainStep`, and rank 0 saves the parameters after the step.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/world_size_probe.py DATA.yaml OUT.pt --micro 8 --zero 2
 """
@@ -17,8 +17,8 @@ import torch
 
 import yolods  # noqa: F401  (offline environment first)
 from yolods import dist
-from yolods.config import parse_args
-from yolods.engine import Trainer
+from yolods.build import build_trainer
+from yolods.config import parse_args, resolve_run
 
 NUM_IMAGES = 16
 
@@ -73,14 +73,13 @@ def main() -> None:
         str(ds_config),
     ]
     flags += ["--project", str(run_dir), "--name", "probe"]
+    plan = resolve_run(parse_args(flags), world_size=world)
     dist.init_distributed("cpu")
-    trainer = Trainer(parse_args(flags), run_dir)
+    trainer = build_trainer(plan, run_dir / "probe")
 
     from ultralytics.data.build import build_yolo_dataset
 
-    plain = build_yolo_dataset(
-        trainer.hyp, trainer.data["train"], args.micro, trainer.data, mode="val", rect=False, stride=32
-    )
+    plain = build_yolo_dataset(plan.hyp, plan.data["train"], args.micro, plan.data, mode="val", rect=False, stride=32)
     before = gathered_parameters(trainer.engine.module, zero_stage=args.zero)
     trainer.engine.train()
     if args.bn_eval:
@@ -91,7 +90,7 @@ def main() -> None:
     for step in range(accumulate):
         first = (step * world + rank) * args.micro
         batch = plain.collate_fn([plain[i] for i in range(first, first + args.micro)])
-        trainer.train_step(batch, iteration=step, epoch=0, last_in_epoch=step == accumulate - 1)
+        trainer.step(batch, iteration=step, epoch=0, last_in_epoch=step == accumulate - 1)
     assert trainer.engine.global_steps == 1, trainer.engine.global_steps
 
     after = gathered_parameters(trainer.engine.module, zero_stage=args.zero)

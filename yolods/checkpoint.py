@@ -1,16 +1,21 @@
-"""Run directories, DeepSpeed checkpoints (every rank) and Ultralytics-format weights (rank 0).
+"""Run directories, and the Checkpointer: DeepSpeed checkpoints (every rank) and Ultralytics-format weights (rank 0).
 
-A running job never loses a checkpoint: weights are written to a temporary file and renamed into place, and
-an older DeepSpeed checkpoint is deleted only after a newer one is complete on every rank.
+A running job never loses a checkpoint. Weights are written to a temporary file and renamed into place. A
+DeepSpeed tag counts as complete only once every rank's shard and per-rank state are on disk and rank 0 has
+written the tag's marker file last; `latest` is updated after the marker, and an older tag is deleted only
+after a newer one is complete. On resume the newest complete tag whose files open is taken; a damaged or
+unfinished one is skipped with a warning naming it and why.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import time
+import zipfile
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +23,76 @@ import torch
 import yaml
 
 from yolods import dist
-from yolods.config import ConfigError, RunConfig
+from yolods.config import RunConfig, write_json
+from yolods.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
-KEEP_CHECKPOINTS = 2  # the newest, and the one before it in case the newest was cut off mid-write
+COMPLETE_MARKER = "yolods_complete.json"  # written by rank 0 once every rank's files of a tag are on disk
+KEEP_CHECKPOINTS = 2  # the newest complete tag, and the one before it in case the newest is damaged later
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
     """project/name, or the next free name (exp, exp2, ...) unless --exist_ok; created by rank 0."""
-    run_dir = None
+    run_dir, error = None, None
     if dist.is_main_process():
         base = Path(cfg.project) / cfg.name
         run_dir, suffix = base, 2
         while run_dir.exists() and not cfg.exist_ok:
             run_dir, suffix = base.with_name(f"{base.name}{suffix}"), suffix + 1
-        (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        try:
+            (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+        except OSError as caught:  # a file where a directory should be, no permission, read-only file system
+            error = f"--project {cfg.project} --name {cfg.name}: cannot create {run_dir} ({caught.strerror}); choose another --project"
         run_dir = str(run_dir.resolve())
-    return Path(dist.broadcast_object(run_dir))
+    run_dir, error = dist.broadcast_object((run_dir, error))
+    if error:
+        raise ConfigError(error)
+    return Path(run_dir)
+
+
+def remove_unfinished_run_dir(run_dir: Path) -> None:
+    """Delete a run directory whose start failed before it held any checkpoint or weights (rank 0)."""
+    if dist.is_main_process() and not complete_tags(run_dir) and not any((run_dir / "weights").glob("*.pt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def complete_tags(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint tags, newest first."""
+    markers = (run_dir / CHECKPOINT_DIR).glob(f"*/{COMPLETE_MARKER}")
+    return [marker.parent for marker in sorted(markers, key=lambda m: m.stat().st_mtime, reverse=True)]
 
 
 def find_resume_dir(cfg: RunConfig) -> Path:
-    """The run to resume: --resume DIR, or the newest run under --project that has a checkpoint."""
+    """The run to resume: --resume DIR, or the newest run under --project that has a complete checkpoint."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        if not (run_dir / CHECKPOINT_DIR / "latest").is_file():
+        if not (run_dir / "args.yaml").is_file():
+            raise ConfigError(f"--resume {cfg.resume}: not a yolods run directory (no args.yaml there)")
+        if not complete_tags(run_dir):
             raise ConfigError(
-                f"--resume {cfg.resume}: no DeepSpeed checkpoint there (expected {run_dir / CHECKPOINT_DIR}/latest)"
+                f"--resume {cfg.resume}: no complete checkpoint in {run_dir / CHECKPOINT_DIR}; the run stopped before its first one, start it again"
             )
         return run_dir.resolve()
-    candidates = sorted(Path(cfg.project).glob(f"*/{CHECKPOINT_DIR}/latest"), key=lambda p: p.stat().st_mtime)
+    candidates = [run for run in Path(cfg.project).glob("*") if (run / "args.yaml").is_file() and complete_tags(run)]
     if not candidates:
-        raise ConfigError(f"--resume: no run with a checkpoint under {cfg.project}; pass the run directory")
-    return candidates[-1].parent.parent.resolve()
+        raise ConfigError(f"--resume: no run with a complete checkpoint under {cfg.project}; pass the run directory")
+    return max(candidates, key=lambda run: complete_tags(run)[0].stat().st_mtime).resolve()
+
+
+def check_resume_world_size(run_dir: Path, *, world_size: int) -> None:
+    """A run resumes on as many ranks as saved it: each rank's BatchNorm statistics and ZeRO partition are its own."""
+    newest = complete_tags(run_dir)[0]
+    saved = json.loads((newest / COMPLETE_MARKER).read_text())["world_size"]
+    if saved != world_size:
+        raise ConfigError(
+            f"--resume {run_dir}: checkpoint {newest.name} was saved by {saved} ranks, this job has {world_size}; "
+            f"resume with {saved} ranks (e.g. torchrun --nproc_per_node {saved})"
+        )
 
 
 def save_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "args.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    if dist.is_main_process():
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -62,79 +101,98 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig(**{**saved, "resume": str(run_dir)})
 
 
-def save_training_state(
-    engine, run_dir: Path, *, tag: str, client_state: dict[str, Any], rank_state: dict[str, Any]
-) -> None:
-    """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus each rank's own state.
-
-    A collective: every rank calls it. Each rank writes its file before DeepSpeed writes `latest`, so a tag
-    that `latest` names is complete.
-    """
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
-    (checkpoint_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, checkpoint_dir / tag / f"yolods_rank{dist.get_rank()}.pt")
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
-    dist.barrier()  # every rank's shard is on disk before anything older goes
-    if dist.is_main_process():
-        tags = sorted((p for p in checkpoint_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for stale in tags[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def load_training_state(engine, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the latest checkpoint into the engine (every rank); returns the client state and this rank's state."""
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
-    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir))
-    if load_path is None:
-        raise ConfigError(f"--resume {run_dir}: DeepSpeed found no loadable checkpoint in {checkpoint_dir}")
-    tag = (checkpoint_dir / "latest").read_text().strip()
-    rank_file = checkpoint_dir / tag / f"yolods_rank{dist.get_rank()}.pt"
-    if not rank_file.is_file():
-        raise ConfigError(
-            f"--resume {run_dir}: {rank_file.name} missing from {tag}; resume with as many ranks as the run had"
-        )
-    return client_state, torch.load(rank_file, weights_only=False)
-
-
 def _atomic_write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(payload)
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
-def export_weights(
-    path: Path,
-    *,
-    snapshot: torch.nn.Module,
-    epoch: int,
-    best_fitness: float | None,
-    updates: int,
-    train_args: dict[str, Any],
-    metrics: dict[str, float],
-) -> None:
-    """Write an Ultralytics checkpoint: `ultralytics.YOLO(path)` loads it, `.val()` and `.predict()` run.
-
-    Same keys as Ultralytics' trainer writes; `model` is None because Ultralytics loads `ema` first.
-    """
-    from ultralytics import __version__
-
+def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
-    torch.save(
-        {
-            "epoch": epoch,
-            "best_fitness": best_fitness,
-            "model": None,
-            "ema": snapshot,
-            "updates": updates,
-            "optimizer": None,  # optimizer state lives in the DeepSpeed checkpoint (possibly ZeRO-partitioned)
-            "train_args": train_args,
-            "train_metrics": metrics,
-            "date": datetime.now().astimezone().isoformat(),
-            "version": __version__,
-            "license": "AGPL-3.0 (https://ultralytics.com/license)",
-            "docs": "https://docs.ultralytics.com",
-        },
-        buffer,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, buffer.getvalue())
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def damaged_file(tag_dir: Path) -> str | None:
+    """The first file of a tag that does not open as a torch checkpoint, with the reason; None if all open.
+
+    torch.save writes zip archives whose directory sits at the end, so a file cut off mid-write fails here
+    (reading only the directory, not the tensors: cheap enough for every rank to check every file).
+    """
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"{path.name}: {error}"
+    return None
+
+
+class Checkpointer:
+    """Saves, prunes, finds and restores a run's state; every rank calls save/load, rank 0 alone writes shared files.
+
+    Examples:
+        >>> checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
+        >>> checkpointer.save("epoch3", client_state=trainer.state_dict(), rank_state=trainer.rank_state_dict())
+        >>> client_state, rank_state = checkpointer.load()
+    """
+
+    def __init__(self, run_dir: Path, engine, *, train_args: dict[str, Any]):
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / CHECKPOINT_DIR
+        self.engine = engine
+        self.train_args = {**train_args, "save_dir": str(run_dir)}
+
+    def save_run_files(self, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+        """args.yaml (what --resume continues; kept from the first start) and the resolved DeepSpeed config."""
+        if dist.is_main_process():
+            if not (self.run_dir / "args.yaml").exists():
+                save_run_config(self.run_dir, cfg)
+            write_json(self.run_dir / "ds_config.json", ds_config)
+
+    def save(self, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus this rank's own state. A collective."""
+        tag_dir = self.checkpoint_dir / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", _torch_bytes(rank_state))
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's files are on disk
+        if dist.is_main_process():
+            marker = {"tag": tag, "world_size": dist.get_world_size(), "saved_at": time.time()}
+            write_json(tag_dir / COMPLETE_MARKER, marker)
+            _atomic_write(self.checkpoint_dir / "latest", tag.encode())  # for DeepSpeed's tools (zero_to_fp32)
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest complete tags; drop older ones and any unfinished tag a killed save left behind."""
+        keep = complete_tags(self.run_dir)[:KEEP_CHECKPOINTS]
+        for tag_dir in self.checkpoint_dir.iterdir():
+            if tag_dir.is_dir() and tag_dir not in keep:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """Load the newest complete, readable tag into the engine (every rank).
+
+        Returns the client state, this rank's own state and the tag.
+        """
+        for tag_dir in complete_tags(self.run_dir):
+            damage = damaged_file(tag_dir)
+            if dist.any_rank(damage is not None):  # all ranks move on together
+                dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damage or 'damaged on another rank'}")
+                continue
+            load_path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name)
+            if load_path is None:
+                raise ConfigError(f"--resume {self.run_dir}: DeepSpeed could not load checkpoint {tag_dir.name}")
+            rank_state = torch.load(tag_dir / f"yolods_rank{dist.get_rank()}.pt", weights_only=False)
+            return client_state, rank_state, tag_dir.name
+        raise ConfigError(f"--resume {self.run_dir}: no complete, readable checkpoint in {self.checkpoint_dir}")
+
+    def export_weights(self, weights: dict[str, Any], *, is_best: bool) -> None:
+        """weights/last.pt (and best.pt when `is_best`) from an Ultralytics checkpoint dict (rank 0 writes)."""
+        if not dist.is_main_process():
+            return
+        payload = _torch_bytes({**weights, "train_args": self.train_args})
+        weights_dir = self.run_dir / "weights"
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        for name in ["last.pt"] + (["best.pt"] if is_best else []):
+            _atomic_write(weights_dir / name, payload)

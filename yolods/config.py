@@ -1,7 +1,9 @@
-"""Command line -> one frozen RunConfig, and the DeepSpeed JSON resolved against it once.
+"""Command line -> one frozen RunConfig -> one RunPlan: every setting resolved before the process group starts.
 
-Every user mistake found here raises ConfigError with one line that names the culprit and the fix;
-`yolods.train` prints it and exits 2, before any process group or model exists.
+`resolve_run` derives everything else from the flags and the DeepSpeed JSON (Ultralytics hyperparameters,
+the DeepSpeed config, the batch plan, the profile spec) and checks the model and data files. Every user mistake
+found there raises ConfigError with one line that names the culprit and the fix; `yolods.train` prints it and
+exits 2 before any process group, run directory or model exists.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from yolods.errors import ConfigError
+from yolods.hyp import is_ultralytics_setting, ultralytics_settings
 
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -28,10 +34,6 @@ GRADIENT_CLIP_NORM = 10.0  # Ultralytics' clip_grad_norm_ max_norm; DeepSpeed's 
 BUCKET_ELEMENTS = 2_000_000  # 8 MB of fp32 grads: yolov8n splits into 2 buckets, yolo11m into ~10
 STAGE3_PREFETCH_ELEMENTS = 2_000_000
 STAGE3_PERSISTENCE_THRESHOLD = 10_000  # BatchNorm and bias vectors stay whole: gathering them costs more than they hold
-
-
-class ConfigError(ValueError):
-    """A user mistake in flags or configuration files; its message is one line saying what to change."""
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
     import yaml
-    from ultralytics.cfg import DEFAULT_CFG_DICT
 
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--hyp {pair!r} is not KEY=VALUE: write e.g. --hyp mosaic=0.5")
-        if key not in DEFAULT_CFG_DICT:
+        if not is_ultralytics_setting(key):
             raise ConfigError(
                 f"--hyp {key!r} is not an Ultralytics setting: see ultralytics/cfg/default.yaml for names"
             )
@@ -398,3 +399,88 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run, resolved
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """`--profile WAIT,WARMUP,ACTIVE`: steps skipped, warmed up and recorded by torch.profiler."""
+
+    wait: int
+    warmup: int
+    active: int
+
+
+def parse_profile_spec(spec: str) -> ProfileSpec:
+    """'1,2,3' -> ProfileSpec(wait=1, warmup=2, active=3)."""
+    try:
+        wait, warmup, active = (int(part) for part in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--profile {spec}: expected WAIT,WARMUP,ACTIVE step counts, e.g. --profile 1,2,3") from None
+    if min(wait, warmup) < 0 or active < 1:
+        raise ConfigError(f"--profile {spec}: counts must be >= 0 and ACTIVE >= 1")
+    return ProfileSpec(wait=wait, warmup=warmup, active=active)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run derives from its flags and files, resolved once, before the process group exists.
+
+    `hyp` is Ultralytics' default.yaml with this run's values (the loss, datasets and validator read it);
+    `data` is the parsed data.yaml, or None for the synthetic set, which is drawn into the run directory later.
+    """
+
+    cfg: RunConfig
+    hyp: SimpleNamespace
+    ds_config: dict[str, Any]
+    batch: BatchPlan
+    data: dict[str, Any] | None
+    profile: ProfileSpec | None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
+
+    @property
+    def precision(self) -> str:
+        return resolved_precision(self.ds_config)
+
+
+def hyperparameters(cfg: RunConfig) -> SimpleNamespace:
+    """Ultralytics' default.yaml with this run's values; model.args, the datasets and the validator read it."""
+    return ultralytics_settings(
+        {
+            "task": "detect",
+            "mode": "train",
+            "model": cfg.model,
+            "data": cfg.data,
+            "epochs": cfg.epochs,
+            "imgsz": cfg.imgsz,
+            "batch": cfg.batch,
+            "workers": cfg.workers,
+            "seed": cfg.seed,
+            "plots": False,
+            "amp": False,  # precision is DeepSpeed's job (torch_autocast), not Ultralytics'
+            **cfg.hyp,
+        }
+    )
+
+
+def resolve_run(cfg: RunConfig, *, world_size: int) -> RunPlan:
+    """Resolve and check the whole run for `world_size` ranks; every rank calls it before joining the group.
+
+    Raises:
+        ConfigError: the first user mistake found, in one line.
+    """
+    from yolods.data import load_data_yaml
+    from yolods.model import check_model_spec
+
+    hyp = hyperparameters(cfg)
+    ds_config, batch_plan = resolve_deepspeed_config(cfg, world_size=world_size, nbs=hyp.nbs)
+    profile = parse_profile_spec(cfg.profile) if cfg.profile is not None else None
+    check_model_spec(cfg.model)
+    data = None if cfg.is_synthetic else load_data_yaml(cfg.data)
+    return RunPlan(cfg=cfg, hyp=hyp, ds_config=ds_config, batch=batch_plan, data=data, profile=profile)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as torch_dist
@@ -56,6 +57,12 @@ def get_num_nodes() -> int:
 def is_main_process() -> bool:
     """True on the one rank that prints and writes shared files."""
     return get_rank() == 0
+
+
+def print_main(message: str) -> None:
+    """Print once for the whole job (rank 0), to stderr."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def init_distributed(device_type: str) -> None:
@@ -147,5 +154,6 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_main_process",
+    "print_main",
     "shutdown",
 ]

@@ -1,5 +1,7 @@
 """One logging rank: console progress, results.csv, TensorBoard scalars and results.png.
 
+Uses Ultralytics' LOGGER and TQDM progress bar, so the console reads as Ultralytics' trainer does.
+
 Every method is a no-op on ranks other than 0, so callers never check the rank.
 """
 

@@ -1,6 +1,9 @@
-"""The one module that reaches into Ultralytics' model, loss, optimizer groups and EMA.
+"""Adapter for Ultralytics' model side: DetectionModel and its loss, checkpoint loading, optimizer groups, EMA.
 
-A new Ultralytics release should need changes here and in data.py only.
+Wraps `ultralytics.nn.tasks` (DetectionModel, yaml loading, load_checkpoint), `BaseTrainer.build_optimizer`
+and `ModelEMA`. Ultralytics is also wrapped by yolods.hyp (settings), yolods.data (datasets, loaders),
+yolods.validation (the validator) and yolods.metrics (its logger and progress bar); a new Ultralytics release
+touches those modules, not the engine or the checkpointing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from yolods.config import ConfigError
+from yolods.errors import ConfigError
+
+DETECTION_HEADS = ("Detect", "v10Detect")  # heads DetectionModel trains; Segment, Pose, OBB, World need other models
 
 
 def _load_weights_file(path: Path) -> nn.Module:
@@ -32,6 +37,32 @@ def _load_weights_file(path: Path) -> nn.Module:
             f"--model {path}: not a readable Ultralytics checkpoint ({type(error).__name__}: {error})"
         ) from None
     return weights.float()
+
+
+def check_model_spec(model_spec: str) -> None:
+    """Fail early, in one line, for a model yolods cannot train: unknown name, missing file, not a detector.
+
+    Reads only the yaml (or the .pt's stored yaml): no model is built.
+    """
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    if model_spec.endswith(".pt"):
+        model_yaml = _load_weights_file(Path(model_spec)).yaml
+    elif model_spec.endswith((".yaml", ".yml")):
+        try:
+            model_yaml = yaml_model_load(model_spec)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"--model {model_spec}: unknown model; use an Ultralytics detection yaml such as yolov8n.yaml, yolo11s.yaml or a local .pt"
+            ) from None
+    else:
+        raise ConfigError(f"--model {model_spec}: expected an Ultralytics yaml name (yolov8n.yaml) or a local .pt file")
+    head = str(model_yaml.get("head", [[None, None, None]])[-1][2])
+    if head not in DETECTION_HEADS:
+        task = guess_model_task(model_yaml)
+        raise ConfigError(
+            f"--model {model_spec}: a {task or head} model ({head} head); yolods trains detection models: use e.g. yolov8n.yaml"
+        )
 
 
 def build_model(
@@ -146,6 +177,32 @@ def weight_decay_for(*, hyp: SimpleNamespace, global_batch: int, accumulate: int
 def loss_names(model: nn.Module) -> tuple[str, ...]:
     """('box_loss', 'cls_loss', 'dfl_loss') for detection models."""
     return tuple(model.criterion.loss_names)
+
+
+def ultralytics_weights(
+    ema_model: nn.Module, *, epoch: int, best_fitness: float | None, updates: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """The dict Ultralytics' trainer saves as last.pt/best.pt (train_args added by the Checkpointer).
+
+    `model` is None because Ultralytics loads `ema` first; the optimizer state lives in the DeepSpeed checkpoint.
+    """
+    from datetime import datetime
+
+    from ultralytics import __version__
+
+    return {
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "model": None,
+        "ema": export_snapshot(ema_model),
+        "updates": updates,
+        "optimizer": None,
+        "train_metrics": metrics,
+        "date": datetime.now().astimezone().isoformat(),
+        "version": __version__,
+        "license": "AGPL-3.0 (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+    }
 
 
 def export_snapshot(ema_model: nn.Module) -> nn.Module:

@@ -15,32 +15,21 @@ from pathlib import Path
 import torch
 
 from yolods import dist
-from yolods.config import ConfigError
-
-
-def parse_profile_spec(spec: str) -> tuple[int, int, int]:
-    """'1,2,3' -> (wait, warmup, active) steps."""
-    try:
-        wait, warmup, active = (int(part) for part in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"--profile {spec}: expected WAIT,WARMUP,ACTIVE step counts, e.g. --profile 1,2,3") from None
-    if min(wait, warmup) < 0 or active < 1:
-        raise ConfigError(f"--profile {spec}: counts must be >= 0 and ACTIVE >= 1")
-    return wait, warmup, active
+from yolods.config import ProfileSpec
 
 
 class StepProfiler:
     """Wraps training steps; does nothing unless `spec` is given.
 
     Examples:
-        >>> profiler = StepProfiler("1,1,2", run_dir=run_dir, engine=engine)
+        >>> profiler = StepProfiler(ProfileSpec(wait=1, warmup=1, active=2), run_dir=run_dir, engine=engine)
         >>> for batch in loader:
         ...     with profiler.step():
         ...         train_step(batch)
         >>> profiler.close()
     """
 
-    def __init__(self, spec: str | None, *, run_dir: Path, engine, comms_logger: bool = False):
+    def __init__(self, spec: ProfileSpec | None, *, run_dir: Path, engine, comms_logger: bool = False):
         self.enabled = spec is not None
         self.run_dir = run_dir
         self.engine = engine
@@ -49,7 +38,7 @@ class StepProfiler:
         self.torch_profiler = None
         if not self.enabled:
             return
-        wait, warmup, active = parse_profile_spec(spec)
+        wait, warmup, active = spec.wait, spec.warmup, spec.active
         self.flops_step = wait + warmup  # the first recorded step
         self.last_step = wait + warmup + active
         trace_dir = run_dir / "profile"

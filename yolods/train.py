@@ -1,4 +1,4 @@
-"""`python -m yolods.train`: parse -> build -> train -> close.
+"""`python -m yolods.train`: parse -> resolve -> join the process group -> build -> train -> close.
 
     python -m yolods.train                                   # synthetic shapes, yolov8n, a few minutes on a CPU
     python -m yolods.train --data data.yaml --model yolov8s.yaml --epochs 100 --imgsz 640 --batch 64
@@ -12,31 +12,44 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from yolods import dist
-from yolods.config import ConfigError, parse_args
+from yolods.config import ConfigError, RunPlan, parse_args, resolve_run
 from yolods.preemption import EXIT_CODE, TrainingInterrupted
+
+
+def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
+    """Flags (or a resumed run's saved settings) -> RunPlan, checked on every rank before any process group exists.
+
+    Returns the plan and the run directory to resume (None for a new run).
+    """
+    from yolods import checkpoint
+
+    cfg = parse_args(argv)
+    resume_dir = None
+    if cfg.resume is not None:
+        resume_dir = checkpoint.find_resume_dir(cfg)
+        checkpoint.check_resume_world_size(resume_dir, world_size=dist.get_world_size())
+        cfg = checkpoint.load_run_config(resume_dir)
+    return resolve_run(cfg, world_size=dist.get_world_size()), resume_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train; returns the process exit code (0, or 2 for a user mistake reported in one line)."""
+    run_dir = resume_dir = None
     try:
-        cfg = parse_args(argv)
-        dist.init_distributed(cfg.device)
+        plan, resume_dir = plan_run(argv)
+        dist.init_distributed(plan.cfg.device)
         from yolods import checkpoint
-        from yolods.engine import Trainer
+        from yolods.build import build_trainer
 
-        if cfg.resume is not None:
-            run_dir = checkpoint.find_resume_dir(cfg)
-            cfg = checkpoint.load_run_config(run_dir)
-        else:
-            run_dir = checkpoint.new_run_dir(cfg)
-            if dist.is_main_process():
-                checkpoint.save_run_config(run_dir, cfg)
-        trainer = Trainer(cfg, run_dir)
+        run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
+        trainer = build_trainer(plan, run_dir)
     except ConfigError as error:
-        if dist.is_main_process():
-            print(f"yolods: error: {error}", file=sys.stderr)
+        dist.print_main(f"yolods: error: {error}")
+        if run_dir is not None and resume_dir is None:
+            checkpoint.remove_unfinished_run_dir(run_dir)
         return 2
     try:
         trainer.train()

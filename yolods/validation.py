@@ -1,4 +1,8 @@
-"""Per-epoch validation of the EMA weights with Ultralytics' DetectionValidator, sharded over ranks."""
+"""Adapter for Ultralytics' DetectionValidator: per-epoch validation of the EMA weights, sharded over ranks.
+
+Wraps `ultralytics.models.yolo.detect.DetectionValidator` in its training mode, which reads a handful of
+trainer attributes; `_trainer_view` provides exactly those.
+"""
 
 from __future__ import annotations
 

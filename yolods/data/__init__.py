@@ -1,4 +1,5 @@
-"""Data: Ultralytics datasets sharded over ranks, and the synthetic shapes set."""
+"""Adapter for Ultralytics' data side: check_det_dataset, YOLODataset and its loaders, sharded over ranks; and the
+synthetic shapes set."""
 
 from yolods.data.loaders import TrainData, build_train_data, build_val_loader, load_data_yaml, preprocess_batch
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from yolods import dist
-from yolods.config import ConfigError
+from yolods.errors import ConfigError
 
 # Ultralytics' check_det_dataset asks for a font it only needs for plots (a network fetch when missing);
 # yolods never plots labels, so the check is skipped (see _offline_check_det_dataset).

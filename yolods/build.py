@@ -1,0 +1,210 @@
+"""Build a run's parts from its RunPlan: data, validator, model, optimizer, schedule, EMA, DeepSpeed engine.
+
+`yolods.train` builds a Trainer through `build_trainer`; `yolods.bench` builds through the same functions and
+times the same TrainStep, so the benchmark measures the code users run. Seeds are set here, and only here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from yolods import dist
+from yolods.checkpoint import Checkpointer
+from yolods.config import RunPlan, place_monitor_outputs
+from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
+from yolods.engine import Trainer
+from yolods.hyp import with_data
+from yolods.metrics import RunLogger
+from yolods.model import (
+    build_ema,
+    build_model,
+    build_optimizer,
+    loss_names,
+    model_stride,
+    optimizer_iterations,
+    training_memory_format,
+    weight_decay_for,
+)
+from yolods.preemption import StopRequest
+from yolods.profiling import StepProfiler
+from yolods.schedule import Schedule
+from yolods.step import TrainStep
+from yolods.validation import EpochValidator
+
+
+def seed_rank(seed: int) -> None:
+    """Seed torch, NumPy and Python for this rank; initial weights still agree because DeepSpeed broadcasts rank 0's."""
+    from ultralytics.utils.torch_utils import init_seeds
+
+    init_seeds(seed + dist.get_rank())
+
+
+def device_for(plan: RunPlan) -> torch.device:
+    """This rank's device: its local GPU on CUDA."""
+    device = torch.device(plan.cfg.device, dist.get_local_rank() if plan.cfg.device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_data(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNamespace]:
+    """The parsed data.yaml and the hyperparameters naming it; the synthetic set is drawn by rank 0 into the run dir."""
+    if plan.data is not None:
+        return plan.data, plan.hyp
+    from yolods.data.synthetic import make_synthetic_dataset
+
+    cfg, root = plan.cfg, run_dir / "synthetic"
+    if dist.is_main_process():
+        make_synthetic_dataset(
+            root,
+            num_train=cfg.synthetic_images,
+            num_val=max(cfg.synthetic_images // 4, 8),
+            imgsz=cfg.imgsz,
+            seed=cfg.seed,
+        )
+    dist.barrier()
+    data_yaml = str(root / "data.yaml")
+    return load_data_yaml(data_yaml), with_data(plan.hyp, data_yaml)
+
+
+def build_train_loader(
+    plan: RunPlan, hyp: SimpleNamespace, data: dict[str, Any], *, stride: int, device: torch.device
+) -> TrainData:
+    """The train split sharded over ranks; its loader is rebuilt every epoch."""
+    return build_train_data(
+        hyp,
+        data,
+        micro_batch=plan.batch.micro_batch,
+        workers=plan.cfg.workers,
+        seed=plan.cfg.seed,
+        stride=stride,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_validator(
+    plan: RunPlan,
+    hyp: SimpleNamespace,
+    data: dict[str, Any],
+    *,
+    stride: int,
+    device: torch.device,
+    run_dir: Path,
+    names: tuple[str, ...],
+) -> EpochValidator:
+    """Ultralytics' validator over a val loader sharded across ranks."""
+    on_gpu = device.type == "cuda"
+    # Validation on CPU is compute-bound: worker processes would only compete with it (Ultralytics does the same).
+    val_loader = build_val_loader(
+        hyp,
+        data,
+        batch=plan.batch.micro_batch * 2,
+        workers=plan.cfg.workers if on_gpu else 0,
+        stride=stride,
+        device=device,
+    )
+    return EpochValidator(val_loader, hyp=hyp, data=data, run_dir=run_dir, device=device, loss_names=names)
+
+
+def build_optimizer_and_schedule(
+    plan: RunPlan, hyp: SimpleNamespace, model: torch.nn.Module, *, num_classes: int, train_data: TrainData
+) -> tuple[torch.optim.Optimizer, SimpleNamespace, Schedule]:
+    """Ultralytics' optimizer groups and `auto` choice, with its lr/momentum/accumulation schedule.
+
+    Returns the optimizer, the hyperparameters as the `auto` choice changed them, and the schedule.
+    """
+    epochs, batch = plan.cfg.epochs, plan.batch
+    batches_per_epoch = train_data.batches_per_epoch()
+    optimizer, train_hyp = build_optimizer(
+        model,
+        hyp=hyp,
+        num_classes=num_classes,
+        iterations=optimizer_iterations(
+            num_train_images=train_data.num_images, global_batch=batch.global_batch, nbs=hyp.nbs, epochs=epochs
+        ),
+        # from the uncapped accumulation, as Ultralytics scales it
+        weight_decay=weight_decay_for(hyp=hyp, global_batch=batch.global_batch, accumulate=batch.accumulate),
+        zero_stage=plan.zero_stage,
+    )
+    schedule = Schedule(
+        epochs=epochs,
+        batches_per_epoch=batches_per_epoch,
+        accumulate=min(batch.accumulate, batches_per_epoch * epochs),  # as Ultralytics caps it
+        lr0_per_group=tuple(group["lr"] for group in optimizer.param_groups),
+        bias_groups=tuple(group.get("param_group") == "bias" for group in optimizer.param_groups),
+        lrf=hyp.lrf,
+        cos_lr=bool(hyp.cos_lr),
+        momentum=hyp.momentum,
+        warmup_epochs=hyp.warmup_epochs,
+        warmup_momentum=hyp.warmup_momentum,
+        warmup_bias_lr=train_hyp.warmup_bias_lr,
+    )
+    return optimizer, train_hyp, schedule
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    """`deepspeed.initialize` on the model and Ultralytics' optimizer; returns the engine."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
+    """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
+    cfg = plan.cfg
+    device = device_for(plan)
+    seed_rank(cfg.seed)
+    data, hyp = resolve_data(plan, run_dir)
+    ds_config = copy.deepcopy(plan.ds_config)
+    place_monitor_outputs(ds_config, run_dir)
+
+    model = build_model(
+        cfg.model, num_classes=data["nc"], class_names=data["names"], hyp=hyp, verbose=dist.is_main_process()
+    )
+    names, stride = loss_names(model), model_stride(model)
+    train_data = build_train_loader(plan, hyp, data, stride=stride, device=device)
+    validator = build_validator(plan, hyp, data, stride=stride, device=device, run_dir=run_dir, names=names)
+    memory_format = training_memory_format(device, hyp)
+    model = model.to(device, memory_format=memory_format)
+    optimizer, train_hyp, schedule = build_optimizer_and_schedule(
+        plan, hyp, model, num_classes=data["nc"], train_data=train_data
+    )
+    ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
+    engine = build_engine(model, optimizer, ds_config)
+    step = TrainStep(
+        engine,
+        ema=ema,
+        schedule=schedule,
+        device=device,
+        memory_format=memory_format,
+        loss_names=names,
+        stop_request=StopRequest().install(),
+    )
+    checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
+    checkpointer.save_run_files(cfg, ds_config)
+    logger = RunLogger(run_dir, loss_names=names)
+    trainer = Trainer(
+        plan,
+        step=step,
+        train_data=train_data,
+        validator=validator,
+        ema=ema,
+        checkpointer=checkpointer,
+        logger=logger,
+        profiler=StepProfiler(plan.profile, run_dir=run_dir, engine=engine, comms_logger=cfg.comms_logger),
+    )
+    if cfg.resume:
+        trainer.resume()
+    batch = plan.batch
+    logger.info(
+        f"yolods: {dist.get_world_size()} ranks, ZeRO-{plan.zero_stage}, {plan.precision}, global batch "
+        f"{batch.global_batch} ({batch.micro_batch}/rank) x accumulate {schedule.accumulate}, "
+        f"{type(optimizer).__name__}(lr0={train_hyp.lr0:g}), {train_data.num_images} train images, run dir {run_dir}"
+    )
+    return trainer

@@ -1,0 +1,138 @@
+"""One training step on the DeepSpeed engine: the code `yolods.train` runs and `yolods.bench` times.
+
+forward -> backward (DeepSpeed reduces gradients in buckets during it) -> optimizer step at an accumulation
+boundary, with Ultralytics' lr/momentum schedule, loss scaling and EMA, then the per-step agreement on a stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from yolods import dist
+from yolods.data import preprocess_batch
+from yolods.preemption import StopRequest
+from yolods.schedule import Schedule
+
+PHASES = ("preprocess", "forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one micro-step reports: this rank's detached losses, whether the optimizer stepped, whether to stop."""
+
+    loss_items: torch.Tensor
+    stepped: bool
+    stop: bool
+
+
+class TrainStep:
+    """A micro-step of Ultralytics' detection training through DeepSpeed.
+
+    `on_phase`, when set, is called with each name in PHASES as that phase ends (the bench times phases with
+    it); training leaves it None.
+
+    Examples:
+        >>> step = TrainStep(engine, ema=ema, schedule=schedule, device=device, memory_format=fmt,
+        ...                  loss_names=names, stop_request=StopRequest().install())
+        >>> result = step(batch, iteration=0, epoch=0, last_in_epoch=False)
+    """
+
+    def __init__(
+        self,
+        engine,
+        *,
+        ema,
+        schedule: Schedule,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        loss_names: tuple[str, ...],
+        stop_request: StopRequest,
+    ):
+        self.engine = engine
+        self.ema = ema
+        self.schedule = schedule
+        self.device = device
+        self.memory_format = memory_format
+        self.loss_names = loss_names
+        self.stop_request = stop_request
+        self.zero_stage = engine.zero_optimization_stage()
+        self.input_dtype = next(engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
+        self.last_optimizer_iteration = -1
+        self.stage0_grad_norm: float | None = None
+        self.on_phase: Callable[[str], None] | None = None
+
+    def __call__(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> StepResult:
+        """Train on one micro-batch; `iteration` counts micro-steps over the run (batch + epoch x batches)."""
+        plan = self.schedule.at(iteration, epoch)
+        for group, lr in zip(self.engine.optimizer.param_groups, plan.lrs):
+            group["lr"] = lr
+            if "momentum" in group:
+                group["momentum"] = plan.momentum
+        # Ultralytics steps when `accumulate` micro-batches have passed; accumulation ramps up during warmup, so
+        # the boundary is ours to set. The last batch of an epoch always steps: checkpoints hold no half-summed grads.
+        is_boundary = iteration - self.last_optimizer_iteration >= plan.accumulate or last_in_epoch
+        self.engine.set_gradient_accumulation_boundary(is_boundary)
+        batch = preprocess_batch(
+            batch, device=self.device, input_dtype=self.input_dtype, memory_format=self.memory_format
+        )
+        self._phase_done("preprocess")
+        loss, loss_items = self.engine(batch)
+        self._phase_done("forward")
+        # Ultralytics' loss is a sum over the rank's images; x world size because DeepSpeed, like DDP, averages
+        # gradients over ranks. Never divided by accumulation: Ultralytics sums accumulated gradients.
+        self.engine.backward(loss.sum() * dist.get_world_size(), scale_wrt_gas=False)
+        self._phase_done("backward")
+        if is_boundary and self.zero_stage == 0:
+            self.stage0_grad_norm = self._reduced_grad_norm()
+        self.engine.step()
+        if is_boundary:
+            self.last_optimizer_iteration = iteration
+            self.ema.update(self.engine.module, zero_stage=self.zero_stage)
+        losses = torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names])  # .cpu() syncs
+        stop = self.stop_request.agreed()  # a collective at every step, so all ranks stop at the same one
+        self._phase_done("optimizer")
+        return StepResult(loss_items=losses, stepped=is_boundary, stop=stop)
+
+    def _phase_done(self, phase: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm before clipping at the last optimizer step (None before the first)."""
+        return self.engine.get_global_grad_norm() if self.zero_stage else self.stage0_grad_norm
+
+    def _reduced_grad_norm(self) -> float:
+        """Gradient norm before clipping, for ZeRO-0, where DeepSpeed does not report it.
+
+        At the boundary DeepSpeed has already averaged the gradients over ranks, so every rank gets the global norm.
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # float() syncs
+        return norm / (loss_scale(self.engine) or 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_optimizer_iteration": self.last_optimizer_iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_optimizer_iteration = state["last_optimizer_iteration"]
+
+
+def grad_scaler(engine):
+    """The GradScaler DeepSpeed attaches for fp16 torch_autocast (ZeRO-0 on the engine, else the optimizer)."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
+        engine.optimizer, "torch_autocast_gradscaler", None
+    )
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 loss scale in force, wherever DeepSpeed keeps it; None when there is none (fp32, bf16)."""
+    scaler = grad_scaler(engine)
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    if engine.fp16_enabled():
+        return float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 0.0)))
+    return None
