@@ -5,9 +5,9 @@
     python benchmarks/parity.py --data path/to/data.yaml --device cuda --epochs 100 --imgsz 640 --batch 64 \\
         --rows ultralytics,zero0-1rank-bf16,zero2-8rank-bf16 --out-dir benchmarks/results/mydata
 
-Each run is a fresh process: `ultralytics.YOLO(model).train(...)` (one process, this script's hidden
-`--_ultralytics-worker` entry), and `python -m yolods.train` (1 rank) or `torchrun -m yolods.train` (N ranks) at
-the same GLOBAL batch. A row is a trainer setting; its seeds give a distribution of the final-epoch mAP50-95
+Each run is a fresh process: `ultralytics.YOLO(model).train(...)` (one process, `python -m
+yolods.bench.ultralytics_child` with the network refused), and `python -m yolods.train` (1 rank) or `torchrun -m
+yolods.train` (N ranks) at the same GLOBAL batch. A row is a trainer setting; its seeds give a distribution of the final-epoch mAP50-95
 (the two trainers draw data order and augmentation from different random streams, so only distributions compare).
 
 The bar (issue #3): a yolods row passes when |mean mAP50-95 - Ultralytics' mean| <= max(0.01, 2 x the standard
@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -39,7 +38,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from yolods.dist import LAUNCHER_VARIABLES
+import torch
+
+from yolods.bench.environment import gpu, library_versions, machine, source_state
+from yolods.bench.ultralytics_child import NETWORK_MARKER, ChildSpec, child_command, child_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROWS = (
@@ -54,7 +56,6 @@ DEFAULT_ROWS = (
 LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 MAP50_COLUMN, MAP50_95_COLUMN = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
 MIN_TOLERANCE = 0.01  # the bar's floor, in mAP50-95
-NETWORK_MARKER = "parity: blocked network access"
 ROW_PATTERN = re.compile(r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)$")
 
 
@@ -127,20 +128,6 @@ def read_results_csv(path: Path) -> list[dict[str, float]]:
     return [{key.strip(): float(value) for key, value in row.items() if value not in (None, "")} for row in rows]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment minus launcher variables (a run must not believe it is a rank of ours), offline Ultralytics."""
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    env.update(YOLO_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def snapshot_yolods(work_dir: Path) -> dict[str, Any]:
     """Copy the yolods package as it is now into WORK_DIR/code/HASH; every run imports that copy (PYTHONPATH).
 
@@ -161,11 +148,12 @@ def snapshot_yolods(work_dir: Path) -> dict[str, Any]:
         shutil.rmtree(staging.parent)
     else:
         staging.parent.rename(target.parent)
+    state = source_state(source, short=True)
     code = {
         "source": str(source),
         "snapshot": str(target.parent),
-        "git_commit": git("rev-parse", "--short", "HEAD") or "unknown",
-        "uncommitted_changes": git("status", "--porcelain", "--", str(source)).splitlines(),
+        "git_commit": state.commit if state else "unknown",
+        "uncommitted_changes": list(state.changes) if state else [],
         "sha256": sha,
     }
     # Runs start in the caller's directory (relative paths in a data.yaml resolve as for a direct run), unless
@@ -180,9 +168,10 @@ def snapshot_yolods(work_dir: Path) -> dict[str, Any]:
 
 
 def run_env(code: dict[str, Any]) -> dict[str, str]:
-    """The environment of every run: clean_env, the yolods copy first on sys.path, and not the working directory."""
+    """The environment of every run: child_env (no launcher variables, offline Ultralytics), the yolods copy first
+    on sys.path, and not the working directory."""
     python_path = os.pathsep.join(filter(None, [code["snapshot"], os.environ.get("PYTHONPATH")]))
-    return clean_env(PYTHONPATH=python_path, PYTHONSAFEPATH="1")
+    return child_env(PYTHONPATH=python_path, PYTHONSAFEPATH="1")
 
 
 def free_port() -> int:
@@ -229,8 +218,27 @@ def yolods_command(row: Row, *, settings: dict[str, Any], seed: int, run_dir: Pa
 
 
 def ultralytics_command(*, settings: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
-    spec = {"settings": settings, "seed": seed, "run_dir": str(run_dir)}
-    return [sys.executable, str(Path(__file__).resolve()), "--_ultralytics-worker", json.dumps(spec)]
+    """Ultralytics' own trainer in one fresh process (yolods.bench.ultralytics_child, from the yolods copy), with
+    every non-loopback connection refused and marked in its log: the reference must not download anything."""
+    train = dict(
+        data=settings["data"],
+        epochs=settings["epochs"],
+        imgsz=settings["imgsz"],
+        batch=settings["batch"],
+        workers=settings["workers"],
+        seed=seed,
+        deterministic=True,
+        device="cpu" if settings["device"] == "cpu" else "0",
+        plots=False,
+        amp=False,  # fp32 reference; amp=True would also run check_amp, which downloads weights
+        project=str(run_dir.parent),
+        name=run_dir.name,
+        exist_ok=True,
+        verbose=False,
+        val=True,
+        **settings["hyp"],
+    )
+    return child_command(ChildSpec(model=settings["model"], train=train, block_network=True))
 
 
 def run_one(
@@ -301,61 +309,6 @@ def run_one(
         print(f"parity: WARNING {row.name} seed {seed} tried to reach the network; see {log_path}", flush=True)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
-
-
-def ultralytics_worker(spec_json: str) -> int:
-    """Train with Ultralytics' own trainer in this (fresh) process; yolods' main process never imports it."""
-    spec = json.loads(spec_json)
-    settings, run_dir = spec["settings"], Path(spec["run_dir"])
-    _block_network()
-    os.environ["YOLO_OFFLINE"] = "1"  # as `import yolods` does; Ultralytics reads it once, at import
-    import ultralytics.data.utils as data_utils
-    from ultralytics import YOLO
-
-    # check_det_dataset asks for a plot font and, when it is missing, HEADs a URL even offline; plots are off.
-    data_utils.check_font = lambda *args, **kwargs: None
-    device = "cpu" if settings["device"] == "cpu" else "0"
-    YOLO(settings["model"]).train(
-        data=settings["data"],
-        epochs=settings["epochs"],
-        imgsz=settings["imgsz"],
-        batch=settings["batch"],
-        workers=settings["workers"],
-        seed=spec["seed"],
-        deterministic=True,
-        device=device,
-        plots=False,
-        amp=False,  # fp32 reference; amp=True would also run check_amp, which downloads weights
-        project=str(run_dir.parent),
-        name=run_dir.name,
-        exist_ok=True,
-        verbose=False,
-        val=True,
-        **settings["hyp"],
-    )
-    return 0
-
-
-def _block_network() -> None:
-    """Refuse every non-loopback connection and name lookup, loudly, so an attempt shows in the run's log."""
-    loopback = {"localhost", "127.0.0.1", "::1", "", None}
-    original_connect, original_getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def connect(self, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if self.family in (socket.AF_INET, socket.AF_INET6) and host not in loopback:
-            print(f"{NETWORK_MARKER}: connect {address}", file=sys.stderr, flush=True)
-            raise OSError(f"network disabled by benchmarks/parity.py ({address})")
-        return original_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host not in loopback:
-            print(f"{NETWORK_MARKER}: resolve {host}", file=sys.stderr, flush=True)
-            raise socket.gaierror(f"network disabled by benchmarks/parity.py ({host})")
-        return original_getaddrinfo(host, *args, **kwargs)
-
-    socket.socket.connect = connect
-    socket.getaddrinfo = getaddrinfo
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,39 +454,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    from importlib import metadata
-
-    versions = {}
-    for package in ("torch", "torchvision", "deepspeed", "ultralytics", "numpy", "yolods"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    versions["python"] = platform.python_version()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-
+    """Library versions and this machine, for parity.json and the table's Environment section."""
+    gpus = gpu(torch.device("cuda", 0)) if torch.cuda.is_available() else None
     return {
-        "versions": versions,
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu,
+        "versions": library_versions("torch", "torchvision", "deepspeed", "ultralytics", "numpy", "yolods"),
+        **machine(),
+        "gpu": f"{gpus['gpus_per_node']} x {gpus['gpu']}" if gpus else None,
     }
 
 
@@ -567,7 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render", type=Path, metavar="PARITY_JSON", help="only rewrite parity.md next to an existing parity.json"
     )
-    parser.add_argument("--_ultralytics-worker", dest="ultralytics_worker", help=argparse.SUPPRESS)
     return parser
 
 
@@ -585,8 +510,6 @@ def parse_hyp(pairs: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.ultralytics_worker:
-        return ultralytics_worker(args.ultralytics_worker)
     if args.render:
         args.render.with_suffix(".md").write_text(render_markdown(json.loads(args.render.read_text())))
         return 0

@@ -7,4 +7,6 @@ Measuring: sweep (flags -> configurations), engines (the DeepSpeed engine and th
 measure (timed steps, link probe, comms log), memory (peak and model-state bytes), ultralytics_baseline,
 runner (one configuration on every rank), results (JSON lines), cli. Reporting: comm_model (the analytical model
 and the ZeRO paper's formulas, pure functions), analysis, plots, report. benchmarks/README.md explains the figures.
+Shared with benchmarks/parity.py: environment (versions, machine, yolods commit) and ultralytics_child (the
+Ultralytics trainer in a child process).
 """

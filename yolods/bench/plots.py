@@ -46,6 +46,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Write the figure to `path` as a PNG and close it; returns `path`.
+
+    Closing matters: pyplot keeps every figure it made alive until it is closed, and a report draws several.
+    """
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
 def _groups(lines: list[Line]) -> dict[tuple, list[Line]]:
     """Lines by (model, imgsz, micro batch, precision, input, device): one panel each."""
     groups: dict[tuple, list[Line]] = {}
@@ -103,9 +113,7 @@ def plot_throughput_vs_ranks(lines: list[Line], path: Path) -> Path:
         ax.legend(fontsize=8, ncol=2)
     fig.suptitle("Measured throughput against ranks (dotted: ideal, N x the 1-rank figure)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_throughput_vs_nodes(
@@ -150,9 +158,7 @@ def plot_throughput_vs_nodes(
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_scaling_efficiency(lines: list[Line], checks: list[TwoRankCheck], path: Path) -> Path:
@@ -187,9 +193,7 @@ def plot_scaling_efficiency(lines: list[Line], checks: list[TwoRankCheck], path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_projected_efficiency(projection: Projection, goal: Goal, path: Path) -> Path:
@@ -221,9 +225,7 @@ def plot_projected_efficiency(projection: Projection, goal: Goal, path: Path) ->
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sensitivity(projection: Projection, goal: Goal, *, cluster: Cluster, path: Path) -> Path:
@@ -261,9 +263,7 @@ def plot_sensitivity(projection: Projection, goal: Goal, *, cluster: Cluster, pa
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _memory_rows(lines: list[Line]) -> list[Line]:
@@ -322,9 +322,7 @@ def plot_memory(lines: list[Line], path: Path) -> Path:
     peak_ax.set_title("Peak memory per rank (max over ranks)", fontsize=10)
     peak_ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_breakdown(lines: list[Line], path: Path) -> Path:
@@ -354,6 +352,4 @@ def plot_breakdown(lines: list[Line], path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from yolods import dist
+from yolods.bench import environment
 
 RESULTS_FILE = "results.jsonl"
 SCHEMA_VERSION = 1
@@ -36,68 +35,29 @@ REQUIRED_KEYS = (
 )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    """The yolods commit measured, with '-dirty' when yolods/ differs from it (untracked files included)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "yolods"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
 def versions() -> dict[str, str | None]:
-    import deepspeed
-    import ultralytics
-
+    """Library versions, and the yolods commit measured with '-dirty' when yolods/ differs from it (untracked
+    files included)."""
     import yolods
 
+    source = environment.source_state()
     return {
-        "yolods": yolods.__version__,
-        "yolods_commit": _git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "ultralytics": ultralytics.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        **environment.library_versions("deepspeed", "ultralytics"),
+        "yolods": yolods.__version__,  # the package this process runs, whichever distribution is installed
+        "yolods_commit": source.label if source else None,
+        **environment.torch_build(),
     }
 
 
 def hardware(device: torch.device, *, hostnames: list[str]) -> dict[str, Any]:
     """This job's machines: CPU, GPU model and count, hosts."""
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **environment.machine(),
         "torch_threads_per_rank": torch.get_num_threads(),
         "hosts": sorted(set(hostnames)),
-        "platform": platform.platform(),
     }
     if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=properties.name,
-            gpu_memory_bytes=properties.total_memory,
-            gpus_per_node=torch.cuda.device_count(),
-        )
+        info.update(environment.gpu(device))
     return info
 
 
