@@ -112,20 +112,25 @@ def build_validator(
 
 
 def build_optimizer_and_schedule(
-    plan: RunPlan, hyp: SimpleNamespace, model: torch.nn.Module, *, num_classes: int, train_data: TrainData
+    plan: RunPlan,
+    hyp: SimpleNamespace,
+    model: torch.nn.Module,
+    *,
+    num_classes: int,
+    num_train_images: int,
+    batches_per_epoch: int,
 ) -> tuple[torch.optim.Optimizer, SimpleNamespace, Schedule]:
     """Ultralytics' optimizer groups and `auto` choice, with its lr/momentum/accumulation schedule.
 
     Returns the optimizer, the hyperparameters as the `auto` choice changed them, and the schedule.
     """
     epochs, batch = plan.cfg.epochs, plan.batch
-    batches_per_epoch = train_data.batches_per_epoch()
     optimizer, train_hyp = build_optimizer(
         model,
         hyp=hyp,
         num_classes=num_classes,
         iterations=optimizer_iterations(
-            num_train_images=train_data.num_images, global_batch=batch.global_batch, nbs=hyp.nbs, epochs=epochs
+            num_train_images=num_train_images, global_batch=batch.global_batch, nbs=hyp.nbs, epochs=epochs
         ),
         # from the uncapped accumulation, as Ultralytics scales it
         weight_decay=weight_decay_for(hyp=hyp, global_batch=batch.global_batch, accumulate=batch.accumulate),
@@ -173,7 +178,12 @@ def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
     memory_format = training_memory_format(device, hyp)
     model = model.to(device, memory_format=memory_format)
     optimizer, train_hyp, schedule = build_optimizer_and_schedule(
-        plan, hyp, model, num_classes=data["nc"], train_data=train_data
+        plan,
+        hyp,
+        model,
+        num_classes=data["nc"],
+        num_train_images=train_data.num_images,
+        batches_per_epoch=train_data.batches_per_epoch(),
     )
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
     engine = build_engine(model, optimizer, ds_config)

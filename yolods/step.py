@@ -91,7 +91,8 @@ class TrainStep:
         self.engine.step()
         if is_boundary:
             self.last_optimizer_iteration = iteration
-            self.ema.update(self.engine.module, zero_stage=self.zero_stage)
+            if self.ema is not None:  # the bench can time steps without it
+                self.ema.update(self.engine.module, zero_stage=self.zero_stage)
         losses = torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names])  # .cpu() syncs
         stop = self.stop_request.agreed()  # a collective at every step, so all ranks stop at the same one
         self._phase_done("optimizer")
