@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from yolods.hyp import is_ultralytics_setting, ultralytics_settings
 
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Ultralytics rounds other sizes up to a multiple of the largest stride, with only a warning; yolods asks instead.
+IMGSZ_MULTIPLE = 32
+# Flags a resumed run may change: they observe the run or say where to find it, and change no result.
+CHANGEABLE_ON_RESUME = ("resume", "project", "profile", "comms_logger", "local_rank")
 
 # Defaults that differ for the embedded synthetic job, so `python -m yolods.train` finishes in minutes on a CPU.
 SYNTHETIC_DEFAULTS = {"epochs": 5, "imgsz": 160}
@@ -172,6 +177,17 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"--precision {args.precision} is unknown: use fp32, bf16 or fp16")
     if args.batch is not None and args.batch < 1:
         raise ConfigError(f"--batch {args.batch} must be a positive global batch size")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs} must be at least 1")
+    if args.imgsz is not None and (args.imgsz < IMGSZ_MULTIPLE or args.imgsz % IMGSZ_MULTIPLE):
+        rounded = max(IMGSZ_MULTIPLE, round(args.imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
+        raise ConfigError(
+            f"--imgsz {args.imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. --imgsz {rounded}"
+        )
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers} must be 0 (load in the training process) or more")
+    if args.synthetic_images < 1:
+        raise ConfigError(f"--synthetic_images {args.synthetic_images} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
     hyp = _parse_hyp_overrides(args.hyp)
@@ -200,6 +216,38 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         comms_logger=args.comms_logger,
         hyp=hyp,
     )
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags present on the command line (not those left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> RunConfig:
+    """The saved settings of a run to resume, with the flags a resumed run may change taken from `flags`.
+
+    Raises:
+        ConfigError: a given flag that would change the run (its saved value differs), naming each.
+    """
+    conflicts = []
+    for name in sorted(given - set(CHANGEABLE_ON_RESUME)):
+        if name in HYP_FLAGS or name in ("hyp", "cos_lr"):
+            continue  # compared key by key below
+        field_name = "deepspeed_config" if name in ("deepspeed_config", "deepscale_config") else name
+        if hasattr(saved, field_name) and getattr(flags, field_name) != getattr(saved, field_name):
+            conflicts.append(f"--{name} {getattr(flags, field_name)} (run has {getattr(saved, field_name)})")
+    for key, value in sorted(flags.hyp.items()):
+        if saved.hyp.get(key) != value:
+            conflicts.append(f"{key}={value} (run has {saved.hyp.get(key, 'the default')})")
+    if conflicts:
+        raise ConfigError(
+            f"--resume {saved.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps its settings "
+            "(only --profile and --comms_logger may change): drop those flags, or start a new run"
+        )
+    return dataclasses.replace(saved, profile=flags.profile, comms_logger=flags.comms_logger)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,6 +343,10 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
     """
     user = load_deepspeed_json(cfg.deepspeed_config) if cfg.deepspeed_config else {}
     source = cfg.deepspeed_config
+    if cfg.deepspeed_config:
+        from yolods.ds_validation import validate_deepspeed_config  # imports config: not at module level
+
+        validate_deepspeed_config(user, source=f"--deepspeed_config {source}")
 
     user_stage = user.get("zero_optimization", {}).get("stage")
     if cfg.zero is not None and user_stage is not None and int(user_stage) != cfg.zero:

@@ -47,7 +47,8 @@ from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError, Dtyp
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from deepspeed.utils import logger as ds_logger
 
-from yolods.config import GRADIENT_CLIP_NORM, ConfigError
+from yolods.config import GRADIENT_CLIP_NORM
+from yolods.errors import ConfigError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

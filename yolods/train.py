@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from yolods import dist
-from yolods.config import ConfigError, RunPlan, parse_args, resolve_run
+from yolods.config import ConfigError, RunPlan, given_flags, parse_args, resolve_run, resumed_config
 from yolods.preemption import EXIT_CODE, TrainingInterrupted
 
 
@@ -31,7 +31,7 @@ def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
     if cfg.resume is not None:
         resume_dir = checkpoint.find_resume_dir(cfg)
         checkpoint.check_resume_world_size(resume_dir, world_size=dist.get_world_size())
-        cfg = checkpoint.load_run_config(resume_dir)
+        cfg = resumed_config(checkpoint.load_run_config(resume_dir), cfg, given=given_flags(argv))
     return resolve_run(cfg, world_size=dist.get_world_size()), resume_dir
 
 
