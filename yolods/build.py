@@ -160,7 +160,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
-def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
+def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) -> Trainer:
     """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
     cfg = plan.cfg
     device = device_for(plan)
@@ -194,7 +194,7 @@ def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
         device=device,
         memory_format=memory_format,
         loss_names=names,
-        stop_request=StopRequest().install(),
+        stop_request=stop_request,
     )
     checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
     checkpointer.save_run_files(cfg, ds_config)

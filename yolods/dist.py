@@ -25,6 +25,12 @@ LAUNCHER_VARIABLES = (
 )
 
 
+# How long a collective may wait for a slow peer. The longest legitimate wait is the other ranks at a barrier
+# while rank 0 builds the label cache of a large data set (COCO: a minute or two on local disk, more on a network
+# file system). Faults never wait for it (yolods.faults ends the job in seconds); only a silently hung rank does.
+COLLECTIVE_TIMEOUT_MIN = float(os.environ.get("YOLODS_COLLECTIVE_TIMEOUT_MIN", 30))
+
+
 def _initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
@@ -68,8 +74,7 @@ def print_main(message: str) -> None:
 def init_distributed(device_type: str) -> None:
     """Join the process group the launcher prepared; a no-op for a single process.
 
-    Gloo on CPU, NCCL on CUDA, chosen by DeepSpeed's accelerator. The timeout is long because rank 0 alone
-    writes checkpoints and validation results while the others wait at a barrier.
+    Gloo on CPU, NCCL on CUDA, chosen by DeepSpeed's accelerator. See COLLECTIVE_TIMEOUT_MIN for the timeout.
     """
     if device_type == "cpu":
         # One BLAS thread pool per core: the deepspeed launcher leaves OMP_NUM_THREADS unset, and every rank
@@ -83,7 +88,7 @@ def init_distributed(device_type: str) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=60))
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
 
 
 def _free_port() -> int:
@@ -118,14 +123,19 @@ def broadcast_object(obj, *, src: int = 0):
     return holder[0]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if any rank passes True (a stop request seen by one rank stops all)."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value`, on every rank (a stop request seen by one rank stops all)."""
     if not (_initialized() and get_world_size() > 1):
-        return flag
+        return value
     device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item())  # .item() syncs
+    reduced = torch.tensor([value], dtype=torch.int64, device=device)
+    torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.MAX)
+    return int(reduced.item())  # .item() syncs
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if any rank passes True."""
+    return bool(max_over_ranks(int(flag)))
 
 
 def shutdown(engine=None) -> None:
@@ -154,6 +164,7 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_main_process",
+    "max_over_ranks",
     "print_main",
     "shutdown",
 ]

@@ -83,7 +83,7 @@ class Trainer:
             if self._should_stop(epoch):
                 break
             if self.stop_after_epoch:
-                raise TrainingInterrupted(f"epoch{epoch + 1}")
+                raise TrainingInterrupted(f"epoch{epoch + 1}", exit_code=self.step.stop_request.agreed_exit_code)
         self.logger.plot()
         return metrics
 
@@ -144,7 +144,7 @@ class Trainer:
         self.logger.info(
             f"\nStopped by {getattr(received, 'name', 'a signal to another rank')}: checkpoint {tag} saved; continue with --resume {self.run_dir}"
         )
-        raise TrainingInterrupted(tag)
+        raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
 
     def _step_scalars(
         self, loss_items: torch.Tensor, *, imgs_per_s: float, step_time_s: float, data_wait_s: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def _translate_slurm_env() -> None:
@@ -31,6 +32,32 @@ def _device_flag(argv: list[str]) -> str | None:
         if arg.startswith("--device="):
             return arg.split("=", 1)[1]
     return None
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (Linux), or None if it is gone or unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name in (...) may hold spaces
+
+
+# This process's parent and grandparent as they were at import, before a slow start gives the launcher time to
+# die: under the deepspeed launcher they are launch.py and the `deepspeed` runner (see yolods.faults).
+LAUNCH_PARENT_PID = os.getppid()
+LAUNCH_GRANDPARENT_PID = parent_of(LAUNCH_PARENT_PID)
+LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun, deepspeed, srun
+
+
+def _parent_is_deepspeed_launch() -> bool:
+    try:
+        return b"deepspeed.launcher.launch" in Path(f"/proc/{LAUNCH_PARENT_PID}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+LAUNCHED_BY_DEEPSPEED = _parent_is_deepspeed_launch()
 
 
 def prepare_process_env(argv: list[str] | None = None) -> None:

@@ -1,23 +1,38 @@
-"""Stop requests from the scheduler or the launcher (SIGTERM, SIGUSR1), honoured by every rank together.
+"""Stop requests (SIGTERM, SIGUSR1, SIGINT, a vanished launcher), honoured by every rank together.
 
-torchrun and the deepspeed launcher pass SIGTERM on to the workers and kill them 30 s later; SLURM sends
+torchrun and the deepspeed launcher pass SIGTERM/SIGINT on to the ranks and kill them 30 s later; SLURM sends
 SIGTERM (or the signal `--signal` names) before preempting. The handler only sets a flag: the training loop
 asks all ranks at each step whether any of them was told to stop, and at the next optimizer-step boundary
-every rank saves its part of a checkpoint and leaves.
+every rank saves its part of a checkpoint and leaves with 143 (SIGTERM, SIGUSR1) or 130 (Ctrl-C). A second
+Ctrl-C quits at once. Dataloader workers ignore these signals (see `signals_blocked`): a stop is the training
+process's to carry out, and a worker killed by it would turn the stop into a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
+from collections.abc import Iterator
 
 from yolods import dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 EXIT_CODE = 128 + signal.SIGTERM  # the shell's convention for "terminated"; schedulers requeue on it
 
 
+def exit_code_for(signum: int) -> int:
+    """143 for SIGTERM and SIGUSR1 (requeue me), 130 for Ctrl-C, as shells report them."""
+    return 128 + signal.SIGINT if signum == signal.SIGINT else EXIT_CODE
+
+
 class TrainingInterrupted(Exception):  # a request to leave, not an error
-    """Raised after the checkpoint of an interrupted run is safely on disk."""
+    """Raised after the checkpoint of an interrupted run is safely on disk; `exit_code` is the process's."""
+
+    def __init__(self, tag: str, *, exit_code: int = EXIT_CODE):
+        super().__init__(tag)
+        self.exit_code = exit_code
 
 
 class StopRequest:
@@ -30,6 +45,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.agreed_exit_code = EXIT_CODE
 
     def install(self) -> StopRequest:
         for signum in STOP_SIGNALS:
@@ -37,7 +53,44 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum)
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            print("\nyolods: second Ctrl-C: quitting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(exit_code_for(signal.SIGINT))
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            if signum == signal.SIGINT and dist.is_main_process():
+                print("\nyolods: Ctrl-C: saving a checkpoint at the next step (Ctrl-C again quits at once)", flush=True)
+
+    def request(self, signum: signal.Signals) -> None:
+        """Ask for a stop as if `signum` had arrived (the launcher watchdog uses it)."""
+        if self.received is None:
+            self.received = signum
 
     def agreed(self) -> bool:
-        return dist.any_rank(self.received is not None)
+        """True on every rank if any rank was asked to stop; a collective (one tiny all-reduce)."""
+        code = dist.max_over_ranks(exit_code_for(self.received) if self.received is not None else 0)
+        if code:
+            self.agreed_exit_code = code
+        return bool(code)
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold stop signals back while dataloader workers are forked, so none reaches a worker before it ignores them.
+
+    torch's worker loop installs a C handler that dies on SIGTERM; `ignore_stop_signals` (the workers'
+    init function) replaces it, and a signal that arrives in between stays pending until then. In this process
+    the signals are delivered when the block ends.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals() -> None:
+    """In a dataloader worker: ignore stop signals (the training process handles them), then unblock them."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -7,6 +7,9 @@
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.train ...
     torchrun --nproc_per_node 8 -m yolods.train ...          # srun under SLURM works the same
     python -m yolods.train --resume runs/train/exp           # continue from its last DeepSpeed checkpoint
+
+Exit codes: 0 done; 2 a user mistake (one line, before heavy work); 143 or 130 stopped by SIGTERM/SIGUSR1 or
+Ctrl-C with a checkpoint saved; 1 an error on some rank, which ended every rank (see yolods.faults).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from yolods import dist
 from yolods.config import ConfigError, RunPlan, given_flags, parse_args, resolve_run, resumed_config
-from yolods.preemption import EXIT_CODE, TrainingInterrupted
+from yolods.preemption import StopRequest, TrainingInterrupted
 
 
 def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
@@ -36,28 +39,39 @@ def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; returns the process exit code (0, or 2 for a user mistake reported in one line)."""
-    run_dir = resume_dir = None
+    """Train; returns the process exit code (see the module docstring). An error on any rank ends the job."""
+    from yolods import faults
+
+    stop_request = StopRequest().install()  # first: a stop that arrives during start-up is honoured too
+    run_dir = resume_dir = watchdog = None
     try:
         plan, resume_dir = plan_run(argv)
         dist.init_distributed(plan.cfg.device)
+        watchdog = faults.JobWatchdog(stop_request).start()
         from yolods import checkpoint
         from yolods.build import build_trainer
 
         run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
-        trainer = build_trainer(plan, run_dir)
+        trainer = build_trainer(plan, run_dir, stop_request=stop_request)
     except ConfigError as error:
+        if watchdog is not None:
+            watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
         dist.print_main(f"yolods: error: {error}")
         if run_dir is not None and resume_dir is None:
             checkpoint.remove_unfinished_run_dir(run_dir)
         return 2
+    except Exception as error:
+        faults.abort_job(error, run_dir=run_dir)
     try:
         trainer.train()
-    except TrainingInterrupted:
-        return EXIT_CODE  # the checkpoint is on disk; the scheduler may requeue
-    finally:
-        trainer.close()
-    return 0
+        exit_code = 0
+    except TrainingInterrupted as interrupted:
+        exit_code = interrupted.exit_code  # the checkpoint is on disk; the scheduler may requeue
+    except Exception as error:
+        faults.abort_job(error, run_dir=run_dir)
+    watchdog.stop()  # before the shutdown barrier, after which rank 0 may close the store
+    trainer.close()
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from yolods import dist
 from yolods.errors import ConfigError
+from yolods.preemption import ignore_stop_signals, signals_blocked
 
 # Ultralytics' check_det_dataset asks for a font it only needs for plots (a network fetch when missing);
 # yolods never plots labels, so the check is skipped (see _offline_check_det_dataset).
@@ -110,8 +111,6 @@ class TrainData:
 
     def loader_for_epoch(self, epoch: int) -> DataLoader:
         """This rank's shard for `epoch`, with every random stream seeded from (seed, epoch, rank)."""
-        from ultralytics.data.build import seed_worker
-
         rank = dist.get_rank()
         epoch_seed = self.seed + 1_000_003 * epoch + 7919 * rank  # distinct per epoch and rank
         random.seed(epoch_seed)  # augmentation in the main process (workers=0) draws from these
@@ -121,17 +120,33 @@ class TrainData:
             self.dataset, num_replicas=dist.get_world_size(), rank=rank, shuffle=True, seed=self.seed
         )
         sampler.set_epoch(epoch)
-        return DataLoader(
+        return _StopSafeDataLoader(
             self.dataset,
             batch_size=self.micro_batch,
             sampler=sampler,
             num_workers=self.workers,
             collate_fn=self.dataset.collate_fn,
-            worker_init_fn=seed_worker,
+            worker_init_fn=_init_worker,
             generator=torch.Generator().manual_seed(epoch_seed),  # worker seeds
             pin_memory=self.pin_memory,
             persistent_workers=False,  # a fresh worker state each epoch is what makes resume exact
         )
+
+
+def _init_worker(worker_id: int) -> None:
+    """Ultralytics' per-worker seeding; stop signals are the training process's to handle, not the worker's."""
+    from ultralytics.data.build import seed_worker
+
+    ignore_stop_signals()
+    seed_worker(worker_id)
+
+
+class _StopSafeDataLoader(DataLoader):
+    """A DataLoader that forks its workers with stop signals held back (see preemption.signals_blocked)."""
+
+    def _get_iterator(self):
+        with signals_blocked():
+            return super()._get_iterator()
 
 
 def _empty_mosaic_buffer(dataset) -> None:
@@ -165,7 +180,9 @@ def build_val_loader(
 
     dataset = _build_dataset(hyp, data, split="val", batch=batch, stride=stride)
     rank_flag = dist.get_local_rank() if dist.get_world_size() > 1 else -1  # Ultralytics shards when != -1
-    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=rank_flag, device=device)
+    # Its InfiniteDataLoader forks workers right here; with stop signals blocked they stay pending in them for good.
+    with signals_blocked():
+        return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=rank_flag, device=device)
 
 
 def preprocess_batch(

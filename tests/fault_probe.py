@@ -1,0 +1,50 @@
+"""`yolods.train` with a fault injected on one rank, for the fault tests (real processes, real engine).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fault_probe.py KIND RANK AT -- TRAIN_ARGS...
+
+KIND `raise`: RuntimeError in the train step at micro-step AT on RANK (what a CUDA OOM looks like to the loop).
+KIND `write`: OSError(ENOSPC) when RANK writes weights (a full disk while saving).
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+import yolods  # noqa: F401  (offline environment first)
+from yolods import dist
+from yolods.checkpoint import Checkpointer
+from yolods.step import TrainStep
+from yolods.train import main
+
+
+def inject(kind: str, rank: int, at: int) -> None:
+    if kind == "raise":
+        original_step = TrainStep.__call__
+        calls = {"n": 0}
+
+        def failing_step(self, batch, **kwargs):
+            calls["n"] += 1
+            if dist.get_rank() == rank and calls["n"] == at:
+                raise RuntimeError("injected fault: out of memory")
+            return original_step(self, batch, **kwargs)
+
+        TrainStep.__call__ = failing_step
+    elif kind == "write":
+        original_export = Checkpointer.export_weights
+
+        def failing_export(self, weights, **kwargs):
+            if dist.get_rank() == rank:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", "weights/last.pt")
+            return original_export(self, weights, **kwargs)
+
+        Checkpointer.export_weights = failing_export
+    else:
+        raise SystemExit(f"unknown fault kind {kind}")
+
+
+if __name__ == "__main__":
+    kind, rank, at, separator, *train_args = sys.argv[1:]
+    assert separator == "--"
+    inject(kind, int(rank), int(at))
+    sys.exit(main(train_args))
