@@ -160,6 +160,30 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
+def build_train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ds_config: dict[str, Any],
+    *,
+    ema,
+    schedule: Schedule,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    stop_request: StopRequest,
+) -> TrainStep:
+    """`build_engine`, then the TrainStep on it: the step `yolods.train` runs and `yolods.bench` times."""
+    engine = build_engine(model, optimizer, ds_config)
+    return TrainStep(
+        engine,
+        ema=ema,
+        schedule=schedule,
+        device=device,
+        memory_format=memory_format,
+        loss_names=loss_names(model),
+        stop_request=stop_request,
+    )
+
+
 def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
     """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
     cfg = plan.cfg
@@ -186,16 +210,17 @@ def build_trainer(plan: RunPlan, run_dir: Path) -> Trainer:
         batches_per_epoch=train_data.batches_per_epoch(),
     )
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
-    engine = build_engine(model, optimizer, ds_config)
-    step = TrainStep(
-        engine,
+    step = build_train_step(
+        model,
+        optimizer,
+        ds_config,
         ema=ema,
         schedule=schedule,
         device=device,
         memory_format=memory_format,
-        loss_names=names,
         stop_request=StopRequest().install(),
     )
+    engine = step.engine
     checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
     checkpointer.save_run_files(cfg, ds_config)
     logger = RunLogger(run_dir, loss_names=names)
