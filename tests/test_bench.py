@@ -6,10 +6,12 @@ The end-to-end test runs the bench on one process (real input, the Ultralytics b
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,30 +157,60 @@ def test_model_state_bytes_counts_each_storage_once():
     assert states.optimizer == pytest.approx(2 * params, abs=64)  # exp_avg, exp_avg_sq (+ scalar step counters)
 
 
-class _FakeStepper:
+class _FakeStep:
+    """Called as yolods.step.TrainStep is: a raw batch in, each phase's end reported through on_phase."""
+
     def __init__(self) -> None:
-        self.steps = 0
+        self.calls: list[tuple[int, int, bool]] = []
+        self.on_phase = None
+        self.phase_seen_in_warmup = False
 
-    def forward(self, batch):
-        return torch.tensor(float(batch["x"]))
+    def __call__(self, batch, *, iteration, epoch, last_in_epoch):
+        self.calls.append((iteration, epoch, last_in_epoch))
+        self.phase_seen_in_warmup |= self.on_phase is not None and len(self.calls) <= 3
+        for phase in ("preprocess", "forward", "backward", "optimizer"):
+            time.sleep(0.002 if phase == "preprocess" else 0.0)
+            if self.on_phase is not None:
+                self.on_phase(phase)
 
-    def backward(self, loss):
-        pass
 
-    def step(self):
-        self.steps += 1
-
-
-def test_time_steps_excludes_burn_in_and_records_every_phase():
-    stepper = _FakeStepper()
+def test_time_steps_times_the_step_callable_by_phase_and_excludes_burn_in():
+    step = _FakeStep()
+    iterations = itertools.count()
     records, window_s = time_steps(
-        stepper, iter([{"x": i} for i in range(10)]), steps=4, warmup_steps=3, device=torch.device("cpu")
+        step, iter([{"x": i} for i in range(10)]), iterations, steps=4, warmup_steps=3, device=torch.device("cpu")
     )
-    assert stepper.steps == 7 and len(records) == 4 and window_s >= sum(r.total_s for r in records) * 0.99
+    # every call as the Trainer makes it in epoch 0; the iteration counts on over burn-in and timed steps
+    assert step.calls == [(i, 0, False) for i in range(7)] and next(iterations) == 7
+    assert len(records) == 4 and window_s >= sum(r.total_s for r in records) * 0.99
+    assert not step.phase_seen_in_warmup and step.on_phase is None  # phases are timed in the window only
     assert set(mean_phases(records)) == {"data_wait", "forward", "backward", "optimizer"}
+    assert all(r.phases["data_wait"] >= 0.002 for r in records)  # data wait includes the preprocess phase
+    assert all(sum(r.phases.values()) == pytest.approx(r.total_s) for r in records)
     stats = step_stats([0.3, 0.1, 0.2, 0.4])
     assert (stats["min"], stats["median"], stats["max"]) == (0.1, pytest.approx(0.25), 0.4)
     assert isinstance(records[0], StepRecord)
+
+
+def test_time_steps_rejects_a_step_that_skips_a_phase():
+    class Skipping(_FakeStep):
+        def __call__(self, batch, *, iteration, epoch, last_in_epoch):
+            if self.on_phase is not None:
+                self.on_phase("forward")
+
+    with pytest.raises(RuntimeError, match="expected"):
+        time_steps(Skipping(), iter([{}] * 3), itertools.count(), steps=1, warmup_steps=0, device=torch.device("cpu"))
+
+
+def test_synthetic_input_is_a_raw_batch_that_the_train_step_preprocesses():
+    from yolods.bench.inputs import repeat_batch, synthetic_batch
+    from yolods.data import preprocess_batch
+
+    raw = synthetic_batch(micro_batch=2, imgsz=32, num_classes=3, device=torch.device("cpu"), seed=0)
+    assert raw["img"].dtype == torch.uint8 and raw["img"].shape == (2, 3, 32, 32) and int(raw["img"].max()) > 200
+    first = preprocess_batch(next(batches := repeat_batch(raw)), device=torch.device("cpu"), input_dtype=torch.float32)
+    assert first["img"].dtype == torch.float32 and float(first["img"].max()) <= 1.0
+    assert next(batches)["img"].dtype == torch.uint8  # each step gets the raw batch again
 
 
 def _args(*argv: str):
@@ -235,7 +267,7 @@ def test_bucket_and_overlap_sweeps_apply_to_deepspeed_only():
 
 
 def test_a_deepspeed_json_sets_stage_and_precision_and_the_sweep_overrides_buckets(tmp_path):
-    from yolods.bench.engines import bench_deepspeed_config
+    from yolods.bench.engines import bench_plan
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
@@ -244,13 +276,15 @@ def test_a_deepspeed_json_sets_stage_and_precision_and_the_sweep_overrides_bucke
     )
     deepspeed = next(c for c in configs if c.engine == "deepspeed")
     assert (deepspeed.zero_stage, deepspeed.precision) == (None, "bf16")  # the JSON's stage, resolved when run
-    ds_config = bench_deepspeed_config(deepspeed, world_size=2)
-    assert ds_config["zero_optimization"]["stage"] == 2
+    plan = bench_plan(deepspeed, world_size=2)  # resolve_run, as yolods.train resolves the run
+    ds_config = plan.ds_config
+    assert ds_config["zero_optimization"]["stage"] == 2 and plan.zero_stage == 2
     assert ds_config["zero_optimization"]["reduce_bucket_size"] == 1_000_000
     assert ds_config["gradient_accumulation_steps"] == 1  # every timed step is an optimizer step
+    assert plan.batch.accumulate == 1 and plan.hyp.warmup_epochs == 0
     clash = expand(_args("--deepspeed_config", str(path), "--zero", "3", "--device", "cpu"), world_size=2)
     with pytest.raises(ConfigError, match="disagrees"):
-        bench_deepspeed_config(next(c for c in clash if c.engine == "deepspeed"), world_size=2)
+        bench_plan(next(c for c in clash if c.engine == "deepspeed"), world_size=2)
 
 
 def test_results_line_has_the_required_keys_and_round_trips(tmp_path):
@@ -328,6 +362,9 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     for line in lines:
         assert set(REQUIRED_KEYS) <= set(line)
         assert line["imgs_per_s"] > 0 and line["peak_mem_bytes"] > 0
+        if line["engine"] != "ultralytics":  # phases reported by the step itself (TrainStep.on_phase, DDPStepper)
+            assert set(line["breakdown_s"]) == {"data_wait", "forward", "backward", "optimizer"}
+            assert min(line["breakdown_s"].values()) > 0
     zero2 = next(line for line in lines if line["engine"] == "deepspeed" and line["world_size"] == 2)
     assert zero2["zero_stage"] == 2 and zero2["interconnect"]["probe"]["backend"] == "gloo"
     assert zero2["model_state_bytes"]["grads"] < zero2["model_state_bytes"]["params"]  # partitioned gradients

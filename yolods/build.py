@@ -37,11 +37,16 @@ from yolods.step import TrainStep
 from yolods.validation import EpochValidator
 
 
-def seed_rank(seed: int) -> None:
-    """Seed torch, NumPy and Python for this rank; initial weights still agree because DeepSpeed broadcasts rank 0's."""
+def seed_run(seed: int) -> None:
+    """Seed torch, NumPy and Python with the same seed on every rank.
+
+    Every rank then builds the same initial weights, so the EMA copy taken before `deepspeed.initialize`
+    (which broadcasts rank 0's weights to the model, not to the EMA) agrees on every rank. What must differ
+    per rank (data order, augmentation) the loaders seed per epoch from (seed, epoch, rank).
+    """
     from ultralytics.utils.torch_utils import init_seeds
 
-    init_seeds(seed + dist.get_rank())
+    init_seeds(seed)
 
 
 def device_for(plan: RunPlan) -> torch.device:
@@ -160,11 +165,35 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
+def build_train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ds_config: dict[str, Any],
+    *,
+    ema,
+    schedule: Schedule,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    stop_request: StopRequest,
+) -> TrainStep:
+    """`build_engine`, then the TrainStep on it: the step `yolods.train` runs and `yolods.bench` times."""
+    engine = build_engine(model, optimizer, ds_config)
+    return TrainStep(
+        engine,
+        ema=ema,
+        schedule=schedule,
+        device=device,
+        memory_format=memory_format,
+        loss_names=loss_names(model),
+        stop_request=stop_request,
+    )
+
+
 def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) -> Trainer:
     """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
     cfg = plan.cfg
     device = device_for(plan)
-    seed_rank(cfg.seed)
+    seed_run(cfg.seed)
     data, hyp = resolve_data(plan, run_dir)
     ds_config = copy.deepcopy(plan.ds_config)
     place_monitor_outputs(ds_config, run_dir)
@@ -186,16 +215,17 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         batches_per_epoch=train_data.batches_per_epoch(),
     )
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
-    engine = build_engine(model, optimizer, ds_config)
-    step = TrainStep(
-        engine,
+    step = build_train_step(
+        model,
+        optimizer,
+        ds_config,
         ema=ema,
         schedule=schedule,
         device=device,
         memory_format=memory_format,
-        loss_names=names,
         stop_request=stop_request,
     )
+    engine = step.engine
     checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
     checkpointer.save_run_files(cfg, ds_config)
     logger = RunLogger(run_dir, loss_names=names)

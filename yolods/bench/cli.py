@@ -20,7 +20,7 @@ import torch
 from yolods import dist
 from yolods.bench import inputs
 from yolods.bench.comm_model import Link
-from yolods.bench.engines import bench_deepspeed_config
+from yolods.bench.engines import bench_plan
 from yolods.bench.measure import probe_link
 from yolods.bench.results import append_line, make_line, run_context
 from yolods.bench.runner import dataset_images, measure_training, measure_ultralytics
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     world_size = dist.get_world_size()
     try:
         configs = expand(args, world_size=world_size)
-        for cfg in configs:  # every DeepSpeed config resolves before any process group or model exists
-            if cfg.engine == "deepspeed":
-                bench_deepspeed_config(cfg, world_size=world_size)
+        for cfg in configs:  # every run resolves as yolods.train would, before any process group or model exists
+            if cfg.engine != "ultralytics":
+                bench_plan(cfg, world_size=world_size)
     except ConfigError as error:
         if dist.is_main_process():
             print(f"yolods.bench: error: {error}", file=sys.stderr)

@@ -1,12 +1,24 @@
-"""The engines under test, built from yolods' own pieces: the DeepSpeed engine and the plain DDP baseline.
+"""The engines under test, built through yolods.build exactly as `yolods.train` builds them.
 
-Both get the same Ultralytics model, optimizer groups, loss scaling, gradient clipping and EMA as
-`yolods.train`, and gradient accumulation 1 (nbs = global batch), so every timed step is a full optimizer step.
+Both engines: RunConfig (`run_config`) -> `resolve_run` -> `seed_run`, `build_model`, Ultralytics' optimizer
+groups and schedule (`build_optimizer_and_schedule`), `build_ema`. Gradient accumulation is 1 and there is no
+warmup (nbs = global batch, warmup_epochs 0), so every timed step is a full optimizer step.
+
+- `deepspeed`: the sweep's bucket, overlap and timer settings applied to the plan's resolved DeepSpeed config,
+  then `build_train_step` (`build_engine`, then `yolods.step.TrainStep`, the code `yolods.train` runs), timed as
+  it is: preprocessing of the raw batch, forward, backward, the optimizer step with the lr schedule, clipping and
+  EMA, then the loss `.cpu()` sync and the per-step stop all-reduce every training step pays (its StopRequest
+  has no signal handler).
+- `ddp`: `DDPStepper`, the baseline as a user of torch DistributedDataParallel and Ultralytics' trainer would
+  write it, called like TrainStep so the same loop times both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,9 +26,15 @@ from torch import nn
 
 from yolods import dist
 from yolods.bench.comm_model import CommSpec
+from yolods.bench.inputs import shapes_num_classes
 from yolods.bench.memory import ModelStateBytes, model_state_bytes
 from yolods.bench.sweep import BenchConfig
-from yolods.config import GRADIENT_CLIP_NORM, RunConfig, resolve_deepspeed_config
+from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, device_for, seed_run
+from yolods.config import GRADIENT_CLIP_NORM, SYNTHETIC, RunConfig, RunPlan, resolve_run
+from yolods.data import TrainData, preprocess_batch
+from yolods.model import build_ema, build_model, model_stride, training_memory_format
+from yolods.preemption import StopRequest
+from yolods.step import TrainStep
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,11 +65,23 @@ def run_config(cfg: BenchConfig, *, data: str) -> RunConfig:
     )
 
 
-def bench_deepspeed_config(cfg: BenchConfig, *, world_size: int) -> dict[str, Any]:
-    """yolods' resolved DeepSpeed config with the sweep's bucket, overlap and timer settings applied."""
-    ds_config, _ = resolve_deepspeed_config(
-        run_config(cfg, data="synthetic"), world_size=world_size, nbs=cfg.global_batch
-    )
+def bench_plan(cfg: BenchConfig, *, world_size: int, data_yaml: str | None = None) -> RunPlan:
+    """`resolve_run` on `run_config`, as yolods.train resolves a run; for DeepSpeed with the sweep's settings.
+
+    `data_yaml` is the data real input reads (None: the synthetic set, which needs no file).
+
+    Raises:
+        ConfigError: what yolods.train would reject in this configuration.
+    """
+    plan = resolve_run(run_config(cfg, data=data_yaml or SYNTHETIC), world_size=world_size)
+    if cfg.engine != "deepspeed":
+        return plan
+    return replace(plan, ds_config=_with_sweep_settings(plan.ds_config, cfg))
+
+
+def _with_sweep_settings(ds_config: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    """A copy of the resolved DeepSpeed config with the sweep's bucket, overlap and timer settings applied."""
+    ds_config = copy.deepcopy(ds_config)
     zero = ds_config.setdefault("zero_optimization", {})
     if cfg.reduce_bucket_size is not None:
         zero["reduce_bucket_size"] = cfg.reduce_bucket_size
@@ -95,45 +125,25 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
     )
 
 
-class DeepSpeedStepper:
-    """yolods' train step on `deepspeed.initialize`: the engine under test."""
+class WallClockTimers:
+    """DeepSpeed's own wall-clock timers (`wall_clock_breakdown`), summed over steps.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, ds_config: dict[str, Any], ema: Any):
-        import deepspeed
+    DeepSpeed prints and resets them at every step; `add_step` after each step sums its per-step snapshots.
+    """
 
-        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
-        self.ema = ema
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        # DeepSpeed's wall-clock timers are printed and reset at every step; we sum its per-step snapshots.
-        self.timer_totals_ms: dict[str, float] | None = {} if ds_config.get("wall_clock_breakdown") else None
-        self.input_dtype = next(self.engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's sections
-        self.world_size = dist.get_world_size()
+    def __init__(self, engine):
+        self.engine = engine
+        self.totals_ms: dict[str, float] = {}
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        loss, _ = self.engine(batch)
-        # As in yolods.train: a sum over the rank's images, x world size because DeepSpeed averages gradients.
-        return loss.sum() * self.world_size
+    def reset(self) -> None:
+        self.totals_ms = {}
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
+    def add_step(self) -> None:
+        for name, elapsed_ms in self.engine.get_wall_clock_timers().items():
+            self.totals_ms[name] = self.totals_ms.get(name, 0.0) + elapsed_ms
 
-    def step(self) -> None:
-        self.engine.step()
-        if self.timer_totals_ms is not None:
-            for name, elapsed_ms in self.engine.get_wall_clock_timers().items():
-                self.timer_totals_ms[name] = self.timer_totals_ms.get(name, 0.0) + elapsed_ms
-        if self.ema is not None:
-            self.ema.update(self.engine.module, zero_stage=self.zero_stage)
-
-    def model_states(self) -> ModelStateBytes:
-        return model_state_bytes(self.engine.module, self.engine.optimizer)
-
-    def reset_wall_clock_breakdown(self) -> None:
-        self.timer_totals_ms = {}
-
-    def wall_clock_breakdown(self, *, steps: int) -> dict[str, float]:
-        """DeepSpeed's own timers since the last reset, in seconds per step (forward, backward and its
-        all-reduce part, step)."""
+    def per_step(self, *, steps: int) -> dict[str, float]:
+        """Seconds per step since the last reset: forward, backward and its all-reduce part, step."""
         from deepspeed.utils import timer
 
         names = {
@@ -143,19 +153,26 @@ class DeepSpeedStepper:
             "backward_allreduce": timer.BACKWARD_REDUCE_GLOBAL_TIMER,
             "step": timer.STEP_GLOBAL_TIMER,
         }
-        totals = self.timer_totals_ms or {}
-        return {key: totals.get(name, 0.0) / 1000 / steps for key, name in names.items()}
-
-    def close(self) -> None:
-        self.engine.destroy()
-        self.engine = None
+        return {key: self.totals_ms.get(name, 0.0) / 1000 / steps for key, name in names.items()}
 
 
 class DDPStepper:
-    """The baseline: the same model in torch DistributedDataParallel, stepped as Ultralytics' trainer does."""
+    """The baseline: the same model in torch DistributedDataParallel, stepped as Ultralytics' trainer does.
+
+    Called like TrainStep: a raw collated batch in (it preprocesses it, as Ultralytics' trainer does), and
+    `on_phase`, when set, is called at the end of each of yolods.step.PHASES. Accumulation is 1 and there is no
+    warmup, so the lr stays lr0 and every call steps the optimizer; it issues no per-step collective of its own.
+    """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str, device: torch.device, ema: Any
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        precision: str,
+        device: torch.device,
+        memory_format: torch.memory_format,
+        ema: Any,
     ):
         # torch's defaults (25 MiB buckets, buffer broadcast): the "plain DDP" a user would write
         self.model = nn.parallel.DistributedDataParallel(
@@ -163,21 +180,22 @@ class DDPStepper:
         )
         self.optimizer = optimizer
         self.device = device
+        self.memory_format = memory_format
         self.ema = ema
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.input_dtype = torch.float32
         self.world_size = dist.get_world_size()
+        self.on_phase: Callable[[str], None] | None = None
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> None:
+        batch = preprocess_batch(batch, device=self.device, input_dtype=torch.float32, memory_format=self.memory_format)
+        self._phase_done("preprocess")
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss, _ = self.model(batch)
-        return loss.sum() * self.world_size  # Ultralytics' DDP loss scaling
-
-    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss.sum() * self.world_size  # Ultralytics' DDP loss scaling
+        self._phase_done("forward")
         self.scaler.scale(loss).backward()
-
-    def step(self) -> None:
+        self._phase_done("backward")
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=GRADIENT_CLIP_NORM)
         self.scaler.step(self.optimizer)
@@ -185,58 +203,94 @@ class DDPStepper:
         self.optimizer.zero_grad()
         if self.ema is not None:
             self.ema.update(self.model.module)
+        self._phase_done("optimizer")
 
-    def model_states(self) -> ModelStateBytes:
-        return model_state_bytes(self.model.module, self.optimizer)
-
-    def close(self) -> None:
-        self.model = None
+    def _phase_done(self, phase: str) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
 
 @dataclass
-class BuiltModel:
-    """A fresh model with its optimizer, EMA and what the results need to know about it."""
+class BenchEngine:
+    """One configuration, built and ready to time: `step` is a TrainStep (deepspeed) or a DDPStepper (ddp)."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    ema: Any
-    hyp: Any
+    plan: RunPlan
+    step: TrainStep | DDPStepper
+    device: torch.device
+    train_hyp: Any  # the hyperparameters as Ultralytics' optimizer choice left them
+    optimizer_name: str
     num_params: int
-    stride: int
-    data: dict[str, Any] | None  # parsed data.yaml for real input
+    spec: CommSpec
+    train_data: TrainData | None  # the train split real input reads; None for synthetic input
+    timers: WallClockTimers | None  # DeepSpeed's own timers, with --wall-clock-breakdown
+
+    def model_states(self) -> ModelStateBytes:
+        """Model-state bytes this rank holds now (call it between backward and the optimizer step)."""
+        if isinstance(self.step, TrainStep):
+            return model_state_bytes(self.step.engine.module, self.step.engine.optimizer)
+        return model_state_bytes(self.step.model.module, self.step.optimizer)
+
+    def close(self) -> None:
+        if isinstance(self.step, TrainStep):
+            self.step.engine.destroy()
+        self.step = None  # type: ignore[assignment]
+        self.timers = None
 
 
-def build_for(cfg: BenchConfig, *, device: torch.device, data_yaml: str | None) -> BuiltModel:
-    """Model, optimizer groups and EMA exactly as yolods.train builds them, identical on every rank."""
-    from ultralytics.utils.torch_utils import init_seeds
+def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_images: int) -> BenchEngine:
+    """Build `cfg` on this rank through yolods.build, as `build_trainer` builds a run.
 
-    from yolods.bench.inputs import shapes_num_classes
-    from yolods.data import load_data_yaml
-    from yolods.engine import build_hyp
-    from yolods.model import build_ema, build_model, build_optimizer, model_stride, training_memory_format
-
-    init_seeds(cfg.seed)  # same weights everywhere, as DeepSpeed and DDP would broadcast anyway
-    run_cfg = run_config(cfg, data=data_yaml or "synthetic")
-    hyp = build_hyp(run_cfg, data_yaml or "synthetic")
-    data = load_data_yaml(data_yaml) if data_yaml else None
-    num_classes, names = (data["nc"], data["names"]) if data else shapes_num_classes()
+    `data_yaml`: the data real input reads (None for synthetic input). The optimizer's `auto` choice and the
+    schedule see that split's images and batches, or, for synthetic input, `synthetic_images` images.
+    """
+    plan = bench_plan(cfg, world_size=dist.get_world_size(), data_yaml=data_yaml)
+    hyp = plan.hyp
+    device = device_for(plan)
+    seed_run(cfg.seed)
+    num_classes, names = (plan.data["nc"], plan.data["names"]) if plan.data else shapes_num_classes()
     model = build_model(cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False)
-    model = model.to(device, memory_format=training_memory_format(device, hyp))  # as yolods.train runs it
-    optimizer, _ = build_optimizer(
-        model,
-        hyp=hyp,
-        num_classes=num_classes,
-        iterations=cfg.steps + cfg.warmup_steps,
-        weight_decay=hyp.weight_decay,  # nbs = global batch: Ultralytics' decay scaling is 1
-        zero_stage=cfg.zero_stage or 0,
+    stride = model_stride(model)
+    train_data = build_train_loader(plan, hyp, plan.data, stride=stride, device=device) if plan.data else None
+    num_images = train_data.num_images if train_data else synthetic_images
+    batches_per_epoch = (
+        train_data.batches_per_epoch() if train_data else math.ceil(num_images / plan.batch.global_batch)
+    )
+    memory_format = training_memory_format(device, hyp)
+    model = model.to(device, memory_format=memory_format)
+    optimizer, train_hyp, schedule = build_optimizer_and_schedule(
+        plan, hyp, model, num_classes=num_classes, num_train_images=num_images, batches_per_epoch=batches_per_epoch
     )
     ema = build_ema(model) if cfg.ema else None  # before initialize: ZeRO-3 empties the parameters
-    return BuiltModel(
-        model=model,
-        optimizer=optimizer,
-        ema=ema,
-        hyp=hyp,
-        num_params=sum(param.numel() for param in model.parameters()),
-        stride=model_stride(model),
-        data=data,
+    is_deepspeed = cfg.engine == "deepspeed"
+    ds_config = plan.ds_config if is_deepspeed else None
+    spec = comm_spec_for(model, zero_stage=plan.zero_stage if is_deepspeed else None, ds_config=ds_config, ema=cfg.ema)
+    num_params = sum(param.numel() for param in model.parameters())
+    step: TrainStep | DDPStepper
+    timers = None
+    if is_deepspeed:
+        step = build_train_step(
+            model,
+            optimizer,
+            plan.ds_config,
+            ema=ema,
+            schedule=schedule,
+            device=device,
+            memory_format=memory_format,
+            stop_request=StopRequest(),  # not installed: no signal handler, but the per-step all-reduce users pay
+        )
+        timers = WallClockTimers(step.engine) if plan.ds_config.get("wall_clock_breakdown") else None
+    else:
+        step = DDPStepper(
+            model, optimizer, precision=plan.precision, device=device, memory_format=memory_format, ema=ema
+        )
+    return BenchEngine(
+        plan=plan,
+        step=step,
+        device=device,
+        train_hyp=train_hyp,
+        optimizer_name=type(optimizer).__name__,
+        num_params=num_params,
+        spec=spec,
+        train_data=train_data,
+        timers=timers,
     )

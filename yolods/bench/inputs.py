@@ -1,7 +1,9 @@
-"""Batches for the timed steps: `synthetic` tensors made on the device, or `real` ones from yolods' dataloader.
+"""Raw collated batches for the timed steps: `synthetic` ones made on the device, or `real` ones from yolods' loader.
 
-Synthetic input is the ceiling (compute and communication only); real input runs Ultralytics' augmentation and
-collation through the loader yolods trains with, so the gap between the two is the data-loading cost.
+Both are what yolods' train loader yields (uint8 images, 0-255), so the step under test preprocesses them as in
+training (to the device, / 255, the model's dtype and memory format). Synthetic input is the ceiling (no loading
+or augmentation); real input runs Ultralytics' augmentation and collation through the loader yolods trains with,
+so the gap between the two is the data-loading cost.
 """
 
 from __future__ import annotations
@@ -9,29 +11,22 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from yolods import dist
-from yolods.data import build_train_data, preprocess_batch
+from yolods.data import TrainData
 from yolods.data.synthetic import CLASS_NAMES, make_synthetic_dataset
 
 BOXES_PER_IMAGE = 3  # the shapes set draws 1-3 per image
 
 
 def synthetic_batch(
-    *,
-    micro_batch: int,
-    imgsz: int,
-    num_classes: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    memory_format: torch.memory_format,
-    seed: int,
+    *, micro_batch: int, imgsz: int, num_classes: int, device: torch.device, seed: int
 ) -> dict[str, torch.Tensor]:
-    """One preprocessed batch in Ultralytics' format (img in [0, 1], cls, normalised xywh bboxes, batch_idx)."""
+    """One raw collated batch as the train loader yields it, made on the device: img uint8 NCHW with values
+    0-255, cls, normalised xywh bboxes, batch_idx (Ultralytics' format)."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def uniform(*shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -41,7 +36,9 @@ def synthetic_batch(
     centers = uniform(num_boxes, 2, low=0.25, high=0.75)
     sizes = uniform(num_boxes, 2, low=0.05, high=0.4)
     return {
-        "img": uniform(micro_batch, 3, imgsz, imgsz).to(dtype).contiguous(memory_format=memory_format),
+        "img": torch.randint(
+            0, 256, (micro_batch, 3, imgsz, imgsz), generator=generator, device=device, dtype=torch.uint8
+        ),
         "cls": torch.randint(0, num_classes, (num_boxes, 1), generator=generator, device=device).float(),
         "bboxes": torch.cat([centers, sizes], dim=1),
         "batch_idx": torch.arange(micro_batch, device=device).repeat_interleave(BOXES_PER_IMAGE).float(),
@@ -49,7 +46,7 @@ def synthetic_batch(
 
 
 def repeat_batch(batch: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
-    """The same on-device batch forever (a shallow copy each step: the model may add keys to it)."""
+    """The same raw on-device batch forever (a shallow copy each step: preprocessing replaces its tensors)."""
     while True:
         yield dict(batch)
 
@@ -66,26 +63,11 @@ def shapes_dataset(*, num_images: int, imgsz: int, seed: int) -> str:
     return str(root / "data.yaml")
 
 
-def real_batches(
-    hyp: SimpleNamespace,
-    data: dict[str, Any],
-    *,
-    micro_batch: int,
-    workers: int,
-    seed: int,
-    stride: int,
-    device: torch.device,
-    input_dtype: torch.dtype,
-    memory_format: torch.memory_format,
-) -> Iterator[dict[str, Any]]:
-    """Batches from yolods' train loader (augmentation on), moved to the device; epochs repeat as needed."""
-    train_data = build_train_data(
-        hyp, data, micro_batch=micro_batch, workers=workers, seed=seed, stride=stride, pin_memory=device.type == "cuda"
-    )
+def real_batches(train_data: TrainData) -> Iterator[dict[str, Any]]:
+    """Raw batches from yolods' train loader (augmentation on), not preprocessed; epochs repeat as needed."""
     epoch = 0
     while True:
-        for batch in train_data.loader_for_epoch(epoch):
-            yield preprocess_batch(batch, device=device, input_dtype=input_dtype, memory_format=memory_format)
+        yield from train_data.loader_for_epoch(epoch)
         epoch += 1
 
 

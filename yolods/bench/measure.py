@@ -1,8 +1,11 @@
-"""Timing: burn-in, then timed steps split into data wait / forward / backward / optimizer step.
+"""Timing: burn-in, then timed steps of the step under test split into data wait / forward / backward / optimizer.
 
-The same loop times the DeepSpeed engine and the DDP baseline; the Ultralytics baseline sees only its batch
-boundaries, and `step_stats` summarises both the same way. On CUDA every phase ends with a synchronize, so each
-phase is charged its own kernels (the syncs cost a little throughput, the same for every engine).
+The step timed for DeepSpeed is yolods.step.TrainStep, the code `yolods.train` runs, called as the Trainer calls
+it; the DDP baseline's DDPStepper is called the same way. Each takes a raw collated batch and reports the end of
+each of its phases (yolods.step.PHASES: preprocess, forward, backward, optimizer) through `on_phase`; data wait is
+fetching the next raw batch plus the preprocess phase (to the device, / 255). On CUDA every phase ends with a
+synchronize, so each phase is charged its own kernels (the syncs cost a little throughput, the same for every
+engine). The Ultralytics baseline sees only its batch boundaries, and `step_stats` summarises both the same way.
 """
 
 from __future__ import annotations
@@ -17,21 +20,18 @@ import torch
 
 from yolods import dist
 from yolods.bench.comm_model import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fit_link
+from yolods.step import PHASES as STEP_PHASES
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 
 
-class Stepper(Protocol):
-    """A training step cut at the phase boundaries the breakdown reports."""
+class TimedStep(Protocol):
+    """A training micro-step as yolods.step.TrainStep is called: a raw collated batch in, phases reported."""
 
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Forward and loss; returns the loss to backpropagate."""
+    on_phase: Callable[[str], None] | None  # called with each of yolods.step.PHASES as that phase ends
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward, including the gradient reduction the engine does in or right after it."""
-
-    def step(self) -> None:
-        """Optimizer step (and the parameter all-gather of ZeRO 1-2), gradient clipping and the EMA update."""
+    def __call__(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> Any:
+        """Preprocess, forward, backward, optimizer step (and whatever the step does after it)."""
 
 
 @dataclass(frozen=True)
@@ -48,55 +48,79 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None  # CPU kernels have finished when the call returns
 
 
-def time_steps(
-    stepper: Stepper,
+def run_steps(
+    step: TimedStep,
     batches: Iterator[dict[str, Any]],
+    iterations: Iterator[int],
+    count: int,
+    *,
+    after_step: Callable[[], None] | None = None,
+) -> None:
+    """`count` untimed steps, as the Trainer calls them within epoch 0 (`iterations` counts on across calls)."""
+    for _ in range(count):
+        step(next(batches), iteration=next(iterations), epoch=0, last_in_epoch=False)
+        if after_step is not None:
+            after_step()
+
+
+def time_steps(
+    step: TimedStep,
+    batches: Iterator[dict[str, Any]],
+    iterations: Iterator[int],
     *,
     steps: int,
     warmup_steps: int,
     device: torch.device,
     on_window_start: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[list[StepRecord], float]:
     """Run `warmup_steps` untimed, then `steps` timed steps; returns their records and the window's wall time.
 
-    The window runs between two barriers, so it ends when the slowest rank does: global images/s is
-    global batch x steps / window.
+    Each step is `step(batch, iteration=i, epoch=0, last_in_epoch=False)` with i from `iterations`; its phases
+    come from `step.on_phase`, set only for the timed steps. `after_step` runs after every step (outside the
+    step's own time, inside the window). The window runs between two barriers, so it ends when the slowest rank
+    does: global images/s is global batch x steps / window.
     """
     sync = synchronizer(device)
-    for _ in range(warmup_steps):
-        stepper.backward(stepper.forward(next(batches)))
-        stepper.step()
+    run_steps(step, batches, iterations, warmup_steps, after_step=after_step)
     sync()
     dist.barrier()
     if on_window_start is not None:
         on_window_start()
+    ended: dict[str, float] = {}
+
+    def phase_done(phase: str) -> None:
+        sync()
+        ended[phase] = time.perf_counter()
+
     records = []
-    window_start = time.perf_counter()
-    for _ in range(steps):
-        started = time.perf_counter()
-        batch = next(batches)
-        sync()
-        fetched = time.perf_counter()
-        loss = stepper.forward(batch)
-        sync()
-        forwarded = time.perf_counter()
-        stepper.backward(loss)
-        sync()
-        backwarded = time.perf_counter()
-        stepper.step()
-        sync()
-        stepped = time.perf_counter()
-        records.append(
-            StepRecord(
-                total_s=stepped - started,
-                phases={
-                    "data_wait": fetched - started,
-                    "forward": forwarded - fetched,
-                    "backward": backwarded - forwarded,
-                    "optimizer": stepped - backwarded,
-                },
+    step.on_phase = phase_done
+    try:
+        window_start = time.perf_counter()
+        for _ in range(steps):
+            ended.clear()
+            started = time.perf_counter()
+            batch = next(batches)
+            step(batch, iteration=next(iterations), epoch=0, last_in_epoch=False)
+            sync()
+            finished = time.perf_counter()
+            if tuple(ended) != STEP_PHASES:
+                raise RuntimeError(f"the step reported phases {tuple(ended)}, expected {STEP_PHASES}")
+            records.append(
+                StepRecord(
+                    total_s=finished - started,
+                    phases={
+                        "data_wait": ended["preprocess"] - started,
+                        "forward": ended["forward"] - ended["preprocess"],
+                        "backward": ended["backward"] - ended["forward"],
+                        "optimizer": finished - ended["backward"],
+                    },
+                )
             )
-        )
+            if after_step is not None:
+                after_step()
+    finally:
+        step.on_phase = None
     dist.barrier()
     return records, time.perf_counter() - window_start
 

@@ -1,11 +1,15 @@
 """Measure one configuration on every rank and merge the ranks' figures into one results line (rank 0).
 
-build model -> wrap (DeepSpeed or DDP) -> burn in -> timed window -> model states -> optional comms log -> free.
+build through yolods.build (engines.build_bench_engine) -> burn in -> timed window -> model states -> optional
+comms log -> free. For DeepSpeed the step timed is yolods.step.TrainStep, the code `yolods.train` runs, fed raw
+collated batches (inputs) and called with the iteration counting on, epoch 0, never the last of its epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -14,17 +18,12 @@ import torch
 from yolods import dist
 from yolods.bench import inputs
 from yolods.bench.comm_model import CommSpec, Link, collective_time_s, comm_bytes_per_rank, step_collectives
-from yolods.bench.engines import (
-    DDPStepper,
-    DeepSpeedStepper,
-    bench_deepspeed_config,
-    build_for,
-    comm_spec_for,
-)
+from yolods.bench.engines import BenchEngine, build_bench_engine
 from yolods.bench.measure import (
     all_gather_object,
     logged_comm_per_step,
     mean_phases,
+    run_steps,
     step_stats,
     time_steps,
 )
@@ -40,40 +39,36 @@ def dataset_images(cfg: BenchConfig) -> int:
     return (cfg.warmup_steps + cfg.steps + COMMS_LOGGER_STEPS + 3) * cfg.global_batch
 
 
-def _batches(cfg: BenchConfig, built: Any, *, device: torch.device, input_dtype: torch.dtype):
-    from yolods.model import training_memory_format
-
-    memory_format = training_memory_format(device, built.hyp)  # the layout yolods.train feeds the model
+def _batches(cfg: BenchConfig, bench: BenchEngine) -> Iterator[dict[str, Any]]:
+    """Raw collated batches, as the train loader yields them: the step under test preprocesses them."""
     if cfg.input == "synthetic":
         num_classes, _ = inputs.shapes_num_classes()
         batch = inputs.synthetic_batch(
             micro_batch=cfg.micro_batch,
             imgsz=cfg.imgsz,
             num_classes=num_classes,
-            device=device,
-            dtype=input_dtype,
-            memory_format=memory_format,
+            device=bench.device,
             seed=cfg.seed + dist.get_rank(),
         )
         return inputs.repeat_batch(batch)
-    return inputs.real_batches(
-        built.hyp,
-        built.data,
-        micro_batch=cfg.micro_batch,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        stride=built.stride,
-        device=device,
-        input_dtype=input_dtype,
-        memory_format=memory_format,
-    )
+    assert bench.train_data is not None, "real input builds the train split"
+    return inputs.real_batches(bench.train_data)
 
 
-def _model_states_mid_step(stepper: DeepSpeedStepper | DDPStepper, batch: dict[str, Any]) -> ModelStateBytes:
-    """One more step, counted between backward and step: gradients and optimizer states both exist then."""
-    stepper.backward(stepper.forward(batch))
-    states = stepper.model_states()
-    stepper.step()
+def _model_states_mid_step(bench: BenchEngine, batch: dict[str, Any], *, iteration: int) -> ModelStateBytes:
+    """One more step, counted when its backward ends: gradients and optimizer states both exist then."""
+    captured: list[ModelStateBytes] = []
+
+    def at_phase_end(phase: str) -> None:
+        if phase == "backward":
+            captured.append(bench.model_states())
+
+    bench.step.on_phase = at_phase_end
+    try:
+        bench.step(batch, iteration=iteration, epoch=0, last_in_epoch=False)
+    finally:
+        bench.step.on_phase = None
+    (states,) = captured
     return states
 
 
@@ -83,7 +78,7 @@ def measure_training(
     """Measure a DeepSpeed or DDP configuration on every rank; rank 0 gets the merged figures, others None."""
     peak = PeakMemory(device)
     peak.reset()
-    rank_result, facts = _measure_this_rank(cfg, device=device, data_yaml=data_yaml, peak=peak)
+    rank_result, facts = _measure_this_rank(cfg, data_yaml=data_yaml, peak=peak)
     release_memory()  # the model, engine and batches went out of scope with the call
     per_rank = all_gather_object(rank_result)
     if not dist.is_main_process():
@@ -92,40 +87,32 @@ def measure_training(
 
 
 def _measure_this_rank(
-    cfg: BenchConfig, *, device: torch.device, data_yaml: str | None, peak: PeakMemory
+    cfg: BenchConfig, *, data_yaml: str | None, peak: PeakMemory
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """This rank's figures, and the facts about the configuration the results line records."""
-    built = build_for(cfg, device=device, data_yaml=data_yaml if cfg.input == "real" else None)
-    ds_config = bench_deepspeed_config(cfg, world_size=dist.get_world_size()) if cfg.engine == "deepspeed" else None
-    zero_stage = int(ds_config["zero_optimization"]["stage"]) if ds_config else None
-    spec = comm_spec_for(built.model, zero_stage=zero_stage, ds_config=ds_config, ema=cfg.ema)
-    if ds_config is not None:
-        stepper: DeepSpeedStepper | DDPStepper = DeepSpeedStepper(
-            built.model, built.optimizer, ds_config=ds_config, ema=built.ema
-        )
-    else:
-        stepper = DDPStepper(built.model, built.optimizer, precision=cfg.precision, device=device, ema=built.ema)
-    batches = _batches(cfg, built, device=device, input_dtype=stepper.input_dtype)
-
-    def run_steps(count: int) -> None:
-        for _ in range(count):
-            stepper.backward(stepper.forward(next(batches)))
-            stepper.step()
-
-    with_ds_timers = cfg.wall_clock_breakdown and isinstance(stepper, DeepSpeedStepper)
+    bench = build_bench_engine(
+        cfg, data_yaml=data_yaml if cfg.input == "real" else None, synthetic_images=dataset_images(cfg)
+    )
+    batches = _batches(cfg, bench)
+    iterations = itertools.count()  # the Trainer's iteration: never repeats, so every step is a boundary
+    timers = bench.timers
     records, window_s = time_steps(
-        stepper,
+        bench.step,
         batches,
+        iterations,
         steps=cfg.steps,
         warmup_steps=cfg.warmup_steps,
-        device=device,
-        on_window_start=stepper.reset_wall_clock_breakdown if with_ds_timers else None,
+        device=bench.device,
+        on_window_start=timers.reset if timers else None,
+        after_step=timers.add_step if timers else None,
     )
-    ds_breakdown = stepper.wall_clock_breakdown(steps=cfg.steps) if with_ds_timers else None
-    states = _model_states_mid_step(stepper, next(batches))
+    ds_breakdown = timers.per_step(steps=cfg.steps) if timers else None
+    states = _model_states_mid_step(bench, next(batches), iteration=next(iterations))
     logged = None
-    if cfg.comms_logger and isinstance(stepper, DeepSpeedStepper):
-        logged = logged_comm_per_step(run_steps, steps=COMMS_LOGGER_STEPS)
+    if cfg.comms_logger and cfg.engine == "deepspeed":
+        logged = logged_comm_per_step(
+            lambda count: run_steps(bench.step, batches, iterations, count), steps=COMMS_LOGGER_STEPS
+        )
     rank_result = {
         "step_times_s": [record.total_s for record in records],
         "breakdown_s": mean_phases(records),
@@ -135,22 +122,24 @@ def _measure_this_rank(
         "ds_wall_clock_breakdown_s": ds_breakdown,
         "comm_logged": logged,
     }
-    stepper.close()
+    plan, train_hyp = bench.plan, bench.train_hyp
+    ds_config = plan.ds_config if cfg.engine == "deepspeed" else None
     facts = {
-        "zero_stage": zero_stage,
-        "num_params": built.num_params,
-        "spec": spec,
+        "zero_stage": plan.zero_stage if ds_config else None,
+        "num_params": bench.num_params,
+        "spec": bench.spec,
         "ds_config": ds_config,
         "train_settings": {
-            "optimizer": type(built.optimizer).__name__,
-            "lr0": built.hyp.lr0,
-            "momentum": built.hyp.momentum,
-            "weight_decay": built.hyp.weight_decay,
-            "nbs": built.hyp.nbs,
+            "optimizer": bench.optimizer_name,
+            "lr0": train_hyp.lr0,
+            "momentum": train_hyp.momentum,
+            "weight_decay": train_hyp.weight_decay,
+            "nbs": train_hyp.nbs,
             "gradient_clipping": (ds_config or {}).get("gradient_clipping", GRADIENT_CLIP_NORM),
             "ema": cfg.ema,
         },
     }
+    bench.close()
     return rank_result, facts
 
 
