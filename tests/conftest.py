@@ -12,6 +12,7 @@ import pytest
 
 from yolods.dist import LAUNCHER_VARIABLES
 
+REPO = Path(__file__).resolve().parents[1]
 TRAIN_TIMEOUT_S = 420
 IMGSZ = 128
 
@@ -30,18 +31,16 @@ def train_env() -> dict[str, str]:
     return env
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """torchrun with `nproc` ranks on a free port; append a script, or `-m MODULE`, and its arguments."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+
+
 def train_command(args: list[str], *, nproc: int) -> list[str]:
     """`python -m yolods.train ARGS`, or under torchrun with `nproc` ranks on a free port."""
     if nproc == 1:
         return [sys.executable, "-m", "yolods.train", *args]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-    ]
-    return [*torchrun, "-m", "yolods.train", *args]
+    return [*torchrun_command(nproc), "-m", "yolods.train", *args]
 
 
 def run_train(

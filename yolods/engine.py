@@ -140,10 +140,7 @@ class Trainer:
         self.state.epoch, self.state.batch_index = epoch, next_batch
         tag = f"epoch{epoch + 1}-batch{next_batch}"
         self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=self.rank_state_dict(loss_sums))
-        received = self.step.stop_request.received
-        self.logger.info(
-            f"\nStopped by {getattr(received, 'name', 'a signal to another rank')}: checkpoint {tag} saved; continue with --resume {self.run_dir}"
-        )
+        self._log_stop(tag)
         raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
 
     def _step_scalars(
@@ -196,12 +193,17 @@ class Trainer:
             )
             self.checkpointer.export_weights(weights, is_best=is_best)
         self.stop_after_epoch = self.step.stop_request.agreed()  # a signal during the last step or validation
+        tag = f"epoch{epoch + 1}"
+        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=self.rank_state_dict(None))
         if self.stop_after_epoch:
-            self.logger.info(f"Stopped by a signal after epoch {epoch + 1}; continue with --resume {self.run_dir}")
-        self.checkpointer.save(
-            f"epoch{epoch + 1}", client_state=self.state_dict(), rank_state=self.rank_state_dict(None)
-        )
+            self._log_stop(tag)
         return metrics or {}
+
+    def _log_stop(self, tag: str) -> None:
+        received = self.step.stop_request.received
+        self.logger.info(
+            f"\nStopped by {getattr(received, 'name', 'a signal to another rank')}: checkpoint {tag} saved; continue with --resume {self.run_dir}"
+        )
 
     def _should_stop(self, epoch: int) -> bool:
         """Ultralytics' patience rule: stop when fitness has not improved for `patience` epochs."""

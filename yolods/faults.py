@@ -123,7 +123,8 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
     log_path = _write_log(run_dir, rank, details)
     summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
     where = f"traceback in {log_path}" if log_path else details.rstrip()
-    _leave(f"yolods: rank {rank}: error: {type(error).__name__}: {summary}\n({where})")
+    # on a line of its own: rank 0's progress bar may hold the cursor mid-line
+    _leave(f"\nyolods: rank {rank}: error: {type(error).__name__}: {summary}\n({where})")
 
 
 def _write_log(run_dir: Path | None, rank: int, details: str) -> Path | None:

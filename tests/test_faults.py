@@ -1,0 +1,163 @@
+"""Faults in real 2-rank jobs: an error on one rank ends the whole job in seconds; a stop never loses work.
+
+Each test injects one fault (an exception mid-step, a failed write, a signal to the launcher or its whole
+process group, a damaged checkpoint) and checks the exit code, the time to exit, that no process is left
+and, for stops, that the checkpoint resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, assert_ok, free_port, run_train, small_run_args, torchrun_command, train_command, train_env
+
+pytestmark = pytest.mark.multirank
+
+FAULT_EXIT_S = 60  # the bar: a fault on one rank ends every process within a minute
+
+
+def deepspeed_command(args: list[str]) -> list[str]:
+    """The deepspeed launcher, 2 ranks on this node (it takes --module, not -m)."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "yolods.train", *args]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a job under a scheduler
+    )
+
+
+def process_tree(process: subprocess.Popen) -> list[psutil.Process]:
+    return [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+
+
+def wait_for_all(tree: list[psutil.Process], *, timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process of the tree has exited; returns those still running at the timeout."""
+    _, alive = psutil.wait_procs(tree, timeout=timeout_s)
+    for process in alive:
+        process.kill()
+    return alive
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "latest").is_file():
+        assert process.poll() is None and time.time() < deadline, "run ended or stalled before its first checkpoint"
+        time.sleep(0.05)
+
+
+def fault_args(shapes_data: Path, project: Path, name: str) -> list[str]:
+    return small_run_args(shapes_data, project, name, "--workers", "2", epochs=3)
+
+
+@pytest.mark.parametrize(("kind", "rank", "at"), [("raise", 1, 3), ("write", 0, 1)])
+def test_an_error_on_one_rank_ends_the_job_fast(kind, rank, at, shapes_data, tmp_path):
+    """An exception mid-step on rank 1 (an OOM), or a failed weights write on rank 0 (a full disk)."""
+    command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), kind, str(rank), str(at), "--"]
+    command += fault_args(shapes_data, tmp_path, kind)
+    started = time.time()
+    process = start(command)
+    tree = process_tree(process)
+    output, _ = process.communicate(timeout=240)
+    elapsed_s = time.time() - started
+    assert process.returncode != 0, output[-3000:]
+    assert not wait_for_all(tree, timeout_s=10), "processes left running"
+    errors = [line for line in output.splitlines() if line.startswith(f"yolods: rank {rank}: error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert "injected" in errors[0]
+    assert f"yolods: rank {1 - rank}: stopping, rank {rank} failed" in output
+    assert (tmp_path / kind / "logs" / f"rank{rank}.log").read_text().startswith("Traceback")
+    assert elapsed_s < FAULT_EXIT_S + 60, elapsed_s  # start-up included; the fault itself ends it in seconds
+
+
+def stop_and_resume(command: list[str], run_dir: Path, *, how: signal.Signals, to_group: bool) -> str:
+    """Signal a running job once it has a checkpoint; check that every process exits in time; return the output."""
+    process = start(command)
+    wait_for_checkpoint(run_dir, process)
+    time.sleep(0.3)
+    tree = process_tree(process)
+    signalled = time.time()
+    if to_group:
+        os.killpg(process.pid, how)
+    else:
+        process.send_signal(how)
+    output, _ = process.communicate(timeout=120)
+    assert not wait_for_all(tree, timeout_s=FAULT_EXIT_S), "processes left running"
+    assert time.time() - signalled < FAULT_EXIT_S
+    return output
+
+
+def test_sigterm_to_the_deepspeed_launchers_process_group_saves_and_resumes(shapes_data, tmp_path):
+    """What scancel does: every process (runner, launch.py, ranks, dataloader workers) gets SIGTERM."""
+    run_dir = tmp_path / "stopped"
+    output = stop_and_resume(
+        deepspeed_command(fault_args(shapes_data, tmp_path, "stopped")), run_dir, how=signal.SIGTERM, to_group=True
+    )
+    assert "Stopped by SIGTERM: checkpoint epoch" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert_ok(run_train(["--resume", str(run_dir)], nproc=2))
+
+
+def test_sigterm_to_the_deepspeed_runner_alone_stops_the_ranks(shapes_data, tmp_path):
+    """The runner does not pass SIGTERM on; the ranks notice it is gone and stop with a checkpoint."""
+    run_dir = tmp_path / "stopped"
+    output = stop_and_resume(
+        deepspeed_command(fault_args(shapes_data, tmp_path, "stopped")), run_dir, how=signal.SIGTERM, to_group=False
+    )
+    # launch.py and the ranks keep writing to the runner's output after it is gone
+    assert "the launcher is gone: saving a checkpoint" in output, output[-3000:]
+    assert "Stopped by SIGTERM: checkpoint epoch" in output, output[-3000:]
+    assert_ok(run_train(["--resume", str(run_dir)], nproc=2))
+
+
+def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
+    run_dir = tmp_path / "stopped"
+    output = stop_and_resume(
+        train_command(fault_args(shapes_data, tmp_path, "stopped"), nproc=2), run_dir, how=signal.SIGINT, to_group=False
+    )
+    assert output.count("Ctrl-C: saving a checkpoint") == 1, output[-3000:]
+    assert "Stopped by SIGINT" in output, output[-3000:]  # torchrun reports its own SignalException, not our 130
+    assert not [line for line in output.splitlines() if 'File "' in line and "yolods" in line], output[-3000:]
+    assert_ok(run_train(["--resume", str(run_dir)], nproc=2))
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(shapes_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_train(small_run_args(shapes_data, tmp_path, "run", epochs=2), nproc=2))
+    newest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    damaged = newest / "yolods_rank1.pt"
+    damaged.write_bytes(damaged.read_bytes()[:500])  # cut off mid-write
+    result = run_train(["--resume", str(run_dir)], nproc=2)
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert f"skipping checkpoint {newest.name}: yolods_rank1.pt" in output, output[-3000:]
+    assert "Resuming" in output and "from epoch1" in output, output[-3000:]
+
+
+def test_ctrl_c_to_a_single_process_exits_130_and_resumes(shapes_data, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground group: the training process and its 2 loader workers."""
+    run_dir = tmp_path / "stopped"
+    command = train_command(fault_args(shapes_data, tmp_path, "stopped"), nproc=1)
+    process = start(command)
+    wait_for_checkpoint(run_dir, process)
+    time.sleep(0.3)
+    tree = process_tree(process)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "Stopped by SIGINT" in output, output[-3000:]
+    assert not wait_for_all(tree, timeout_s=FAULT_EXIT_S), "processes left running"
+    assert_ok(run_train(["--resume", str(run_dir)], nproc=1))
