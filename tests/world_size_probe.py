@@ -19,6 +19,7 @@ import yolods  # noqa: F401  (offline environment first)
 from yolods import dist
 from yolods.build import build_trainer
 from yolods.config import parse_args, resolve_run
+from yolods.preemption import StopRequest
 
 NUM_IMAGES = 16
 
@@ -75,7 +76,7 @@ def main() -> None:
     flags += ["--project", str(run_dir), "--name", "probe"]
     plan = resolve_run(parse_args(flags), world_size=world)
     dist.init_distributed("cpu")
-    trainer = build_trainer(plan, run_dir / "probe")
+    trainer = build_trainer(plan, run_dir / "probe", stop_request=StopRequest())
 
     from ultralytics.data.build import build_yolo_dataset
 
