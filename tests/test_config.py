@@ -107,7 +107,7 @@ def test_buckets_split_even_the_smallest_yolo():
 
 def test_parse_args_defaults_for_synthetic_and_real_data():
     synthetic = parse_args([])
-    assert (synthetic.data, synthetic.epochs, synthetic.imgsz, synthetic.batch) == ("synthetic", 5, 160, 16)
+    assert (synthetic.data, synthetic.epochs, synthetic.imgsz, synthetic.batch) == ("synthetic", 10, 128, 16)
     real = parse_args(["--data", "coco.yaml", "--local_rank=3"])
     assert (real.epochs, real.imgsz) == (100, 640)
 

@@ -89,3 +89,21 @@ def test_ema_follows_parameters_in_other_dtypes_and_new_storage(model):
     first_model = next(half.parameters())
     assert first_ema.dtype == torch.float32
     assert torch.allclose(first_ema, first_model.float(), atol=0.05)  # decay ~0 on the first update
+
+
+def test_saved_weights_have_ultralytics_structure(model):
+    """The per-Conv activation copies made for ZeRO-3 are shared again in saved weights: the layer count and the
+    outputs equal those of the model Ultralytics builds from the same yaml."""
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import init_seeds
+
+    init_seeds(0)
+    reference = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.load_state_dict(reference.state_dict())
+    snapshot = export_snapshot(model)
+    assert len(list(snapshot.modules())) == len(list(reference.modules()))
+    assert len(list(model.modules())) > len(list(reference.modules()))  # training keeps its copies
+    images = torch.rand(2, 3, 64, 64)
+    reference.eval()
+    expected = reference(images)[0]
+    assert torch.allclose(snapshot.float().eval()(images)[0], expected, rtol=1e-4, atol=1e-3)

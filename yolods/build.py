@@ -198,8 +198,14 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
     ds_config = copy.deepcopy(plan.ds_config)
     place_monitor_outputs(ds_config, run_dir)
 
+    main = dist.is_main_process()
     model = build_model(
-        cfg.model, num_classes=data["nc"], class_names=data["names"], hyp=hyp, verbose=dist.is_main_process()
+        cfg.model,
+        num_classes=data["nc"],
+        class_names=data["names"],
+        hyp=hyp,
+        verbose=cfg.verbose and main,
+        summary=main,
     )
     names, stride = loss_names(model), model_stride(model)
     train_data = build_train_loader(plan, hyp, data, stride=stride, device=device)

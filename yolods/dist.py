@@ -71,7 +71,7 @@ def print_main(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def init_distributed(device_type: str) -> None:
+def init_distributed(device_type: str, *, verbose: bool = True) -> None:
     """Join the process group the launcher prepared; a no-op for a single process.
 
     Gloo on CPU, NCCL on CUDA, chosen by DeepSpeed's accelerator. See COLLECTIVE_TIMEOUT_MIN for the timeout.
@@ -86,9 +86,15 @@ def init_distributed(device_type: str) -> None:
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import contextlib
+    import io
+
     import deepspeed
 
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
+    # DeepSpeed prints "... built successfully" for its CPU comm op on every rank and start; --verbose shows it.
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
 
 
 def _free_port() -> int:

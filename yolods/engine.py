@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from yolods import dist
-from yolods.checkpoint import Checkpointer
+from yolods.checkpoint import Checkpointer, complete_tags
 from yolods.config import RunPlan
 from yolods.data import TrainData
-from yolods.metrics import RunLogger
+from yolods.metrics import RunFacts, RunLogger
 from yolods.model import floating_buffers, ultralytics_weights
 from yolods.preemption import TrainingInterrupted
 from yolods.profiling import StepProfiler
@@ -69,7 +69,10 @@ class Trainer:
         self.profiler = profiler
         self.run_dir: Path = checkpointer.run_dir
         self.loss_names = step.loss_names
+        self.plan = plan
         self.state = TrainState()
+        self.started_s = time.perf_counter()
+        self.images_trained = 0  # by all ranks, in this process's run (a resumed run counts from its start)
         self.stop_after_epoch = False
         self.resumed_loss_sums: torch.Tensor | None = None
 
@@ -77,6 +80,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run the remaining epochs; returns the last validation metrics (rank 0) or {}."""
         metrics: dict[str, Any] = {}
+        self.started_s = time.perf_counter()
         for epoch in range(self.state.epoch, self.epochs):
             train_losses = self.train_epoch(epoch)
             metrics = self.end_epoch(epoch, train_losses)
@@ -116,12 +120,14 @@ class Trainer:
                 )
             loss_sums += result.loss_items
             step_time_s = time.perf_counter() - step_started
-            imgs_per_s = batch["img"].shape[0] * dist.get_world_size() / step_time_s
+            images = batch["img"].shape[0] * dist.get_world_size()
+            self.images_trained += images
+            imgs_per_s = images / step_time_s
             self.logger.update_bar(
                 epoch=epoch,
                 epochs=self.epochs,
                 mean_losses=(loss_sums / (batch_index + 1)).tolist(),
-                imgs_per_s=imgs_per_s,
+                instances=batch["cls"].shape[0],  # this rank's boxes in the batch, as Ultralytics shows
                 mem_gib=self._memory_gib(),
                 imgsz=batch["img"].shape[-1],
             )
@@ -274,6 +280,24 @@ class Trainer:
         else:
             where = f", batch {self.state.batch_index + 1}" if self.state.batch_index else ""
             self.logger.info(f"Resuming {self.run_dir} from {tag} at epoch {self.state.epoch + 1}/{self.epochs}{where}")
+
+    def summarize(self, *, stopped: str | None = None) -> None:
+        """Rank 0's closing lines: results, speed, where the files are and what to run next."""
+        wall_s = time.perf_counter() - self.started_s
+        tags = complete_tags(self.run_dir) if dist.is_main_process() else []
+        facts = RunFacts(
+            epochs_done=self.state.epoch,
+            epochs=self.epochs,
+            wall_s=wall_s,
+            imgs_per_s=self.images_trained / max(wall_s, 1e-9),
+            world_size=dist.get_world_size(),
+            zero_stage=self.plan.zero_stage,
+            precision=self.plan.precision,
+            data_yaml=self.hyp.data,
+            latest_checkpoint=tags[0].name if tags else None,
+            stopped=stopped,
+        )
+        self.logger.summary(facts)
 
     def _memory_gib(self) -> float:
         """Peak memory of this rank: CUDA max allocated on GPU, peak RSS of the process on CPU."""

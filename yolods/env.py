@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -23,6 +24,12 @@ def _translate_slurm_env() -> None:
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device_flag(argv: list[str]) -> str | None:
@@ -67,9 +74,13 @@ def prepare_process_env(argv: list[str] | None = None) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "True")
     _translate_slurm_env()
-    # DeepSpeed picks its accelerator at import; `--device cpu` on a GPU host must select the CPU one.
-    if _device_flag(argv) == "cpu":
+    # DeepSpeed picks its accelerator at import; `--device cpu` on a GPU host must select the CPU one. Naming it
+    # where there is no GPU also spares every rank DeepSpeed's "unable to detect" warning.
+    if _device_flag(argv) == "cpu" or not _cuda_present():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch warns "No CUDA runtime is found, using CUDA_HOME" whenever DeepSpeed loads its JIT-built CPU comm op;
+    # nothing CUDA is built, so the warning only alarms.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # torch 2.14 warns on every step about the collectives DeepSpeed's ZeRO calls; they say nothing actionable.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")

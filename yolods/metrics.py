@@ -10,10 +10,70 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from yolods import dist
+
+MAP50, MAP50_95 = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the end-of-run summary reports besides results.csv."""
+
+    epochs_done: int
+    epochs: int
+    wall_s: float
+    imgs_per_s: float
+    world_size: int
+    zero_stage: int
+    precision: str
+    data_yaml: str
+    latest_checkpoint: str | None
+    stopped: str | None = None  # the stop signal's checkpoint tag, when a signal ended the run early
+
+
+def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The results.csv row with the best fitness (0.1 mAP50 + 0.9 mAP50-95, Ultralytics' rule)."""
+    scored = [row for row in rows if row.get(MAP50) not in (None, "")]
+    if not scored:
+        return None
+    return max(scored, key=lambda row: 0.1 * float(row[MAP50]) + 0.9 * float(row[MAP50_95]))
+
+
+def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path) -> str:
+    """Ultralytics-style closing lines, then the next commands to run."""
+    import importlib.util
+
+    minutes = facts.wall_s / 60
+    lines = [
+        "",
+        f"{facts.epochs_done}/{facts.epochs} epochs completed in {minutes:.1f} min ({facts.imgs_per_s:.1f} img/s overall) on "
+        f"{facts.world_size} rank{'s' if facts.world_size > 1 else ''}, ZeRO-{facts.zero_stage}, {facts.precision}",
+    ]
+    if best is not None:
+        lines.append(
+            f"best epoch {best['epoch']}: mAP50 {float(best[MAP50]):.3f}, mAP50-95 {float(best[MAP50_95]):.3f}"
+        )
+    weights = run_dir / "weights"
+    for label, path in (("best.pt", weights / "best.pt"), ("last.pt", weights / "last.pt")):
+        if path.exists():
+            lines.append(f"{label:<12} {path}")
+    lines.append(f"{'results':<12} {run_dir / 'results.csv'}, results.png")
+    if facts.latest_checkpoint:
+        lines.append(f"{'checkpoint':<12} {run_dir / 'checkpoints' / facts.latest_checkpoint}")
+    lines.append("Next:")
+    if facts.stopped:
+        lines.append(f"  python -m yolods.train --resume {run_dir}      # continue from {facts.stopped}")
+    best_weights = weights / "best.pt"
+    if importlib.util.find_spec("yolods.val") is not None:
+        lines.append(f"  python -m yolods.val --model {best_weights} --data {facts.data_yaml}")
+    if importlib.util.find_spec("yolods.predict") is not None:
+        lines.append(f"  python -m yolods.predict --model {best_weights} --source path/to/images")
+    lines.append(f"  tensorboard --logdir {run_dir}")
+    return "\n".join(lines)
 
 
 class RunLogger:
@@ -51,19 +111,19 @@ class RunLogger:
         from ultralytics.utils import TQDM
 
         self.info(
-            ("\n" + "%11s" * (4 + len(self.loss_names))) % ("Epoch", "Mem(GiB)", *self.loss_names, "img/s", "Size")
+            ("\n" + "%11s" * (4 + len(self.loss_names))) % ("Epoch", "Mem(GiB)", *self.loss_names, "Instances", "Size")
         )
         self._bar = TQDM(loader, total=total)
         self._bar.set_description(f"{epoch + 1}/{epochs}")
         return self._bar
 
     def update_bar(
-        self, *, epoch: int, epochs: int, mean_losses: list[float], imgs_per_s: float, mem_gib: float, imgsz: int
+        self, *, epoch: int, epochs: int, mean_losses: list[float], instances: int, mem_gib: float, imgsz: int
     ) -> None:
         if self._bar is not None:
             self._bar.set_description(
                 ("%11s" * 2 + "%11.4g" * (len(mean_losses) + 1) + "%11s")
-                % (f"{epoch + 1}/{epochs}", f"{mem_gib:.3g}G", *mean_losses, imgs_per_s, imgsz)
+                % (f"{epoch + 1}/{epochs}", f"{mem_gib:.3g}G", *mean_losses, instances, imgsz)
             )
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
@@ -126,6 +186,12 @@ class RunLogger:
         figure.savefig(path, dpi=150)
         plt.close(figure)
         return path
+
+    def summary(self, facts: RunFacts) -> None:
+        """The run's last lines on rank 0: how good it got and when, how fast, where things are, what to run next."""
+        if self.enabled:
+            best = best_epoch(self.read_results()) if self.csv_path.exists() else None
+            self.info(summary_text(facts, best=best, run_dir=self.run_dir))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -66,7 +66,13 @@ def check_model_spec(model_spec: str) -> None:
 
 
 def build_model(
-    model_spec: str, *, num_classes: int, class_names: dict[int, str], hyp: SimpleNamespace, verbose: bool
+    model_spec: str,
+    *,
+    num_classes: int,
+    class_names: dict[int, str],
+    hyp: SimpleNamespace,
+    verbose: bool,
+    summary: bool = False,
 ) -> nn.Module:
     """An Ultralytics DetectionModel from a yaml name, or from a local .pt with its classes adapted to the data.
 
@@ -76,6 +82,7 @@ def build_model(
         class_names: index -> name, stored on the model so exported weights carry them.
         hyp: Ultralytics hyperparameters; the loss reads box/cls/dfl gains from `model.args`.
         verbose: print Ultralytics' layer table (rank 0 only).
+        summary: print Ultralytics' one-line summary (layers, parameters, GFLOPs) without the table.
 
     Examples:
         >>> model = build_model("yolov8n.yaml", num_classes=3, class_names={0: "a", 1: "b", 2: "c"}, hyp=hyp, verbose=False)
@@ -102,6 +109,8 @@ def build_model(
     model.names = class_names
     model.args = hyp
     model.criterion = model.init_criterion()
+    if summary and not verbose:  # verbose printed it with the table; before untying, as Ultralytics counts layers
+        model.info()
     untie_shared_modules(model)
     return model
 
@@ -212,7 +221,27 @@ def export_snapshot(ema_model: nn.Module) -> nn.Module:
     for tensor in snapshot.state_dict().values():
         if tensor.is_floating_point():
             torch.nan_to_num_(tensor)  # fp16 overflow would make the file unloadable for inference
+    retie_default_activations(snapshot)
     return snapshot
+
+
+def retie_default_activations(model: nn.Module) -> int:
+    """Undo `untie_shared_modules` for saving: every Conv-like module's default activation becomes one shared
+    instance again, so `YOLO(path).info()`, `fuse()` and export see the model Ultralytics would have saved.
+
+    The shared instance is one of the model's own copies, not the class attribute `Conv.default_act`: a hook
+    that ZeRO-3 (or anything else) left on the class attribute must not travel into the saved file.
+    Returns how many modules now share it.
+    """
+    shared: dict[type, nn.Module] = {}
+    retied = 0
+    for module in model.modules():
+        default = getattr(type(module), "default_act", None)
+        act = getattr(module, "act", None)
+        if isinstance(default, nn.Module) and isinstance(act, nn.Module) and type(act) is type(default):
+            module.act = shared.setdefault(type(act), act)
+            retied += 1
+    return retied
 
 
 def build_ema(model: nn.Module):

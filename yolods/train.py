@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = resume_dir = watchdog = None
     try:
         plan, resume_dir = plan_run(argv)
-        dist.init_distributed(plan.cfg.device)
+        dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
         watchdog = faults.JobWatchdog(stop_request).start()
         from yolods import checkpoint
         from yolods.build import build_trainer
@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as error:
         faults.abort_job(error, run_dir=run_dir)
+    stopped = None
     try:
         trainer.train()
         exit_code = 0
     except TrainingInterrupted as interrupted:
-        exit_code = interrupted.exit_code  # the checkpoint is on disk; the scheduler may requeue
+        exit_code, stopped = interrupted.exit_code, str(interrupted)  # saved; the scheduler may requeue
     except Exception as error:
         faults.abort_job(error, run_dir=run_dir)
+    trainer.summarize(stopped=stopped)
     watchdog.stop()  # before the shutdown barrier, after which rank 0 may close the store
     trainer.close()
     return exit_code
