@@ -159,5 +159,6 @@ def test_ctrl_c_to_a_single_process_exits_130_and_resumes(shapes_data, tmp_path)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-3000:]
     assert "Traceback" not in output and "Stopped by SIGINT" in output, output[-3000:]
+    assert f"python -m yolods.train --resume {run_dir.resolve()}" in output, output[-2000:]  # the summary says how
     assert not wait_for_all(tree, timeout_s=FAULT_EXIT_S), "processes left running"
     assert_ok(run_train(["--resume", str(run_dir)], nproc=1))
