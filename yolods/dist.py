@@ -51,8 +51,9 @@ def get_local_rank() -> int:
 
 
 def get_local_world_size() -> int:
-    """Processes on this node (torchrun and the deepspeed launcher set it; else assume one node)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size()))
+    """Processes on this node: LOCAL_WORLD_SIZE (torchrun, srun via yolods.env), LOCAL_SIZE (the deepspeed
+    launcher), else one node."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", get_world_size())))
 
 
 def get_num_nodes() -> int:
@@ -71,16 +72,28 @@ def print_main(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def threads_per_rank() -> int:
+    """torch threads for this rank: OMP_NUM_THREADS as the user set it before launching, else this process's
+    cores shared among the node's ranks.
+
+    Launchers disagree (torchrun sets OMP_NUM_THREADS=1, the deepspeed launcher leaves it unset), and
+    `import ultralytics` sets it to 1 after torch has sized its pool, so the variable cannot be trusted by now.
+    Oversubscribing, each rank a thread per core, cost 30% here (45 vs 65 img/s at 2 ranks on 2 cores).
+    """
+    from yolods import env
+
+    if env.USER_OMP_NUM_THREADS and env.USER_OMP_NUM_THREADS.isdigit() and int(env.USER_OMP_NUM_THREADS) > 0:
+        return int(env.USER_OMP_NUM_THREADS)
+    cores = len(os.sched_getaffinity(0))  # what taskset, cgroups or SLURM's --cpus-per-task leave this process
+    return max(1, cores // max(1, get_local_world_size()))
+
+
 def init_distributed(device_type: str, *, verbose: bool = True) -> None:
     """Join the process group the launcher prepared; a no-op for a single process.
 
     Gloo on CPU, NCCL on CUDA, chosen by DeepSpeed's accelerator. See COLLECTIVE_TIMEOUT_MIN for the timeout.
     """
-    if device_type == "cpu":
-        # One BLAS thread pool per core: the deepspeed launcher leaves OMP_NUM_THREADS unset, and every rank
-        # spawning a thread per core oversubscribes the CPU (measured 45 vs 65 img/s at 2 ranks on 2 cores).
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, get_local_world_size())))
+    torch.set_num_threads(threads_per_rank())
     if _initialized():
         return
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
@@ -173,4 +186,5 @@ __all__ = [
     "max_over_ranks",
     "print_main",
     "shutdown",
+    "threads_per_rank",
 ]

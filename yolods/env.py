@@ -54,6 +54,9 @@ def parent_of(pid: int) -> int | None:
 # die: under the deepspeed launcher they are launch.py and the `deepspeed` runner (see yolods.faults).
 LAUNCH_PARENT_PID = os.getppid()
 LAUNCH_GRANDPARENT_PID = parent_of(LAUNCH_PARENT_PID)
+# The thread count the user asked for, read before `import ultralytics` sets OMP_NUM_THREADS=1 (after torch has
+# already sized its thread pool, so the variable no longer says what torch uses): see dist.threads_per_rank.
+USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun, deepspeed, srun
 
 
