@@ -60,6 +60,8 @@ def main() -> None:
         str(args.micro * world),
         "--nbs",
         str(NUM_IMAGES),
+        "--warmup_epochs",
+        "0",  # the plain update: at warmup's start the weights' lr is 0
     ]
     flags += [
         "--optimizer",
