@@ -237,6 +237,7 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
     logger = RunLogger(run_dir, loss_names=names)
     trainer = Trainer(
         plan,
+        hyp=hyp,
         step=step,
         train_data=train_data,
         validator=validator,

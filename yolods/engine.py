@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class Trainer:
         self,
         plan: RunPlan,
         *,
+        hyp: SimpleNamespace,
         step: TrainStep,
         train_data: TrainData,
         validator: EpochValidator,
@@ -58,7 +60,7 @@ class Trainer:
         profiler: StepProfiler,
     ):
         self.epochs = plan.cfg.epochs
-        self.hyp = plan.hyp
+        self.hyp = hyp  # the plan's, naming the data.yaml trained on (the synthetic set's once drawn)
         self.step = step
         self.engine = step.engine
         self.train_data = train_data
