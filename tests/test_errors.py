@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import run_train, small_run_args
@@ -52,3 +53,81 @@ def test_config_that_disagrees_with_flags(shapes_data, tmp_path):
     config.write_text('{"zero_optimization": {"stage": 3}}')
     result = run_train(small_run_args(shapes_data, tmp_path, "x", "--zero", "2", "--deepspeed_config", str(config)))
     assert_one_line_error(result, "--zero 2", "stage=3")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--imgsz", "33"], ("--imgsz 33", "multiple of", "--imgsz 32")),
+        (["--imgsz", "0"], ("--imgsz 0",)),
+        (["--workers", "-1"], ("--workers -1",)),
+        (["--model", "yolov8n-cls.yaml"], ("yolov8n-cls.yaml", "classify", "detection")),
+        (["--model", "yolov8n-seg.yaml"], ("yolov8n-seg.yaml", "segment")),
+    ],
+)
+def test_bad_flag_values(flags, fragments, shapes_data, tmp_path):
+    result = run_train(small_run_args(shapes_data, tmp_path, "x", *flags))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "x").exists(), "a failed start left a run directory"
+
+
+@pytest.mark.parametrize(
+    ("config", "fragments"),
+    [
+        ('{"zero_optimization": {"stage": 7}}', ("zero_optimization.stage=7",)),
+        ('{"zero_optimisation": {"stage": 2}}', ("zero_optimisation", "did you mean zero_optimization")),
+        ('{"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}', ("reduce_bucket_sise", "reduce_bucket_size")),
+        ('{"zero_optimization": ', ("invalid JSON",)),
+    ],
+)
+def test_bad_deepspeed_config(config, fragments, shapes_data, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(config)
+    result = run_train(small_run_args(shapes_data, tmp_path, "x", "--deepspeed_config", str(path)))
+    assert_one_line_error(result, "--deepspeed_config", *fragments)
+    assert not (tmp_path / "x").exists(), "a failed start left a run directory"
+
+
+def write_data_yaml(root: Path, **entries) -> Path:
+    import yaml
+
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump({"path": str(root), **entries}))
+    return path
+
+
+@pytest.mark.parametrize("problem", ["empty image directory", "every image unreadable", "no names"])
+def test_bad_data_sets(problem, shapes_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    if problem == "empty image directory":
+        (root / "images" / "train").mkdir(parents=True)
+        (root / "images" / "val").mkdir(parents=True)
+        data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a"})
+        fragments = ("train images", "images/train", "Check the 'train:' entry")
+    elif problem == "every image unreadable":
+        shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+        for image in (root / "images").rglob("*.jpg"):
+            image.write_bytes(b"not an image")
+        data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
+        fragments = ("train images", "No valid images")
+    else:
+        shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+        data_yaml = write_data_yaml(root, train="images/train", val="images/val")
+        fragments = ("data.yaml", "'names' or 'nc' are required")
+    result = run_train(small_run_args(data_yaml, tmp_path / "runs", "x"))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "runs" / "x").exists(), "a failed start left a run directory"
+
+
+def test_resume_refuses_flags_that_would_change_the_run(shapes_data, tmp_path):
+    """A run dir is enough for this check (it runs before any training); the resumed flags are compared first."""
+    from yolods.checkpoint import COMPLETE_MARKER
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "epoch1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "epoch1" / COMPLETE_MARKER).write_text('{"world_size": 1}')
+    (run_dir / "args.yaml").write_text(f"data: {shapes_data}\nepochs: 3\n")
+    result = run_train(["--resume", str(run_dir), "--epochs", "9", "--lr0", "0.1"])
+    assert_one_line_error(result, "--epochs 9 (run has 3)", "lr0=0.1", "drop those flags")

@@ -8,6 +8,7 @@ therefore sees exactly the batches an uninterrupted run sees at epoch k.
 from __future__ import annotations
 
 import random
+import re
 from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,20 @@ def load_data_yaml(data_yaml: str) -> dict[str, Any]:
     try:
         data = _offline_check_det_dataset(str(path))
     except Exception as error:  # Ultralytics raises FileNotFoundError/SyntaxError/KeyError with long messages
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--data {data_yaml}: {first_line}") from None
+        raise ConfigError(f"--data {data_yaml}: {one_line(error)}") from None
     if not data.get("val"):
         raise ConfigError(f"--data {data_yaml}: no 'val' split; add val: images/val (validation runs every epoch)")
     return data
+
+
+def one_line(error: BaseException) -> str:
+    """Ultralytics' message as one plain line: its colour codes, emoji and line breaks removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).replace("❌", "").replace("⚠️", "")
+    lines = [re.sub(r"^(train|val|test): ", "", line.strip()) for line in text.splitlines() if line.strip()]
+    # The first line says what is wrong; a second one sometimes says what is required. Further lines repeat
+    # per-image warnings or point to the docs.
+    kept = lines[:1] + [line for line in lines[1:2] if not line.startswith(("See ", "/"))]
+    return " ".join(line.rstrip(" .") + "." for line in kept) or type(error).__name__
 
 
 def _main_first(build):
@@ -80,8 +90,10 @@ def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, ba
         try:
             return build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
         except (FileNotFoundError, AssertionError, RuntimeError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise ConfigError(f"{split} images {data[split]}: {first_line}") from None
+            raise ConfigError(
+                f"{split} images {data[split]}: {one_line(error)} Check the '{split}:' entry of the data.yaml and that "
+                "the images there are readable"
+            ) from None
 
     return _main_first(build)
 
