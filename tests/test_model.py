@@ -107,3 +107,35 @@ def test_saved_weights_have_ultralytics_structure(model):
     reference.eval()
     expected = reference(images)[0]
     assert torch.allclose(snapshot.float().eval()(images)[0], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_activation_checkpointing_changes_no_number(hyp, shapes_data):
+    """Same loss, gradients and BatchNorm statistics with and without recomputation, over two training steps."""
+    from ultralytics.data.build import build_yolo_dataset
+
+    from yolods.data import load_data_yaml
+    from yolods.model import enable_activation_checkpointing
+
+    data = load_data_yaml(str(shapes_data))
+    dataset = build_yolo_dataset(hyp, data["train"], 4, data, mode="val", rect=False, stride=32)
+    batches = [dataset.collate_fn([dataset[i] for i in range(first, first + 4)]) for first in (0, 4)]
+    for batch in batches:
+        batch["img"] = batch["img"].float() / 255
+
+    def two_steps(checkpointed: bool):
+        torch.manual_seed(0)
+        model = build_model("yolov8n.yaml", num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+        if checkpointed:
+            assert enable_activation_checkpointing(model) > 10
+        model.train()
+        losses = []
+        for batch in batches:
+            loss, _ = model(dict(batch))
+            loss.sum().backward()
+            losses.append(loss.detach())
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return losses, grads, [b.clone() for b in model.buffers()]
+
+    plain, recomputed = two_steps(False), two_steps(True)
+    for expected, actual in zip(plain, recomputed):
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(expected, actual))

@@ -24,6 +24,7 @@ from yolods.model import (
     build_ema,
     build_model,
     build_optimizer,
+    enable_activation_checkpointing,
     loss_names,
     model_stride,
     optimizer_iterations,
@@ -221,6 +222,8 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         batches_per_epoch=train_data.batches_per_epoch(),
     )
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)  # after the EMA copy: only the trained model recomputes
     step = build_train_step(
         model,
         optimizer,

@@ -69,6 +69,7 @@ class RunConfig:
     profile: str | None = None
     comms_logger: bool = False
     verbose: bool = False
+    activation_checkpointing: bool = False
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other Ultralytics train setting, e.g. mosaic=0.5",
     )
 
+    memory = parser.add_argument_group("memory")
+    memory.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        help="recompute backbone and neck activations in backward: less memory for a larger imgsz or batch",
+    )
+
     watch = parser.add_argument_group("logs and profiling")
     watch.add_argument("--verbose", action="store_true", help="DeepSpeed's messages and Ultralytics' layer table too")
     watch.add_argument(
@@ -241,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         profile=args.profile,
         comms_logger=args.comms_logger,
         verbose=args.verbose,
+        activation_checkpointing=args.activation_checkpointing,
         hyp=hyp,
     )
 

@@ -8,10 +8,11 @@ touches those modules, not the engine or the checkpointing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from copy import deepcopy
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -134,6 +135,51 @@ def untie_shared_modules(model: nn.Module) -> int:
                 setattr(parent, child_name, deepcopy(child))
                 copies += 1
     return copies
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each backbone and neck block's activations in backward instead of keeping them; returns how many.
+
+    torch.utils.checkpoint (non-reentrant, which works with ZeRO-3's parameter hooks and autocast) per block of
+    `model.model`, the head excepted: its outputs feed the loss directly, so keeping them costs little. Only the
+    training model is changed, after the EMA copy was taken, so the EMA and the saved weights keep plain forwards.
+    A recomputed BatchNorm would update its running statistics a second time; `_batchnorm_frozen` prevents it,
+    so a step's losses, gradients and statistics equal those without checkpointing.
+    """
+    blocks = [block for block in list(model.model)[:-1] if any(True for _ in block.parameters())]
+    for block in blocks:
+        block.forward = MethodType(_checkpointed_forward, block)
+    return len(blocks)
+
+
+def _checkpointed_forward(block: nn.Module, *inputs):
+    from torch.utils.checkpoint import checkpoint
+
+    if not (block.training and torch.is_grad_enabled()):
+        return type(block).forward(block, *inputs)
+    return checkpoint(
+        type(block).forward,
+        block,
+        *inputs,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _batchnorm_frozen(block)),
+    )
+
+
+@contextlib.contextmanager
+def _batchnorm_frozen(block: nn.Module):
+    """While a block is recomputed: BatchNorm normalises as in the forward but leaves its running stats alone."""
+    norms = [module for module in block.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    counts = [norm.num_batches_tracked.clone() for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running = (1 - 0) x running + 0 x batch
+    try:
+        yield
+    finally:
+        for norm, momentum, count in zip(norms, momenta, counts):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)
 
 
 def training_memory_format(device: torch.device, hyp: SimpleNamespace) -> torch.memory_format:
