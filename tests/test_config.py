@@ -169,3 +169,13 @@ def test_resume_finds_the_newest_run_with_a_checkpoint(tmp_path):
     assert find_resume_dir(RunConfig(project=str(tmp_path), resume="")) == (tmp_path / "new").resolve()
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         find_resume_dir(RunConfig(project=str(tmp_path), resume=str(tmp_path / "no_checkpoint")))
+
+
+def test_communication_dtype_flag(tmp_path):
+    config, _ = resolve(zero=2, communication_dtype="bf16")
+    assert config["communication_data_type"] == "bf16"
+    assert "communication_data_type" not in resolve(zero=2)[0]  # DeepSpeed's default: the gradients' dtype
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"communication_data_type": "fp16"}))
+    with pytest.raises(ConfigError, match="--communication_dtype bf16 disagrees with communication_data_type=fp16"):
+        resolve(zero=2, communication_dtype="bf16", deepspeed_config=str(path))

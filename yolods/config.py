@@ -70,6 +70,7 @@ class RunConfig:
     comms_logger: bool = False
     verbose: bool = False
     activation_checkpointing: bool = False
+    communication_dtype: str | None = None
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other Ultralytics train setting, e.g. mosaic=0.5",
     )
 
+    distributed.add_argument(
+        "--communication_dtype",
+        choices=PRECISIONS,
+        help="dtype of the gradient reduction (DeepSpeed's communication_data_type; default: the gradients' own, fp32)",
+    )
+
     memory = parser.add_argument_group("memory")
     memory.add_argument(
         "--activation_checkpointing",
@@ -250,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         comms_logger=args.comms_logger,
         verbose=args.verbose,
         activation_checkpointing=args.activation_checkpointing,
+        communication_dtype=args.communication_dtype,
         hyp=hyp,
     )
 
@@ -441,6 +449,14 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
         raise ConfigError(
             f"{source} defines an optimizer/scheduler: remove it; yolods builds Ultralytics' optimizer groups and lr schedule"
         )
+    if cfg.communication_dtype:
+        user_dtype = user.get("communication_data_type")
+        if user_dtype is not None and user_dtype != cfg.communication_dtype:
+            raise ConfigError(
+                f"--communication_dtype {cfg.communication_dtype} disagrees with communication_data_type={user_dtype} in {source}: drop one"
+            )
+        # Halves the bytes of every gradient reduction (bf16 keeps fp32's range; fp16 may overflow unscaled sums).
+        resolved["communication_data_type"] = cfg.communication_dtype
     if cfg.comms_logger:
         # DeepSpeed's per-collective log; it synchronises every collective, hence only on request.
         resolved["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
