@@ -88,7 +88,7 @@ class Trainer:
             metrics = self.end_epoch(epoch, train_losses)
             if self._should_stop(epoch):
                 break
-            if self.stop_after_epoch:
+            if self.stop_after_epoch and epoch + 1 < self.epochs:  # after the last epoch there is nothing to stop
                 raise TrainingInterrupted(f"epoch{epoch + 1}", exit_code=self.step.stop_request.agreed_exit_code)
         self.logger.plot()
         return metrics
