@@ -1,4 +1,4 @@
-"""One logging rank: console progress, results.csv, TensorBoard scalars and results.png.
+"""One logging rank: console progress, results.csv, TensorBoard scalars and results.png; progress bars for inference.
 
 Uses Ultralytics' LOGGER and TQDM progress bar, so the console reads as Ultralytics' trainer does.
 
@@ -14,6 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from yolods import dist
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(*, total: int, desc: str, unit: str):
+    """Ultralytics' progress bar on rank 0 (its rate reads `unit`/s), a no-op elsewhere; call update(n), close()."""
+    if not dist.is_main_process():
+        return _NoBar()
+    from ultralytics.utils import TQDM
+
+    return TQDM(total=total, desc=desc, unit=unit)
 
 
 class RunLogger:
