@@ -36,19 +36,24 @@ def torchrun_command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
 
 
+def module_command(module: str, args: list[str], *, nproc: int) -> list[str]:
+    """`python -m MODULE ARGS`, or under torchrun with `nproc` ranks on a free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", module, *args]
+    return [*torchrun_command(nproc), "-m", module, *args]
+
+
 def train_command(args: list[str], *, nproc: int) -> list[str]:
     """`python -m yolods.train ARGS`, or under torchrun with `nproc` ranks on a free port."""
-    if nproc == 1:
-        return [sys.executable, "-m", "yolods.train", *args]
-    return [*torchrun_command(nproc), "-m", "yolods.train", *args]
+    return module_command("yolods.train", args, nproc=nproc)
 
 
-def run_train(
-    args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
+def run_module(
+    module: str, args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
 ) -> subprocess.CompletedProcess:
-    """Run a real training process to completion and return its output (stdout + stderr, text)."""
+    """Run `python -m MODULE` (or torchrun -m) to completion and return its output (stdout + stderr, text)."""
     return subprocess.run(
-        train_command(args, nproc=nproc),
+        module_command(module, args, nproc=nproc),
         cwd=cwd,
         env=train_env(),
         capture_output=True,
@@ -56,6 +61,13 @@ def run_train(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run_train(
+    args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """Run a real training process to completion and return its output (stdout + stderr, text)."""
+    return run_module("yolods.train", args, nproc=nproc, cwd=cwd, timeout=timeout)
 
 
 def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epochs: int = 3) -> list[str]:
@@ -103,3 +115,11 @@ def zero2_run(shapes_data, projects) -> Path:
     assert_ok(result)
     (projects / "zero2" / "train.log").write_text(result.stdout + result.stderr)
     return projects / "zero2"
+
+
+@pytest.fixture(scope="session")
+def inference_assets(tmp_path_factory):
+    """Weights in Ultralytics' format, 9 val images of mixed shapes with labels it scores on, and a video."""
+    from inference_assets import make_inference_assets
+
+    return make_inference_assets(tmp_path_factory.mktemp("inference"))

@@ -32,17 +32,25 @@ KEEP_CHECKPOINTS = 2  # the newest complete tag, and the one before it in case t
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """project/name, or the next free name (exp, exp2, ...) unless --exist_ok; created by rank 0."""
+    """project/name, or the next free name (exp, exp2, ...) unless --exist_ok, with weights/ in it."""
+    return make_run_dir(project=cfg.project, name=cfg.name, exist_ok=cfg.exist_ok, subdir="weights")
+
+
+def make_run_dir(*, project: str, name: str, exist_ok: bool, subdir: str = "") -> Path:
+    """project/name, or the next free name (exp, exp2, ...) unless `exist_ok`; created by rank 0, named on all ranks.
+
+    A collective. Raises ConfigError on every rank when the directory cannot be created.
+    """
     run_dir, error = None, None
     if dist.is_main_process():
-        base = Path(cfg.project) / cfg.name
+        base = Path(project) / name
         run_dir, suffix = base, 2
-        while run_dir.exists() and not cfg.exist_ok:
+        while run_dir.exists() and not exist_ok:
             run_dir, suffix = base.with_name(f"{base.name}{suffix}"), suffix + 1
         try:
-            (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+            (run_dir / subdir).mkdir(parents=True, exist_ok=True)
         except OSError as caught:  # a file where a directory should be, no permission, read-only file system
-            error = f"--project {cfg.project} --name {cfg.name}: cannot create {run_dir} ({caught.strerror}); choose another --project"
+            error = f"--project {project} --name {name}: cannot create {run_dir} ({caught.strerror}); choose another --project"
         run_dir = str(run_dir.resolve())
     run_dir, error = dist.broadcast_object((run_dir, error))
     if error:

@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting."""
     import yaml
 
     overrides = {}
@@ -231,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"--synthetic_images {args.synthetic_images} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
-    hyp = _parse_hyp_overrides(args.hyp)
+    hyp = parse_hyp_overrides(args.hyp)
     hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
     if args.cos_lr:
         hyp["cos_lr"] = True

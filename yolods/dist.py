@@ -88,10 +88,12 @@ def threads_per_rank() -> int:
     return max(1, cores // max(1, get_local_world_size()))
 
 
-def init_distributed(device_type: str, *, verbose: bool = True) -> None:
-    """Join the process group the launcher prepared; a no-op for a single process.
+def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: bool = True) -> None:
+    """Join the process group the launcher prepared (a group of one for a plain `python -m ...`).
 
-    Gloo on CPU, NCCL on CUDA, chosen by DeepSpeed's accelerator. See COLLECTIVE_TIMEOUT_MIN for the timeout.
+    Gloo on CPU, NCCL on CUDA: chosen by DeepSpeed's accelerator for training; for inference jobs
+    (`for_deepspeed=False`, no DeepSpeed engine) a plain torch.distributed group, which spares the DeepSpeed
+    import and the communication op it JIT-builds on CPU. See COLLECTIVE_TIMEOUT_MIN for the timeout.
     """
     torch.set_num_threads(threads_per_rank())
     if _initialized():
@@ -99,6 +101,10 @@ def init_distributed(device_type: str, *, verbose: bool = True) -> None:
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
+    if not for_deepspeed:
+        torch_dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        return
     import contextlib
     import io
 
@@ -107,7 +113,7 @@ def init_distributed(device_type: str, *, verbose: bool = True) -> None:
     # DeepSpeed prints "... built successfully" for its CPU comm op on every rank and start; --verbose shows it.
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN))
+        deepspeed.init_distributed(timeout=timeout)
 
 
 def _free_port() -> int:
@@ -140,6 +146,15 @@ def broadcast_object(obj, *, src: int = 0):
     holder = [obj]
     torch_dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0; None on the other ranks. A collective."""
+    if not (_initialized() and get_world_size() > 1):
+        return [obj]
+    gathered = [None] * get_world_size() if is_main_process() else None
+    torch_dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def max_over_ranks(value: int) -> int:
@@ -176,6 +191,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "gather_objects",
     "get_local_rank",
     "get_local_world_size",
     "get_num_nodes",

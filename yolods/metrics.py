@@ -1,4 +1,4 @@
-"""One logging rank: console progress, results.csv, TensorBoard scalars and results.png.
+"""One logging rank: console progress, results.csv, TensorBoard scalars and results.png; progress bars for inference.
 
 Uses Ultralytics' LOGGER and TQDM progress bar, so the console reads as Ultralytics' trainer does.
 
@@ -74,6 +74,23 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
         lines.append(f"  python -m yolods.predict --model {best_weights} --source path/to/images")
     lines.append(f"  tensorboard --logdir {run_dir}")
     return "\n".join(lines)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(*, total: int, desc: str, unit: str):
+    """Ultralytics' progress bar on rank 0 (its rate reads `unit`/s), a no-op elsewhere; call update(n), close()."""
+    if not dist.is_main_process():
+        return _NoBar()
+    from ultralytics.utils import TQDM
+
+    return TQDM(total=total, desc=desc, unit=unit)
 
 
 class RunLogger:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from copy import deepcopy
+from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType, SimpleNamespace
 from typing import Any
@@ -45,7 +46,7 @@ def check_model_spec(model_spec: str) -> None:
 
     Reads only the yaml (or the .pt's stored yaml): no model is built.
     """
-    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+    from ultralytics.nn.tasks import yaml_model_load
 
     if model_spec.endswith(".pt"):
         model_yaml = _load_weights_file(Path(model_spec)).yaml
@@ -58,12 +59,75 @@ def check_model_spec(model_spec: str) -> None:
             ) from None
     else:
         raise ConfigError(f"--model {model_spec}: expected an Ultralytics yaml name (yolov8n.yaml) or a local .pt file")
+    require_detection_head(
+        model_yaml, model_spec=model_spec, advice="yolods trains detection models: use e.g. yolov8n.yaml"
+    )
+
+
+def require_detection_head(model_yaml: dict[str, Any], *, model_spec: str, advice: str) -> None:
+    """Raise ConfigError naming the task of a model whose last layer is no detection head (from its yaml)."""
+    from ultralytics.nn.tasks import guess_model_task
+
     head = str(model_yaml.get("head", [[None, None, None]])[-1][2])
     if head not in DETECTION_HEADS:
         task = guess_model_task(model_yaml)
+        raise ConfigError(f"--model {model_spec}: a {task or head} model ({head} head); {advice}")
+
+
+@dataclass(frozen=True)
+class TrainedDetector:
+    """A trained detection model as `ultralytics.YOLO(weights)` loads it, for validation and prediction.
+
+    `defaults` are the settings YOLO keeps from the checkpoint's train args (imgsz, data, task, single_cls): what
+    `YOLO(weights).val()` and `.predict()` use where their caller passes nothing.
+    """
+
+    weights: Path
+    module: nn.Module
+    defaults: dict[str, Any]
+
+    @property
+    def names(self) -> dict[int, str]:
+        return self.module.names
+
+
+def load_trained_detector(model_spec: str) -> TrainedDetector:
+    """A local Ultralytics .pt, or a yolods run directory (its weights/best.pt), loaded as ultralytics.YOLO loads it.
+
+    Raises:
+        ConfigError: no such file, a yaml (no trained weights), an unreadable checkpoint, or not a detection model.
+
+    Examples:
+        >>> detector = load_trained_detector("runs/train/exp")  # runs/train/exp/weights/best.pt
+    """
+    path = Path(model_spec)
+    if path.is_dir():
+        path = path / "weights" / "best.pt"
+        if not path.is_file():
+            raise ConfigError(
+                f"--model {model_spec}: a directory without weights/best.pt; pass a yolods.train run directory or a .pt file"
+            )
+    elif path.suffix != ".pt":
         raise ConfigError(
-            f"--model {model_spec}: a {task or head} model ({head} head); yolods trains detection models: use e.g. yolov8n.yaml"
+            f"--model {model_spec}: expected trained weights (a .pt file or a yolods.train run directory); a yaml has none"
         )
+    elif not path.is_file():
+        raise ConfigError(
+            f"--model {model_spec}: weights file not found; yolods never downloads, so pass a local .pt or a run directory"
+        )
+    from ultralytics import YOLO
+
+    try:
+        yolo = YOLO(str(path))
+    except Exception as error:  # torch.load / unpickling errors, one line for the user
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"--model {model_spec}: not a readable Ultralytics checkpoint ({type(error).__name__}: {first_line})"
+        ) from None
+    require_detection_head(
+        yolo.model.yaml, model_spec=model_spec, advice="yolods validates and predicts with detection models"
+    )
+    return TrainedDetector(weights=path.resolve(), module=yolo.model, defaults=dict(yolo.overrides))
 
 
 def build_model(

@@ -8,12 +8,16 @@ therefore sees exactly the batches an uninterrupted run sees at epoch k.
 from __future__ import annotations
 
 import random
+<<<<<<< HEAD
 import re
+=======
+from collections.abc import Callable
+>>>>>>> helper/val
 from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,31 +25,32 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from yolods import dist
 from yolods.errors import ConfigError
+from yolods.fonts import local_fonts
 from yolods.preemption import ignore_stop_signals, signals_blocked
 
-# Ultralytics' check_det_dataset asks for a font it only needs for plots (a network fetch when missing);
-# yolods never plots labels, so the check is skipped (see _offline_check_det_dataset).
+T = TypeVar("T")
 
 
 def _offline_check_det_dataset(data_yaml: str) -> dict[str, Any]:
-    import ultralytics.data.utils as data_utils
+    """Ultralytics' check_det_dataset without its font download (it asks for the font plots use) or dataset one."""
+    from ultralytics.data.utils import check_det_dataset
 
-    original = data_utils.check_font
-    data_utils.check_font = lambda *args, **kwargs: None  # no download attempt; fonts only matter for plots
-    try:
-        return data_utils.check_det_dataset(data_yaml, autodownload=False)
-    finally:
-        data_utils.check_font = original
+    with local_fonts():
+        return check_det_dataset(data_yaml, autodownload=False)
 
 
-def load_data_yaml(data_yaml: str) -> dict[str, Any]:
-    """Ultralytics' parsed data dict (absolute train/val paths, nc, names), with one-line errors."""
+def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
+    """Ultralytics' parsed data dict (absolute train/val paths, nc, names), with one-line errors.
+
+    `split` must be in it: training validates on 'val' every epoch; `yolods.val --split test` needs 'test'.
+    """
     path = Path(data_yaml)
     if not path.is_file():
         raise ConfigError(f"--data {data_yaml}: file not found; pass an Ultralytics data.yaml or 'synthetic'")
     try:
         data = _offline_check_det_dataset(str(path))
     except Exception as error:  # Ultralytics raises FileNotFoundError/SyntaxError/KeyError with long messages
+<<<<<<< HEAD
         raise ConfigError(f"--data {data_yaml}: {one_line(error)}") from None
     if not data.get("val"):
         raise ConfigError(f"--data {data_yaml}: no 'val' split; add val: images/val (validation runs every epoch)")
@@ -64,6 +69,20 @@ def one_line(error: BaseException) -> str:
 
 def _main_first(build):
     """Run `build` on rank 0, then on the others (label caches are written once); a failure stops every rank."""
+=======
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--data {data_yaml}: {first_line}") from None
+    if not data.get(split):
+        raise ConfigError(f"--data {data_yaml}: no '{split}' split; add {split}: images/{split} to it")
+    return data
+
+
+def _main_first(build: Callable[[], T]) -> T:
+    """Run `build` on rank 0, then on the others (label caches are written once); a failure stops every rank.
+
+    A collective. Rank 0 re-raises its own error; the others raise its first line as a ConfigError.
+    """
+>>>>>>> helper/val
     error = None
     if dist.is_main_process():
         try:
@@ -81,10 +100,24 @@ def _main_first(build):
     return result
 
 
+def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
+    """An Ultralytics dataset from `build`, made on rank 0 first; its errors become one line naming `images`."""
+
+    def build_checked() -> T:
+        try:
+            return build()
+        except (FileNotFoundError, AssertionError, RuntimeError) as error:  # no images, no labels, a bad cache
+            first_line = str(error).strip().splitlines()[0]
+            raise ConfigError(f"{images}: {first_line}") from None
+
+    return _main_first(build_checked)
+
+
 def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, batch: int, stride: int):
     from ultralytics.data.build import build_yolo_dataset
 
     mode = "train" if split == "train" else "val"
+<<<<<<< HEAD
 
     def build():
         try:
@@ -96,6 +129,12 @@ def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, ba
             ) from None
 
     return _main_first(build)
+=======
+    return build_dataset_once(
+        lambda: build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride),
+        images=f"{split} images {data[split]}",
+    )
+>>>>>>> helper/val
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""`python -m yolods.val`: Ultralytics' validation of trained weights, with the split sharded over every rank.
+
+    python -m yolods.val --model runs/train/exp --data data.yaml     # a yolods run directory: its weights/best.pt
+    python -m yolods.val --model best.pt --data coco.yaml --imgsz 640 --batch 32 --half
+    torchrun --nproc_per_node 8 -m yolods.val --model best.pt --data coco.yaml
+    deepspeed --num_gpus 8 --module yolods.val --model best.pt --data coco.yaml
+    srun --ntasks-per-node 8 python -m yolods.val ...                # SLURM: export MASTER_ADDR=<first node> first
+
+The numbers are those of `ultralytics.YOLO(weights).val(...)` on one process with the same settings (each rank
+scores a contiguous run of the split's rect batches; see yolods.validation.ShardedDetectionValidator). Rank 0
+prints Ultralytics' table and writes metrics.json into the output directory (default runs/val/exp).
+
+Exit codes: 0 done; 2 a user mistake (one line, before any process group); 143 or 130 stopped by a signal;
+1 an error on some rank, which ended every rank (see yolods.faults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yolods import dist, inference
+from yolods.errors import ConfigError
+from yolods.model import TrainedDetector, load_trained_detector
+
+# Ultralytics val settings taken as flags of the same name; any other one through --hyp KEY=VALUE.
+SWITCHES = ("save_json", "save_txt", "save_conf", "plots", "single_cls", "agnostic_nms", "augment", "verbose")
+
+
+@dataclass(frozen=True)
+class ValPlan:
+    """A validation job, checked: the loaded weights, the Ultralytics settings, where to write."""
+
+    detector: TrainedDetector
+    settings: dict[str, Any]
+    device: str
+    project: str
+    name: str
+    exist_ok: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m yolods.val",
+        description="Validate trained YOLO weights, the split sharded over every rank (any launcher).",
+    )
+    inference.add_common_flags(parser, default_project="runs/val")
+    parser.add_argument("--data", help="Ultralytics data.yaml (default: the one the weights were trained on)")
+    parser.add_argument("--split", default="val", help="val, test or train (default val)")
+    parser.add_argument("--workers", type=int, help="dataloader workers per rank on CUDA (CPU loads in-process)")
+    parser.add_argument("--fraction", type=float, help="share of the split to validate (default 1.0)")
+    for switch in SWITCHES:
+        parser.add_argument(f"--{switch}", action=argparse.BooleanOptionalAction, help="as in Ultralytics")
+    parser.add_argument(
+        "--hyp", action="append", default=[], metavar="KEY=VALUE", help="any other Ultralytics val setting"
+    )
+    return parser
+
+
+def plan_validation(argv: list[str] | None) -> ValPlan:
+    """Flags -> ValPlan on every rank before any process group; every user mistake raises ConfigError."""
+    from yolods.config import parse_hyp_overrides
+    from yolods.data import load_data_yaml
+
+    args = build_parser().parse_args(argv)
+    settings = {**parse_hyp_overrides(args.hyp), **inference.common_settings(args)}
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers {args.workers} must be 0 (load in the validating process) or more")
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise ConfigError(f"--fraction {args.fraction} must be in (0, 1]")
+    detector = load_trained_detector(args.model)
+    data_yaml = args.data or detector.defaults.get("data")
+    if not data_yaml:
+        raise ConfigError(f"--model {args.model} names no data set it was trained on: pass --data data.yaml")
+    if args.data is None and not Path(data_yaml).is_file():
+        raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data data.yaml")
+    load_data_yaml(data_yaml, split=args.split)
+    settings.update(
+        {key: getattr(args, key) for key in ("workers", "fraction", *SWITCHES) if getattr(args, key) is not None}
+    )
+    device = inference.device_type(args)
+    settings.update(data=str(data_yaml), split=args.split, device=inference.ultralytics_device(device))
+    return ValPlan(
+        detector=detector,
+        settings=settings,
+        device=device,
+        project=args.project,
+        name=args.name,
+        exist_ok=args.exist_ok,
+    )
+
+
+def run(plan: ValPlan, job: inference.Job) -> int:
+    """Validate on every rank; rank 0 prints Ultralytics' table and writes metrics.json."""
+    from yolods.checkpoint import make_run_dir
+    from yolods.config import write_json
+    from yolods.validation import validate_trained
+
+    run_dir = job.run_dir = make_run_dir(project=plan.project, name=plan.name, exist_ok=plan.exist_ok)
+    summary = validate_trained(plan.detector, settings=plan.settings, save_dir=run_dir, on_batch_end=job.check_stop)
+    if dist.is_main_process():
+        settings = {key: value for key, value in plan.settings.items() if key != "device"}
+        report = {"model": str(plan.detector.weights), "world_size": dist.get_world_size(), "settings": settings}
+        write_json(run_dir / "metrics.json", {**report, **summary})
+        dist.print_main(
+            f"yolods: {summary['images']} images validated on {dist.get_world_size()} ranks "
+            f"({', '.join(map(str, summary['images_per_rank']))}); metrics in {run_dir / 'metrics.json'}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate; returns the process exit code (see the module docstring)."""
+    return inference.run_job(argv, plan=plan_validation, run=run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
