@@ -105,7 +105,7 @@ def test_bad_data_sets(problem, shapes_data, tmp_path):
         (root / "images" / "train").mkdir(parents=True)
         (root / "images" / "val").mkdir(parents=True)
         data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a"})
-        fragments = ("train images", "images/train", "Check the 'train:' entry")
+        fragments = ("train images", "images/train", "the data.yaml's 'train:'", "Check that entry")
     elif problem == "every image unreadable":
         shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
         for image in (root / "images").rglob("*.jpg"):

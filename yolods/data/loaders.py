@@ -8,11 +8,8 @@ therefore sees exactly the batches an uninterrupted run sees at epoch k.
 from __future__ import annotations
 
 import random
-<<<<<<< HEAD
 import re
-=======
 from collections.abc import Callable
->>>>>>> helper/val
 from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +47,9 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
     try:
         data = _offline_check_det_dataset(str(path))
     except Exception as error:  # Ultralytics raises FileNotFoundError/SyntaxError/KeyError with long messages
-<<<<<<< HEAD
         raise ConfigError(f"--data {data_yaml}: {one_line(error)}") from None
-    if not data.get("val"):
-        raise ConfigError(f"--data {data_yaml}: no 'val' split; add val: images/val (validation runs every epoch)")
+    if not data.get(split):
+        raise ConfigError(f"--data {data_yaml}: no '{split}' split; add {split}: images/{split} to it")
     return data
 
 
@@ -67,22 +63,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.rstrip(" .") + "." for line in kept) or type(error).__name__
 
 
-def _main_first(build):
-    """Run `build` on rank 0, then on the others (label caches are written once); a failure stops every rank."""
-=======
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--data {data_yaml}: {first_line}") from None
-    if not data.get(split):
-        raise ConfigError(f"--data {data_yaml}: no '{split}' split; add {split}: images/{split} to it")
-    return data
-
-
 def _main_first(build: Callable[[], T]) -> T:
     """Run `build` on rank 0, then on the others (label caches are written once); a failure stops every rank.
 
     A collective. Rank 0 re-raises its own error; the others raise its first line as a ConfigError.
     """
->>>>>>> helper/val
     error = None
     if dist.is_main_process():
         try:
@@ -107,8 +92,9 @@ def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
         try:
             return build()
         except (FileNotFoundError, AssertionError, RuntimeError) as error:  # no images, no labels, a bad cache
-            first_line = str(error).strip().splitlines()[0]
-            raise ConfigError(f"{images}: {first_line}") from None
+            raise ConfigError(
+                f"{images}: {one_line(error)} Check that entry of the data.yaml and that the images there are readable"
+            ) from None
 
     return _main_first(build_checked)
 
@@ -117,24 +103,10 @@ def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, ba
     from ultralytics.data.build import build_yolo_dataset
 
     mode = "train" if split == "train" else "val"
-<<<<<<< HEAD
-
-    def build():
-        try:
-            return build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride)
-        except (FileNotFoundError, AssertionError, RuntimeError) as error:
-            raise ConfigError(
-                f"{split} images {data[split]}: {one_line(error)} Check the '{split}:' entry of the data.yaml and that "
-                "the images there are readable"
-            ) from None
-
-    return _main_first(build)
-=======
     return build_dataset_once(
         lambda: build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride),
-        images=f"{split} images {data[split]}",
+        images=f"{split} images {data[split]} (the data.yaml's '{split}:')",
     )
->>>>>>> helper/val
 
 
 @dataclass
