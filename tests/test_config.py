@@ -179,3 +179,23 @@ def test_communication_dtype_flag(tmp_path):
     path.write_text(json.dumps({"communication_data_type": "fp16"}))
     with pytest.raises(ConfigError, match="--communication_dtype bf16 disagrees with communication_data_type=fp16"):
         resolve(zero=2, communication_dtype="bf16", deepspeed_config=str(path))
+
+
+def test_mistakes_are_found_before_any_process_group(shapes_data, tmp_path):
+    """resolve_run checks the whole run for a world size it is told, with no process group (train.py calls it
+    before dist.init_distributed): a batch that disagrees with the JSON on 2 ranks, a bad --hyp value."""
+    import torch.distributed
+
+    from yolods.config import resolve_run
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    flags = ["--data", str(shapes_data), "--device", "cpu"]
+    with pytest.raises(ConfigError, match="--batch 8 gives 4 images per rank on 2 ranks"):
+        resolve_run(parse_args([*flags, "--batch", "8", "--deepspeed_config", str(config)]), world_size=2)
+    with pytest.raises(ConfigError, match="mosaic"):
+        resolve_run(parse_args([*flags, "--hyp", "mosaic=lots"]), world_size=2)
+    with pytest.raises(ConfigError, match="--profile 1,x"):
+        resolve_run(parse_args([*flags, "--profile", "1,x"]), world_size=1)
+    assert resolve_run(parse_args(flags), world_size=2).batch.micro_batch == 8
+    assert not torch.distributed.is_initialized()
