@@ -287,6 +287,86 @@ def test_a_deepspeed_json_sets_stage_and_precision_and_the_sweep_overrides_bucke
         bench_plan(next(c for c in clash if c.engine == "deepspeed"), world_size=2)
 
 
+def test_channels_last_sweep_reaches_the_hyperparameters_and_the_ultralytics_baseline():
+    from types import SimpleNamespace
+
+    from yolods.bench.engines import bench_plan
+    from yolods.bench.ultralytics_baseline import _train_kwargs
+    from yolods.model import training_memory_format
+
+    configs = expand(
+        _args("--zero", "0", "--precision", "fp32,bf16", "--channels-last", "on,off", "--device", "cpu"), world_size=1
+    )
+    deepspeed = [c for c in configs if c.engine == "deepspeed"]
+    # the layout is outside the precision: a sweep cut short has every precision in the first layout
+    assert [(c.channels_last, c.precision) for c in deepspeed] == [
+        (True, "fp32"), (True, "bf16"), (False, "fp32"), (False, "bf16")
+    ]  # fmt: skip
+    assert deepspeed[0].label.endswith("NHWC") and deepspeed[2].label.endswith("NCHW")
+    assert [c.channels_last for c in configs if c.engine == "ultralytics"] == [True, False]
+    assert _train_kwargs(configs[-1], data_yaml="d.yaml", project=Path("p"))["channels_last"] is False
+    plan = bench_plan(deepspeed[2], world_size=1)
+    assert plan.hyp.channels_last is False
+    assert training_memory_format(torch.device("cuda"), plan.hyp) == torch.contiguous_format
+    assert training_memory_format(torch.device("cuda"), SimpleNamespace()) == torch.channels_last  # the default
+    default = expand(_args("--zero", "0", "--device", "cpu"), world_size=1)
+    assert {c.channels_last for c in default} == {None} and "NHWC" not in default[0].label
+    with pytest.raises(ConfigError, match="--channels-last 'maybe'"):
+        expand(_args("--channels-last", "maybe", "--device", "cpu"), world_size=1)
+
+
+def test_keep_going_reports_a_failed_configuration_and_measures_the_next(tmp_path, monkeypatch, capsys):
+    from yolods.bench import cli
+
+    configs = [c for c in expand(_args("--zero", "0,3", "--engine", "deepspeed", "--device", "cpu"), world_size=1)]
+
+    def measure(cfg, **kwargs):
+        if cfg.zero_stage == 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {
+            **{key: 1 for key in REQUIRED_KEYS if key not in ("world_size", "num_nodes")},
+            "imgs_per_s_per_rank": 1.0,
+            "step_time_s": {"median": 0.5},
+        }
+
+    monkeypatch.setattr(cli, "measure_training", measure)
+    run = {"repeats": 1, "device": torch.device("cpu"), "links": None, "context": {"world_size": 1, "num_nodes": 1}}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli._run_sweep(configs, out_dir=tmp_path, **run)
+    assert cli._run_sweep(configs, out_dir=tmp_path, keep_going=True, **run) == 1
+    assert len(read_lines(tmp_path / "results.jsonl")) == 1  # ZeRO-3's line
+    assert "ZeRO-0 fp32 yolov8n@160 mb8 synthetic: FAILED, skipped (--keep-going): RuntimeError: CUDA out" in (
+        capsys.readouterr().out
+    )
+
+
+def test_projection_calibration_prefers_the_goal_precision_and_default_layout_and_takes_a_given_rate():
+    from yolods.bench.analysis import Goal, goal_compute
+
+    def line(engine, precision, channels_last, imgs_per_s, zero_stage=None):
+        return {
+            "engine": engine, "zero_stage": zero_stage, "precision": precision, "model": "yolov8s.yaml", "imgsz": 640,
+            "micro_batch": 16, "input": "synthetic", "world_size": 1, "imgs_per_s": imgs_per_s,
+            "label": f"{engine} {zero_stage} {precision} {channels_last}", "hardware": {"gpu": "NVIDIA H200"},
+            "breakdown_s": {"data_wait": 0.001, "forward": 0.004, "backward": 0.008, "optimizer": 0.002},
+            "config": {"device": "cuda", "channels_last": channels_last},
+        }  # fmt: skip
+
+    lines = [
+        line("deepspeed", "fp32", True, 900.0, zero_stage=0),
+        line("deepspeed", "bf16", False, 1200.0, zero_stage=0),
+        line("deepspeed", "bf16", True, 1000.0, zero_stage=3),
+        line("deepspeed", "bf16", True, 1100.0, zero_stage=0),
+    ]
+    compute, sentence, measured = goal_compute(lines, Goal(), assumed_imgs_per_s=600)
+    assert measured and "deepspeed 0 bf16 True" in sentence and "1100 img/s" in sentence
+    assert compute.total_s == pytest.approx(0.015)
+    compute, sentence, measured = goal_compute(lines, Goal(), assumed_imgs_per_s=600, given_imgs_per_s=1600)
+    assert measured and "--gpu-imgs-per-s" in sentence and compute.total_s == pytest.approx(16 / 1600)
+    compute, sentence, measured = goal_compute([], Goal(), assumed_imgs_per_s=800)
+    assert not measured and "ASSUMED" in sentence and compute.total_s == pytest.approx(16 / 800)
+
+
 def test_results_line_has_the_required_keys_and_round_trips(tmp_path):
     measured = {key: 1 for key in REQUIRED_KEYS if key not in ("world_size", "num_nodes")}
     line = make_line(measured, context={"world_size": 2, "num_nodes": 1})

@@ -42,6 +42,7 @@ class Goal:
     model: str = "yolov8s.yaml"
     imgsz: int = 640
     micro_batch: int = 16
+    precision: str = "bf16"  # the calibration line's, when several were measured
     num_classes: int = 80  # COCO
     num_gpus: int = 64
     link_gbps: float = 200.0
@@ -84,6 +85,7 @@ def series_key(line: Line) -> tuple:
         config.get("reduce_bucket_size"),
         config.get("allgather_bucket_size"),
         config.get("overlap_comm"),
+        config.get("channels_last"),
         config.get("deepspeed_config"),
         config.get("ema", True),
     )
@@ -135,9 +137,13 @@ def _peer(line: Line, lines: list[Line], **fields: Any) -> Line | None:
         "num_nodes": line["num_nodes"],
         **fields,
     }
-    device = line.get("config", {}).get("device")
+    config = line.get("config", {})
+    place = (config.get("device"), config.get("channels_last"))
     for other in lines:
-        if other.get("config", {}).get("device") == device and all(other.get(k) == v for k, v in wanted.items()):
+        other_config = other.get("config", {})
+        if (other_config.get("device"), other_config.get("channels_last")) == place and all(
+            other.get(k) == v for k, v in wanted.items()
+        ):
             return other
     return None
 
@@ -295,28 +301,54 @@ def assumed_compute(step_s: float) -> ComputeTimes:
     return ComputeTimes(**{f"{phase}_s": share * step_s for phase, share in ASSUMED_COMPUTE_SPLIT.items()})
 
 
-def goal_compute(lines: list[Line], goal: Goal, *, assumed_imgs_per_s: float) -> tuple[ComputeTimes, str, bool]:
-    """One GPU's compute for the goal model: measured if there is a 1-GPU synthetic line of it, else assumed.
+def _calibration_preference(line: Line, goal: Goal) -> tuple:
+    """Sort key among 1-GPU lines of the goal model: the goal's precision, yolods' default memory format, the
+    bare model (DDP) before ZeRO-0 before the partitioned stages, then the fastest."""
+    channels_last = line.get("config", {}).get("channels_last")
+    return (
+        line["precision"] != goal.precision,
+        channels_last is False,
+        ENGINE_ORDER.index(engine_name(line)),
+        -line["imgs_per_s"],
+    )
+
+
+def goal_compute(
+    lines: list[Line], goal: Goal, *, assumed_imgs_per_s: float, given_imgs_per_s: float | None = None
+) -> tuple[ComputeTimes, str, bool]:
+    """One GPU's compute for the goal model: a rate given on the command line (`given_imgs_per_s`, measured
+    elsewhere), else a 1-GPU synthetic line of it in these results, else the assumed rate.
 
     Returns the times, a sentence saying where they came from, and whether they were measured.
     """
-    for line in lines:
-        if (
-            line["world_size"] == 1
-            and line["model"] == goal.model
-            and line["imgsz"] == goal.imgsz
-            and line["micro_batch"] == goal.micro_batch
-            and line["input"] == "synthetic"
-            and line.get("config", {}).get("device") == "cuda"
-            and line["engine"] in ("ddp", "deepspeed")
-            and line.get("breakdown_s")
-        ):
-            compute = compute_times(line)
-            gpu = line.get("hardware", {}).get("gpu", "GPU")
-            sentence = (
-                f"measured: {series_label(line)} on one {gpu}, {compute.total_s * 1e3:.1f} ms of compute per step"
-            )
-            return compute, sentence, True
+    if given_imgs_per_s is not None:
+        step_s = goal.micro_batch / given_imgs_per_s
+        sentence = (
+            f"given (--gpu-imgs-per-s, measured outside these results): {given_imgs_per_s:g} img/s per GPU "
+            f"({step_s * 1e3:.1f} ms per step of {goal.micro_batch} images), split {ASSUMED_COMPUTE_SPLIT}"
+        )
+        return assumed_compute(step_s), sentence, True
+    candidates = [
+        line
+        for line in lines
+        if line["world_size"] == 1
+        and line["model"] == goal.model
+        and line["imgsz"] == goal.imgsz
+        and line["micro_batch"] == goal.micro_batch
+        and line["input"] == "synthetic"
+        and line.get("config", {}).get("device") == "cuda"
+        and line["engine"] in ("ddp", "deepspeed")
+        and line.get("breakdown_s")
+    ]
+    if candidates:
+        line = min(candidates, key=lambda line: _calibration_preference(line, goal))
+        compute = compute_times(line)
+        gpu = line.get("hardware", {}).get("gpu", "GPU")
+        sentence = (
+            f"measured: {series_label(line)} on one {gpu}, {compute.total_s * 1e3:.1f} ms of compute per step "
+            f"({line['imgs_per_s']:.0f} img/s with the data wait)"
+        )
+        return compute, sentence, True
     step_s = goal.micro_batch / assumed_imgs_per_s
     sentence = (
         f"ASSUMED, not measured: {assumed_imgs_per_s:g} img/s per GPU ({step_s * 1e3:.1f} ms per step of "
@@ -326,9 +358,18 @@ def goal_compute(lines: list[Line], goal: Goal, *, assumed_imgs_per_s: float) ->
     return assumed_compute(step_s), sentence, False
 
 
-def project_goal(lines: list[Line], goal: Goal, *, cluster: Cluster, assumed_imgs_per_s: float) -> Projection:
+def project_goal(
+    lines: list[Line],
+    goal: Goal,
+    *,
+    cluster: Cluster,
+    assumed_imgs_per_s: float,
+    given_imgs_per_s: float | None = None,
+) -> Projection:
     """The goal model's throughput and efficiency at 1-256 nodes, per engine and link speed."""
-    compute, calibration, measured = goal_compute(lines, goal, assumed_imgs_per_s=assumed_imgs_per_s)
+    compute, calibration, measured = goal_compute(
+        lines, goal, assumed_imgs_per_s=assumed_imgs_per_s, given_imgs_per_s=given_imgs_per_s
+    )
     specs = goal_model_specs(goal)
     points = {
         (name, gbps): project_scaling(

@@ -22,6 +22,7 @@ from yolods.bench import inputs
 from yolods.bench.comm_model import Link
 from yolods.bench.engines import bench_plan
 from yolods.bench.measure import probe_link
+from yolods.bench.memory import release_memory
 from yolods.bench.results import append_line, make_line, run_context
 from yolods.bench.runner import dataset_images, measure_training, measure_ultralytics
 from yolods.bench.sweep import BenchConfig, build_parser, expand
@@ -73,17 +74,32 @@ def _run_sweep(
     links: dict[str, Link] | None,
     context: dict,
     out_dir: Path,
-) -> None:
-    """Measure every configuration `repeats` times, round the whole sweep, appending a line after each."""
+    keep_going: bool = False,
+) -> int:
+    """Measure every configuration `repeats` times, round the whole sweep, appending a line after each.
+
+    With `keep_going` (one rank only: with more, the other ranks would wait in a collective), a configuration
+    that raises is reported in one line and skipped. Returns how many were skipped so.
+    """
     total = len(configs) * repeats
     schedule = [(repeat, cfg) for repeat in range(repeats) for cfg in configs]
+    failed = 0
     for index, (repeat, cfg) in enumerate(schedule, start=1):
         data_yaml = _data_yaml(cfg)
-        if cfg.engine == "ultralytics":
-            measured = _ultralytics_or_none(cfg, data_yaml=data_yaml)
-        else:
-            measured = measure_training(cfg, device=device, data_yaml=data_yaml, links=links)
-        if measured is None:  # ranks other than 0
+        try:
+            if cfg.engine == "ultralytics":
+                measured = _ultralytics_or_none(cfg, data_yaml=data_yaml)
+            else:
+                measured = measure_training(cfg, device=device, data_yaml=data_yaml, links=links)
+        except Exception as error:
+            if not keep_going:
+                raise
+            message = " ".join(str(error).split())[:300]
+            _say(f"[{index}/{total}] {cfg.label}: FAILED, skipped (--keep-going): {type(error).__name__}: {message}")
+            failed += 1
+            measured = None
+        if measured is None:  # ranks other than 0, or a configuration skipped above
+            release_memory()  # what a failed configuration left (a CUDA out-of-memory, say)
             continue
         append_line(out_dir, make_line({**measured, "repeat": repeat}, context=context))
         _say(
@@ -91,10 +107,12 @@ def _run_sweep(
             f"({measured['imgs_per_s_per_rank']:.1f}/rank), median step "
             f"{measured['step_time_s']['median'] * 1e3:.0f} ms, peak {measured['peak_mem_bytes'] / 2**20:.0f} MiB"
         )
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep; returns the exit code (2 for a user mistake, reported in one line)."""
+    """Run the sweep; returns the exit code (2 for a user mistake, reported in one line; 1 when --keep-going
+    skipped a configuration that failed)."""
     args = build_parser().parse_args(argv)
     world_size = dist.get_world_size()
     try:
@@ -126,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     _say(
         f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"
     )
-    _run_sweep(configs, repeats=repeats, device=device, links=links, context=context, out_dir=out_dir)
+    keep_going = args.keep_going and world_size == 1
+    if args.keep_going and not keep_going:
+        _say("--keep-going applies to one rank only: a failure on one of several ranks ends the job")
+    failed = _run_sweep(
+        configs, repeats=repeats, device=device, links=links, context=context, out_dir=out_dir, keep_going=keep_going
+    )
     _say(f"appended to {out_dir / 'results.jsonl'}; report: python -m yolods.bench.report {out_dir}")
+    if failed:
+        _say(f"{failed} configuration(s) failed and were skipped")
     dist.shutdown()
-    return 0
+    return 1 if failed else 0

@@ -61,6 +61,8 @@ def run_config(cfg: BenchConfig, *, data: str) -> RunConfig:
             "nbs": cfg.global_batch,
             "warmup_epochs": 0.0,
             "close_mosaic": 0,
+            # Ultralytics' setting, which yolods.model.training_memory_format reads (None: NHWC on CUDA)
+            **({} if cfg.channels_last is None else {"channels_last": cfg.channels_last}),
         },
     )
 

@@ -78,9 +78,13 @@ def _group_title(key: tuple) -> str:
 
 
 def default_series(line: Line) -> bool:
-    """Lines measured with the config's own bucket and overlap settings (sweep variants plot elsewhere)."""
+    """Lines measured with the config's own bucket, overlap and memory-format settings (sweep variants plot
+    elsewhere)."""
     config = line.get("config", {})
-    return all(config.get(key) is None for key in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm"))
+    return all(
+        config.get(key) is None
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "channels_last")
+    )
 
 
 def plot_throughput_vs_ranks(lines: list[Line], path: Path) -> Path:

@@ -2,10 +2,12 @@
 
     python -m yolods.bench.report benchmarks/results/cpu
     python -m yolods.bench.report DIR --link-gbps 100,200,400 --ranks-per-node 8 --assumed-gpu-imgs-per-s 600
+    python -m yolods.bench.report benchmarks/results/cpu --gpu-imgs-per-s 1400   # a rate measured on a GPU
 
 Each configuration is reported from its latest run, at the median of that run's repeats. The projection to
-1-256 nodes is calibrated with measured compute: a one-GPU line of the goal model when DIR has one, else an
-assumed per-GPU rate, which the report says it is and varies in a plot.
+1-256 nodes is calibrated with measured compute: a rate given with --gpu-imgs-per-s (measured elsewhere, e.g. by
+benchmarks/gpu/run.sh), else a one-GPU line of the goal model when DIR has one, else an assumed per-GPU rate
+(--assumed-gpu-imgs-per-s, 600 img/s), which the report says it is and varies in a plot.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from yolods.bench.results import RESULTS_FILE, read_lines
 
 MIB = 2**20
 PHASES = ("data_wait", "forward", "backward", "optimizer")
+PRECISION_ORDER = ("fp32", "bf16", "fp16")
+LAYOUT_NAMES = {None: "default", True: "NHWC", False: "NCHW"}
 TIE_TOLERANCE = 0.02  # paired repeats on the shared CPU machine still scatter by a few percent
 
 
@@ -212,6 +216,63 @@ def _results_section(lines: list[Line]) -> list[str]:
         "",
         *_table(header, rows),
         "",
+    ]
+
+
+def _peak_memory_section(lines: list[Line]) -> list[str]:
+    """Peak memory per rank by engine (rows) and precision x memory format (columns), for each (model, size,
+    batch, input, ranks, device) measured at more than one precision or memory format."""
+    groups: dict[tuple, list[Line]] = {}
+    for line in lines:
+        if line["engine"] == "ultralytics":
+            continue
+        config = line.get("config", {})
+        key = (
+            line["model"],
+            line["imgsz"],
+            line["micro_batch"],
+            line["input"],
+            line["world_size"],
+            config.get("device"),
+        )
+        groups.setdefault(key, []).append(line)
+    out = []
+    for (model, imgsz, micro, input_mode, ranks, device), group in sorted(
+        groups.items(), key=lambda item: str(item[0])
+    ):
+        columns = sorted(
+            {(line["precision"], line.get("config", {}).get("channels_last")) for line in group},
+            key=lambda column: (PRECISION_ORDER.index(column[0]), [None, True, False].index(column[1])),
+        )
+        if len(columns) < 2:
+            continue
+        cells: dict[tuple, Line] = {}
+        for line in group:
+            if plots.default_series(line) or line.get("config", {}).get("channels_last") is not None:
+                column = (line["precision"], line.get("config", {}).get("channels_last"))
+                cells.setdefault((engine_name(line), column), line)
+        engines = [name for name in ENGINE_ORDER if any(name == row for row, _ in cells)]
+        rows = [
+            [name]
+            + [_mib(cells[(name, column)]["peak_mem_bytes"]) if (name, column) in cells else "-" for column in columns]
+            for name in engines
+        ]
+        header = ["engine", *(f"{precision} {LAYOUT_NAMES[layout]}" for precision, layout in columns)]
+        out += [
+            f"{model.removesuffix('.yaml')} @{imgsz}px, {micro} img/rank, {input_mode} input, {ranks} rank(s), {device}:",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+    if not out:
+        return []
+    return [
+        "## Peak memory per rank by ZeRO stage, precision and memory format",
+        "",
+        "MiB, `torch.cuda.max_memory_allocated` on GPU (CPU: peak RSS, torch included). `default`: yolods' own",
+        "memory format (NHWC on CUDA); NHWC / NCHW: set with `--channels-last on,off` (CPU always trains NCHW).",
+        "",
+        *out,
     ]
 
 
@@ -417,14 +478,23 @@ def _projection_section(projection: Projection, goal: Goal, *, cluster: Cluster)
     return [*out, ""]
 
 
-def write_report(out_dir: Path, *, goal: Goal, cluster: Cluster, assumed_imgs_per_s: float) -> Path:
+def write_report(
+    out_dir: Path,
+    *,
+    goal: Goal,
+    cluster: Cluster,
+    assumed_imgs_per_s: float,
+    given_imgs_per_s: float | None = None,
+) -> Path:
     """Read out_dir/results.jsonl, write report.md and the PNGs next to it; returns report.md's path."""
     results = out_dir / RESULTS_FILE
     if not results.is_file():
         raise FileNotFoundError(f"{results} not found: run `python -m yolods.bench --out {out_dir}` first")
     lines = select_lines(read_lines(results))
     checks = two_rank_checks(lines)
-    projection = project_goal(lines, goal, cluster=cluster, assumed_imgs_per_s=assumed_imgs_per_s)
+    projection = project_goal(
+        lines, goal, cluster=cluster, assumed_imgs_per_s=assumed_imgs_per_s, given_imgs_per_s=given_imgs_per_s
+    )
     pngs = [
         plots.plot_throughput_vs_ranks(lines, out_dir / "throughput_vs_ranks.png"),
         plots.plot_throughput_vs_nodes(
@@ -444,6 +514,7 @@ def write_report(out_dir: Path, *, goal: Goal, cluster: Cluster, assumed_imgs_pe
         *_environment_section(lines),
         *_goal_section(lines, projection, goal),
         *_results_section(lines),
+        *_peak_memory_section(lines),
         *_scaling_section(lines, checks),
         *_memory_section(memory_checks(lines)),
         *_projection_section(projection, goal, cluster=cluster),
@@ -471,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         default=600.0,
         help="the goal model's per-GPU compute rate when no 1-GPU line measures it (benchmarks/README.md says why 600)",
     )
+    parser.add_argument(
+        "--gpu-imgs-per-s",
+        type=float,
+        help="the goal model's per-GPU rate measured elsewhere (benchmarks/gpu/run.sh prints it); overrides both "
+        "a 1-GPU line in DIR and --assumed-gpu-imgs-per-s",
+    )
     args = parser.parse_args(argv)
     goal = Goal(model=args.goal_model, imgsz=args.goal_imgsz, micro_batch=args.goal_micro_batch)
     link_gbps = tuple(dict.fromkeys([*(float(v) for v in args.link_gbps.split(",")), goal.link_gbps]))
@@ -478,7 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         ranks_per_node=args.ranks_per_node, link_gbps=link_gbps, network_latency_s=args.network_latency_us * 1e-6
     )
     try:
-        report = write_report(args.dir, goal=goal, cluster=cluster, assumed_imgs_per_s=args.assumed_gpu_imgs_per_s)
+        report = write_report(
+            args.dir,
+            goal=goal,
+            cluster=cluster,
+            assumed_imgs_per_s=args.assumed_gpu_imgs_per_s,
+            given_imgs_per_s=args.gpu_imgs_per_s,
+        )
     except FileNotFoundError as error:
         print(f"yolods.bench.report: error: {error}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ DEVICE_DEFAULTS = {"cpu": {"imgsz": 160, "micro_batch": 8}, "cuda": {"imgsz": 64
 class BenchConfig:
     """One configuration to measure; every field lands in its results line.
 
-    Bucket sizes and overlap_comm are None where the DeepSpeed config's value applies (and for the baselines).
+    Bucket sizes and overlap_comm are None where the DeepSpeed config's value applies (and for the baselines);
+    channels_last is None where yolods' default applies (NHWC on CUDA, as `yolods.train` and Ultralytics train).
     """
 
     engine: str
@@ -40,6 +41,7 @@ class BenchConfig:
     reduce_bucket_size: int | None = None
     allgather_bucket_size: int | None = None
     overlap_comm: bool | None = None
+    channels_last: bool | None = None
     deepspeed_config: str | None = None
     data: str = "synthetic"
     steps: int = 20
@@ -67,6 +69,8 @@ class BenchConfig:
             extras.append(f"gather-bucket {_count_label(self.allgather_bucket_size)}")
         if self.overlap_comm is not None:
             extras.append("overlap" if self.overlap_comm else "no-overlap")
+        if self.channels_last is not None:
+            extras.append("NHWC" if self.channels_last else "NCHW")
         model = self.model.removesuffix(".yaml")
         return " ".join([engine, self.precision, f"{model}@{self.imgsz}", f"mb{self.micro_batch}", self.input, *extras])
 
@@ -102,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "--reduce-bucket-size", **sweep, help="LIST: ZeRO reduce_bucket_size in elements (2e6, 5M)")
     _flag(parser, "--allgather-bucket-size", **sweep, help="LIST: ZeRO 1-2 allgather bucket (ZeRO-3: prefetch)")
     _flag(parser, "--overlap-comm", **sweep, help="LIST: on,off")
+    _flag(
+        parser,
+        "--channels-last",
+        **sweep,
+        help="LIST: on,off: NHWC memory format on CUDA (default on, as yolods.train; CPU always trains NCHW)",
+    )
     _flag(parser, "--input", **sweep, help="LIST: synthetic (tensors on the device) and/or real (dataloader)")
     _flag(parser, "--engine", **sweep, help="LIST: deepspeed,ddp,ultralytics (default all three)")
     _flag(parser, "--deepspeed_config", **sweep, help="LIST: DeepSpeed JSONs (stage/precision from them)")
@@ -123,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(parser, "--ema", action=argparse.BooleanOptionalAction, default=True, help="update the EMA each step")
     _flag(parser, "--comms-logger", action="store_true", help="extra steps with DeepSpeed's comms logger")
     _flag(parser, "--wall-clock-breakdown", action="store_true", help="also record DeepSpeed's own timers")
+    _flag(
+        parser,
+        "--keep-going",
+        action="store_true",
+        help="one rank only: report a configuration that fails (out of memory, say) and measure the next",
+    )
     _flag(parser, "--interconnect", default="", help="free text for the results, e.g. '8x NDR 400 Gb/s IB'")
     _flag(parser, "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
@@ -145,13 +161,13 @@ def parse_count(text: str) -> int:
         raise ConfigError(f"{text!r} is not a count: write 2e6, 2000000 or 2M") from None
 
 
-def parse_switch(text: str) -> bool:
+def parse_switch(text: str, flag: str = "--overlap-comm") -> bool:
     lowered = text.lower()
     if lowered in ("on", "true", "1", "yes"):
         return True
     if lowered in ("off", "false", "0", "no"):
         return False
-    raise ConfigError(f"--overlap-comm {text!r}: use on or off")
+    raise ConfigError(f"{flag} {text!r}: use on or off")
 
 
 def model_yaml(name: str) -> str:
@@ -233,6 +249,7 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     ds_configs: list[str | None] = list(split_list(args.deepspeed_config)) or [None]
     stages = _stages(args, ds_configs=ds_configs)
     precisions, json_precisions = _precisions(args, device=device, ds_configs=ds_configs)
+    layouts: list[bool | None] = [parse_switch(v, "--channels-last") for v in split_list(args.channels_last)] or [None]
     batch_pairs = _batch_pairs(args, world_size=world_size, default_micro_batch=defaults["micro_batch"])
     zero_variants = list(
         itertools.product(
@@ -257,8 +274,9 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
 
     configs: list[BenchConfig] = []
     ultralytics_configs: list[BenchConfig] = []
-    for model, imgsz, (micro, global_batch), precision, input_mode in itertools.product(
-        models, sizes, batch_pairs, precisions, inputs
+    # The memory format is outside the precision: a sweep cut short has every precision in the first layout.
+    for model, imgsz, (micro, global_batch), channels_last, precision, input_mode in itertools.product(
+        models, sizes, batch_pairs, layouts, precisions, inputs
     ):
         base = BenchConfig(
             engine="ddp",
@@ -269,6 +287,7 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
             precision=precision,
             zero_stage=None,
             input=input_mode,
+            channels_last=channels_last,
             **common,
         )
         if "ddp" in engines:

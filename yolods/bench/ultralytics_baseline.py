@@ -26,7 +26,10 @@ AMP = {"fp32": False, "bf16": "bf16", "fp16": True}  # Ultralytics' `amp` values
 
 def _train_kwargs(cfg: BenchConfig, *, data_yaml: str, project: Path) -> dict[str, Any]:
     """YOLO.train's arguments for one epoch of `cfg`: no validation, plots or checkpoints to time."""
+    # None leaves Ultralytics' own default (NHWC on CUDA), as yolods does
+    layout = {} if cfg.channels_last is None else {"channels_last": cfg.channels_last}
     return {
+        **layout,
         "data": data_yaml,
         "epochs": 1,
         "imgsz": cfg.imgsz,
