@@ -7,7 +7,6 @@ saves it again at once); training that continues across the change is checked ag
 
 from __future__ import annotations
 
-import csv
 import itertools
 import shutil
 import signal
@@ -18,7 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import assert_ok, run_train, torchrun_command, train_command, train_env
+from conftest import (
+    assert_ok,
+    results_without_time,
+    run_train,
+    stoppable_job_args,
+    torchrun_command,
+    train_command,
+    train_env,
+)
 
 from yolods.reshard import load_whole_state
 
@@ -26,43 +33,19 @@ pytestmark = pytest.mark.multirank
 
 PROBE = Path(__file__).with_name("reshard_probe.py")
 WAIT_S = 300
-# 3 epochs of 8 optimizer steps of 4 images. AdamW at lr 0.005 with one warmup epoch and no mosaic, so that the
-# loss falls within the 3 epochs instead of rising through a 3-epoch warmup, as with Ultralytics' defaults.
-LEARNING_JOB = (
-    "--epochs",
-    "3",
-    "--imgsz",
-    "128",
-    "--batch",
-    "4",
-    "--nbs",
-    "4",
-    "--workers",
-    "0",
-    "--optimizer",
-    "AdamW",
-    "--lr0",
-    "0.005",
-    "--warmup_epochs",
-    "1",
-    "--hyp",
-    "mosaic=0",
-)
+# AdamW at lr 0.005 with one warmup epoch and no mosaic, so that the loss falls within the 3 epochs instead of rising
+# through a 3-epoch warmup, as with Ultralytics' defaults.
+LEARNING = ("--optimizer", "AdamW", "--lr0", "0.005", "--warmup_epochs", "1", "--hyp", "mosaic=0")
 LOSSES = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 MAP50 = "metrics/mAP50(B)"
-# Final mAP50 of the run left alone on 2 ranks, seeds 0-3, measured here: 0, 0, 0.062, 0. Their range, rounded up
-# (four seeds understate it) to 0.1: about a detection and a half on the 8 validation images.
-SEED_MAP50_SPREAD = 0.1
+# Final mAP50 of the run left alone on 2 ranks, seeds 0-3, measured here: 0, 0, 0.062, 0; runs moved between rank
+# counts ended at 0 and 0.085. One detection more or less moves it ~0.07 on the 8 validation images, so the spread
+# is taken as two detections' worth: four seeds understate a range.
+SEED_MAP50_SPREAD = 0.15
 
 
 def job_args(data_yaml: Path, project: Path, name: str, zero_stage: int, *extra: str) -> list[str]:
-    where = ["--project", str(project), "--name", name]
-    return ["--data", str(data_yaml), *LEARNING_JOB, "--zero", str(zero_stage), *where, *extra]
-
-
-def results(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "results.csv").open() as file:
-        return [{key: value for key, value in row.items() if key != "time"} for row in csv.DictReader(file)]
+    return stoppable_job_args(data_yaml, project, name, zero_stage, (*LEARNING, *extra))
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
@@ -100,7 +83,7 @@ def mid_epoch_checkpoint(run_dir: Path):
 
 
 def results_or_none(run_dir: Path) -> list[dict[str, str]]:
-    return results(run_dir) if (run_dir / "results.csv").is_file() else []
+    return results_without_time(run_dir) if (run_dir / "results.csv").is_file() else []
 
 
 def resharded_line(output: str) -> str:
@@ -131,7 +114,7 @@ def assert_same_state(checkpoints: Path, saved: tuple[str, int], loaded: tuple[s
     after = load_whole_state(checkpoints / loaded_tag, saved_world_size=loaded_ranks, zero_stage=zero_stage)
     assert before.tensors.keys() == after.tensors.keys()
     keys = next(iter(before.tensors.values())).keys()
-    assert {"fp32", "exp_avg", "exp_avg_sq"} <= set(keys), keys
+    assert len(keys) > 1, keys  # fp32 and the optimizer's: exp_avg, exp_avg_sq (AdamW) or momentum_buffer (SGD)
     differing = [
         (name, key)
         for name in before.tensors
@@ -139,7 +122,11 @@ def assert_same_state(checkpoints: Path, saved: tuple[str, int], loaded: tuple[s
         if not torch.equal(before.tensors[name][key], after.tensors[name][key])
     ]
     assert not differing, differing[:5]
-    assert all(torch.equal(a["step"], b["step"]) for a, b in zip(before.scalars, after.scalars))
+    for saved_scalars, loaded_scalars in zip(before.scalars, after.scalars):  # AdamW's step
+        assert saved_scalars.keys() == loaded_scalars.keys()
+        assert all(
+            torch.equal(torch.as_tensor(saved_scalars[k]), torch.as_tensor(loaded_scalars[k])) for k in saved_scalars
+        )
     # the weights through DeepSpeed's own consolidation too, the frozen DFL projection included (its buffers are
     # rank 0's BatchNorm statistics, which the load averaged over the ranks: compared below)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), loaded_tag)
@@ -183,7 +170,7 @@ def reference(shapes_data, tmp_path_factory) -> list[dict[str, str]]:
     """The learning job on 2 ranks at ZeRO-0, left alone (ZeRO 1-3 train the same maths: test_world_size)."""
     project = tmp_path_factory.mktemp("elastic_reference")
     assert_ok(run_train(job_args(shapes_data, project, "alone", 0), nproc=2))
-    return results(project / "alone")
+    return results_without_time(project / "alone")
 
 
 def assert_continues_like(rows: list[dict[str, str]], reference: list[dict[str, str]], *, same_stage: bool) -> None:
@@ -191,11 +178,11 @@ def assert_continues_like(rows: list[dict[str, str]], reference: list[dict[str, 
 
     Before the first change of ranks the run is the run left alone, digit for digit at the same ZeRO stage (other
     stages sum gradients in another order: the 4th digit differs). After the change each rank's augmentation draws
-    and BatchNorm's micro batch differ, so the run takes another path, as another seed would.
-    A jump is a train loss further from the run left alone's, in any epoch, than the largest change of any train
-    loss between two consecutive epochs of that run (0.64 in box loss here); a run that lost its weights or
-    optimizer state at the change lands ~1 above. On this data mAP50 moves in steps of about a detection (~0.07 on
-    the 8 validation images), and the seeds' spread is a step or two, so the mAP bound catches a collapse, not less.
+    and BatchNorm's micro batch differ, so the run takes another path, as another seed would. A jump is a train loss
+    further from the run left alone's, in any epoch, than the largest change of any train loss between two of that
+    run's consecutive epochs (0.64, box loss from epoch 1 to 2; the moved runs stayed within 0.26). On 3 epochs of 32
+    images mAP50 barely leaves 0, so the mAP bound only catches a collapse or a blow-up; that the state comes
+    through a change of ranks intact is checked bit for bit (assert_same_state), not through these outcomes.
     """
     assert [row["epoch"] for row in rows] == [row["epoch"] for row in reference]
     if same_stage:
@@ -227,20 +214,21 @@ def test_a_run_moves_from_2_ranks_to_1_and_back(zero_stage, reference, shapes_da
     back_on2 = run_train(resume, nproc=2)
     assert_ok(back_on2)
     assert "from 1 to 2 ranks" in resharded_line(back_on2.stdout + back_on2.stderr)
-    assert_continues_like(results(run_dir), reference, same_stage=zero_stage == 0)
+    assert_continues_like(results_without_time(run_dir), reference, same_stage=zero_stage == 0)
 
 
 def test_zero3_checkpoint_moves_between_rank_counts(shapes_data, tmp_path):
     """ZeRO-3 partitions every parameter: a 1-rank checkpoint loads on 2 ranks bit for bit, and that one on 1 rank
-    trains on to the end."""
+    trains on to the end. With SGD, whose momentum DeepSpeed's universal checkpoint would not carry."""
     run_dir = tmp_path / "zero3"
-    args = job_args(shapes_data, tmp_path, "zero3", 3, "--epochs", "1", "--save_period_steps", "2")
+    sgd = ("--optimizer", "SGD", "--lr0", "0.01")
+    args = job_args(shapes_data, tmp_path, "zero3", 3, "--epochs", "1", "--save_period_steps", "2", *sgd)
     stop_when(mid_epoch_checkpoint(run_dir), train_command(args, nproc=1), log=tmp_path / "on1.log")
     probed = assert_resharding_is_exact(run_dir, tmp_path, saved_ranks=1, zero_stage=3)
     finished = run_train(["--resume", str(probed)], nproc=1)  # from the probe's 2-rank checkpoint
     assert_ok(finished)
     assert "from 2 to 1 rank" in resharded_line(finished.stdout + finished.stderr)
-    assert [row["epoch"] for row in results(probed)] == ["1"]
+    assert [row["epoch"] for row in results_without_time(probed)] == ["1"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -270,5 +258,5 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_continues_exactly(reference
     output = log.read_text()
     assert "continuing it from its newest complete checkpoint" in output, output[-3000:]
     assert "Resuming" in output and "batch" in output.split("Resuming", 1)[1].splitlines()[0], output[-3000:]
-    assert results(run_dir) == reference  # every epoch once, every digit
+    assert results_without_time(run_dir) == reference  # every epoch once, every digit
     assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == ["restarted"]  # no restarted2

@@ -6,7 +6,8 @@
         --deepspeed_config ds_configs/zero2_bf16.json
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.train ...
     torchrun --nproc_per_node 8 -m yolods.train ...          # srun under SLURM works the same
-    python -m yolods.train --resume runs/train/exp           # continue from its last DeepSpeed checkpoint
+    torchrun --nproc_per_node 8 --max-restarts 3 -m yolods.train ...   # a dead rank: the group restarts and continues
+    python -m yolods.train --resume runs/train/exp           # continue from its last checkpoint, on any number of ranks
 
 Exit codes: 0 done; 2 a user mistake (one line, before heavy work); 143 or 130 stopped by SIGTERM/SIGUSR1 or
 Ctrl-C with a checkpoint saved; 1 an error on some rank, which ended every rank (see yolods.faults).
