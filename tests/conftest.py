@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -89,6 +90,41 @@ def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epoch
         name,
         *extra,
     ]
+
+
+def stoppable_job_args(
+    data_yaml: Path, project: Path, name: str, zero_stage: int, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """3 epochs of 8 batches of 4 images (2 per rank on 2 ranks), a step after each (nbs = batch): stops land mid-epoch.
+
+    `extra` flags come last and win (argparse keeps the last value).
+    """
+    return [
+        "--data",
+        str(data_yaml),
+        "--epochs",
+        "3",
+        "--imgsz",
+        "128",
+        "--batch",
+        "4",
+        "--nbs",
+        "4",
+        "--workers",
+        "0",
+        "--zero",
+        str(zero_stage),
+        "--project",
+        str(project),
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+def results_without_time(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "results.csv").open() as file:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(file)]
 
 
 @pytest.fixture(scope="session")

@@ -199,3 +199,34 @@ def test_mistakes_are_found_before_any_process_group(shapes_data, tmp_path):
         resolve_run(parse_args([*flags, "--profile", "1,x"]), world_size=1)
     assert resolve_run(parse_args(flags), world_size=2).batch.micro_batch == 8
     assert not torch.distributed.is_initialized()
+
+
+def test_resume_on_another_number_of_ranks_keeps_the_global_batch(tmp_path):
+    from yolods.config import check_batch_resplit
+
+    run = RunConfig(device="cpu", batch=8, batch_from_flag=True, resume="runs/train/exp")
+    check_batch_resplit(run, saved_world_size=2, world_size=4)  # 2 per rank instead of 4: fine
+    with pytest.raises(
+        ConfigError, match=r"global batch 8 \(saved on 2 ranks\) does not split over 3 ranks.*e\.g\. 2 or 4"
+    ):
+        check_batch_resplit(run, saved_world_size=2, world_size=3)
+    pinned = tmp_path / "ds.json"
+    pinned.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(
+        ConfigError, match=r"fixes train_micro_batch_size_per_gpu=4.*on 2 ranks cannot be re-split over 1"
+    ):
+        check_batch_resplit(
+            RunConfig(device="cpu", deepspeed_config=str(pinned), resume="r"), saved_world_size=2, world_size=1
+        )
+
+
+def test_save_periods_may_change_on_resume_and_nothing_else_new():
+    from yolods.config import given_flags, resumed_config
+
+    saved = RunConfig(device="cpu", resume="runs/train/exp")
+    argv = ["--resume", "runs/train/exp", "--save_period_steps", "50", "--save_period_min", "5"]
+    resumed = resumed_config(saved, parse_args(argv), given=given_flags(argv))
+    assert (resumed.save_period_steps, resumed.save_period_min) == (50, 5.0)
+    assert resumed_config(saved, parse_args(["--resume", "x"]), given={"resume"}).save_period_min == 30.0
+    with pytest.raises(ConfigError, match="--save_period_steps and --save_period_min must be 0"):
+        parse_args(["--save_period_min", "-1"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import signal
 import subprocess
 import time
@@ -10,42 +9,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_ok, run_train, train_command, train_env
+from conftest import assert_ok, results_without_time, run_train, stoppable_job_args, train_command, train_env
 
 pytestmark = pytest.mark.multirank
-
-
-def job_args(data_yaml: Path, project: Path, name: str, zero_stage: int, extra: tuple[str, ...] = ()) -> list[str]:
-    """3 epochs of 8 micro-batches per rank, an optimizer step after each (nbs = batch), so a signal lands mid-epoch.
-
-    `extra` flags come last and win (argparse keeps the last value).
-    """
-    return [
-        "--data",
-        str(data_yaml),
-        "--epochs",
-        "3",
-        "--imgsz",
-        "128",
-        "--batch",
-        "4",
-        "--nbs",
-        "4",
-        "--workers",
-        "0",
-        "--zero",
-        str(zero_stage),
-        "--project",
-        str(project),
-        "--name",
-        name,
-        *extra,
-    ]
-
-
-def results_without_time(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "results.csv").open() as file:
-        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(file)]
 
 
 def interrupt(args: list[str], run_dir: Path, *, how: signal.Signals, after_s: float) -> int:
@@ -79,7 +45,7 @@ def reference_runs(shapes_data, tmp_path_factory):
     def results(zero_stage: int, extra: tuple[str, ...]) -> list[dict[str, str]]:
         if (zero_stage, extra) not in cache:
             name = f"zero{zero_stage}-{len(cache)}"
-            assert_ok(run_train(job_args(shapes_data, project, name, zero_stage, extra), nproc=2))
+            assert_ok(run_train(stoppable_job_args(shapes_data, project, name, zero_stage, extra), nproc=2))
             cache[zero_stage, extra] = results_without_time(project / name)
         return cache[zero_stage, extra]
 
@@ -107,7 +73,7 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(
     zero_stage, how, after_s, extra, reference_runs, shapes_data, tmp_path
 ):
     run_dir = tmp_path / "stopped"
-    args = job_args(shapes_data, tmp_path, "stopped", zero_stage, extra)
+    args = stoppable_job_args(shapes_data, tmp_path, "stopped", zero_stage, extra)
     assert interrupt(args, run_dir, how=how, after_s=after_s) != 0
     assert len(results_without_time(run_dir)) < 2, "the run finished before the signal: nothing was tested"
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()

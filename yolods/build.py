@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from yolods import dist
-from yolods.checkpoint import Checkpointer
+from yolods.checkpoint import Checkpointer, SavePeriod
 from yolods.config import RunPlan, place_monitor_outputs
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.engine import Trainer
@@ -235,7 +235,8 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         stop_request=stop_request,
     )
     engine = step.engine
-    checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
+    period = SavePeriod(steps=cfg.save_period_steps, minutes=cfg.save_period_min)
+    checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp), period=period)
     checkpointer.save_run_files(cfg, ds_config)
     logger = RunLogger(run_dir, loss_names=names)
     trainer = Trainer(

@@ -4,7 +4,9 @@ A running job never loses a checkpoint. Weights are written to a temporary file 
 DeepSpeed tag counts as complete only once every rank's shard and per-rank state are on disk and rank 0 has
 written the tag's marker file last; `latest` is updated after the marker, and an older tag is deleted only
 after a newer one is complete. On resume the newest complete tag whose files open is taken; a damaged or
-unfinished one is skipped with a warning naming it and why.
+unfinished one is skipped with a warning naming it and why, and one saved by another number of ranks is re-split
+(yolods.reshard). Besides every epoch's end, a run checkpoints mid-epoch on a SavePeriod. A run directory records
+the launcher job that made it, so that the job's restarted attempts continue it.
 """
 
 from __future__ import annotations
@@ -15,25 +17,30 @@ import os
 import shutil
 import time
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from yolods import dist
+from yolods import dist, env
 from yolods.config import RunConfig, write_json
 from yolods.errors import ConfigError
+from yolods.reshard import load_resharded, merge_rank_states
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "yolods_complete.json"  # written by rank 0 once every rank's files of a tag are on disk
+JOB_RECORD = "job.json"  # the launcher job that made a run directory (see continue_launcher_job)
 KEEP_CHECKPOINTS = 2  # the newest complete tag, and the one before it in case the newest is damaged later
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
     """project/name, or the next free name (exp, exp2, ...) unless --exist_ok, with weights/ in it."""
-    return make_run_dir(project=cfg.project, name=cfg.name, exist_ok=cfg.exist_ok, subdir="weights")
+    run_dir = make_run_dir(project=cfg.project, name=cfg.name, exist_ok=cfg.exist_ok, subdir="weights")
+    if dist.is_main_process():
+        _write_job_record(run_dir)  # so that a restarted attempt of this launcher job continues it
+    return run_dir
 
 
 def make_run_dir(*, project: str, name: str, exist_ok: bool, subdir: str = "") -> Path:
@@ -56,6 +63,48 @@ def make_run_dir(*, project: str, name: str, exist_ok: bool, subdir: str = "") -
     if error:
         raise ConfigError(error)
     return Path(run_dir)
+
+
+def _write_job_record(run_dir: Path) -> None:
+    """Note which launcher job made the run directory, so that the job's later attempts continue it."""
+    job = env.launcher_job()
+    if job is not None:
+        write_json(run_dir / JOB_RECORD, {"job": job.key, "created_at": time.time()})
+
+
+def _run_dir_of_job(project: Path, job_key: str) -> Path | None:
+    """The newest run directory under `project` that an earlier attempt of the job made, if any."""
+    records = sorted(project.glob(f"*/{JOB_RECORD}"), key=lambda record: record.stat().st_mtime, reverse=True)
+    for record in records:
+        try:
+            if json.loads(record.read_text()).get("job") == job_key:
+                return record.parent.resolve()
+        except (OSError, ValueError):
+            continue  # another run's unreadable record is none of this job's business
+    return None
+
+
+def continue_launcher_job(cfg: RunConfig) -> RunConfig:
+    """The run config that continues this job's run directory, when a launcher started the job again.
+
+    torchrun (--max-restarts), SLURM (--requeue) or a retry loop run the same command line again; its first
+    attempt recorded the job in the run directory it made (see env.launcher_job). A later attempt resumes that
+    directory from its newest complete checkpoint, or starts over in it when it has none yet. Unchanged `cfg`
+    for a first attempt, an explicit --resume, or a launcher that cannot restart.
+    """
+    job = env.launcher_job()
+    if cfg.resume is not None or job is None or not job.may_be_restart:
+        return cfg
+    run_dir = _run_dir_of_job(Path(cfg.project), job.key)
+    if run_dir is None:
+        return cfg
+    if complete_tags(run_dir):
+        dist.print_main(
+            f"yolods: {run_dir} is this job's ({job.key}): continuing it from its newest complete checkpoint"
+        )
+        return replace(cfg, resume=str(run_dir))
+    dist.print_main(f"yolods: {run_dir} is this job's ({job.key}) but holds no complete checkpoint: starting it over")
+    return replace(cfg, project=str(run_dir.parent), name=run_dir.name, exist_ok=True)
 
 
 def remove_unfinished_run_dir(run_dir: Path) -> None:
@@ -87,14 +136,23 @@ def find_resume_dir(cfg: RunConfig) -> Path:
     return max(candidates, key=lambda run: complete_tags(run)[0].stat().st_mtime).resolve()
 
 
-def check_resume_world_size(run_dir: Path, *, world_size: int) -> None:
-    """A run resumes on as many ranks as saved it: each rank's BatchNorm statistics and ZeRO partition are its own."""
+def saved_world_size(tag_dir: Path) -> int:
+    """How many ranks saved a complete checkpoint tag."""
+    return json.loads((tag_dir / COMPLETE_MARKER).read_text())["world_size"]
+
+
+def check_resume_world_size(run_dir: Path, *, world_size: int, zero_stage: int) -> None:
+    """Refuse, in one line, the one checkpoint yolods cannot re-split for a new number of ranks.
+
+    DeepSpeed's bf16 optimizer (a "bf16" config section at ZeRO-0) partitions its state in a format of its own;
+    every other checkpoint resumes on any number of ranks (see yolods.reshard).
+    """
     newest = complete_tags(run_dir)[0]
-    saved = json.loads((newest / COMPLETE_MARKER).read_text())["world_size"]
-    if saved != world_size:
+    saved = saved_world_size(newest)
+    if saved != world_size and zero_stage == 0 and any(newest.glob("bf16_zero_pp_rank_*")):
         raise ConfigError(
-            f"--resume {run_dir}: checkpoint {newest.name} was saved by {saved} ranks, this job has {world_size}; "
-            f"resume with {saved} ranks (e.g. torchrun --nproc_per_node {saved})"
+            f"--resume {run_dir}: checkpoint {newest.name} holds DeepSpeed's bf16 optimizer (a bf16 section at ZeRO-0), "
+            f"which only the {saved} ranks that saved it can load, not {world_size}; resume with {saved} ranks"
         )
 
 
@@ -121,6 +179,20 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _load_rank_state(tag_dir: Path, rank: int) -> dict[str, Any]:
+    return torch.load(tag_dir / f"yolods_rank{rank}.pt", weights_only=False)  # the run's own file
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What `Checkpointer.load` restored into the engine, and what the Trainer restores itself."""
+
+    client_state: dict[str, Any]
+    rank_state: dict[str, Any]
+    tag: str
+    saved_world_size: int
+
+
 def damaged_file(tag_dir: Path) -> str | None:
     """The first file of a tag that does not open as a torch checkpoint, with the reason; None if all open.
 
@@ -136,20 +208,48 @@ def damaged_file(tag_dir: Path) -> str | None:
     return None
 
 
+class SavePeriod:
+    """How often a run checkpoints mid-epoch, bounding the work a SIGKILL can lose: every `steps` optimizer steps
+    and every `minutes` of wall time, whichever comes first (0 turns either off).
+
+    Steps are counted alike on every rank. Clocks are not, so rank 0's decides and one 8-byte all-reduce per
+    optimizer step tells the others (negligible beside a step of a YOLO model).
+    """
+
+    def __init__(self, *, steps: int = 0, minutes: float = 0.0):
+        self.steps = steps
+        self.minutes = minutes
+        self.restart(0)
+
+    def restart(self, optimizer_step: int) -> None:
+        """Count from now: a checkpoint was just saved (or the run started) at `optimizer_step`."""
+        self.last_step = optimizer_step
+        self.last_s = time.monotonic()
+
+    def due(self, optimizer_step: int) -> bool:
+        by_steps = self.steps > 0 and optimizer_step - self.last_step >= self.steps
+        if self.minutes <= 0:
+            return by_steps
+        clock_says = dist.is_main_process() and time.monotonic() - self.last_s >= 60 * self.minutes
+        return dist.any_rank(clock_says) or by_steps  # the collective first: every rank must reach it
+
+
 class Checkpointer:
     """Saves, prunes, finds and restores a run's state; every rank calls save/load, rank 0 alone writes shared files.
 
     Examples:
         >>> checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp))
         >>> checkpointer.save("epoch3", client_state=trainer.state_dict(), rank_state=trainer.rank_state_dict())
-        >>> client_state, rank_state = checkpointer.load()
+        >>> loaded = checkpointer.load()  # loaded.client_state, loaded.rank_state, loaded.tag
+        >>> if checkpointer.mid_epoch_save_due(engine.global_steps): ...  # a collective with a time period
     """
 
-    def __init__(self, run_dir: Path, engine, *, train_args: dict[str, Any]):
+    def __init__(self, run_dir: Path, engine, *, train_args: dict[str, Any], period: SavePeriod | None = None):
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         self.engine = engine
         self.train_args = {**train_args, "save_dir": str(run_dir)}
+        self.period = period or SavePeriod()
 
     def save_run_files(self, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
         """args.yaml (what --resume continues; kept from the first start) and the resolved DeepSpeed config."""
@@ -170,6 +270,14 @@ class Checkpointer:
             write_json(tag_dir / COMPLETE_MARKER, marker)
             _atomic_write(self.checkpoint_dir / "latest", tag.encode())  # for DeepSpeed's tools (zero_to_fp32)
             self._prune()
+        self.period.restart(self.engine.global_steps)
+
+    def mid_epoch_save_due(self, optimizer_step: int) -> bool:
+        """Whether the run should checkpoint now, after optimizer step `optimizer_step`; the same on every rank.
+
+        A collective when a time period is set (rank 0's clock decides), so every rank must call it at the same step.
+        """
+        return self.period.due(optimizer_step)
 
     def _prune(self) -> None:
         """Keep the newest complete tags; drop older ones and any unfinished tag a killed save left behind."""
@@ -178,22 +286,38 @@ class Checkpointer:
             if tag_dir.is_dir() and tag_dir not in keep:
                 shutil.rmtree(tag_dir, ignore_errors=True)
 
-    def load(self) -> tuple[dict[str, Any], dict[str, Any], str]:
-        """Load the newest complete, readable tag into the engine (every rank).
+    def load(self) -> LoadedCheckpoint:
+        """Load the newest complete, readable tag into the engine (every rank), on any number of ranks.
 
-        Returns the client state, this rank's own state and the tag.
+        A tag saved by as many ranks as this job has loads through DeepSpeed as saved; one saved by another number
+        is re-split (yolods.reshard) and the saved ranks' own states merged.
         """
         for tag_dir in complete_tags(self.run_dir):
             damage = damaged_file(tag_dir)
             if dist.any_rank(damage is not None):  # all ranks move on together
                 dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damage or 'damaged on another rank'}")
                 continue
-            load_path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name)
-            if load_path is None:
-                raise ConfigError(f"--resume {self.run_dir}: DeepSpeed could not load checkpoint {tag_dir.name}")
-            rank_state = torch.load(tag_dir / f"yolods_rank{dist.get_rank()}.pt", weights_only=False)
-            return client_state, rank_state, tag_dir.name
+            saved_ranks = saved_world_size(tag_dir)
+            if saved_ranks == dist.get_world_size():
+                client_state = self._load_as_saved(tag_dir)
+                rank_state = _load_rank_state(tag_dir, dist.get_rank())
+            else:
+                client_state = self._load_resharded(tag_dir, saved_world_size=saved_ranks)
+                rank_state = merge_rank_states([_load_rank_state(tag_dir, rank) for rank in range(saved_ranks)])
+            self.period.restart(self.engine.global_steps)
+            return LoadedCheckpoint(client_state, rank_state, tag=tag_dir.name, saved_world_size=saved_ranks)
         raise ConfigError(f"--resume {self.run_dir}: no complete, readable checkpoint in {self.checkpoint_dir}")
+
+    def _load_as_saved(self, tag_dir: Path) -> dict[str, Any]:
+        load_path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name)
+        if load_path is None:
+            raise ConfigError(f"--resume {self.run_dir}: DeepSpeed could not load checkpoint {tag_dir.name}")
+        return client_state
+
+    def _load_resharded(self, tag_dir: Path, *, saved_world_size: int) -> dict[str, Any]:
+        if self.engine.zero_optimization_stage() == 0:
+            return self._load_as_saved(tag_dir)  # rank 0 saved the whole model and optimizer: any number of ranks
+        return load_resharded(self.engine, tag_dir, saved_world_size=saved_world_size)
 
     def export_weights(self, weights: dict[str, Any], *, is_best: bool) -> None:
         """weights/last.pt (and best.pt when `is_best`) from an Ultralytics checkpoint dict (rank 0 writes)."""

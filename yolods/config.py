@@ -28,7 +28,20 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Ultralytics rounds other sizes up to a multiple of the largest stride, with only a warning; yolods asks instead.
 IMGSZ_MULTIPLE = 32
 # Flags a resumed run may change: they observe the run or say where to find it, and change no result.
-CHANGEABLE_ON_RESUME = ("resume", "project", "profile", "comms_logger", "verbose", "local_rank", "deepspeed")
+CHANGEABLE_ON_RESUME = (
+    "resume",
+    "project",
+    "profile",
+    "comms_logger",
+    "verbose",
+    "local_rank",
+    "deepspeed",
+    "save_period_steps",
+    "save_period_min",
+)
+# A mid-epoch checkpoint every half hour bounds what a lost node costs on long epochs; writing one of a YOLO model
+# takes seconds.
+SAVE_PERIOD_MIN = 30.0
 
 # Defaults that differ for the embedded synthetic job, so `python -m yolods.train` finishes in minutes on a CPU.
 SYNTHETIC_DEFAULTS = {"epochs": 10, "imgsz": 128, "images": 512}  # mAP50 > 0.5 in ~3 min on 2 cores
@@ -64,6 +77,8 @@ class RunConfig:
     name: str = "exp"
     exist_ok: bool = False
     resume: str | None = None
+    save_period_steps: int = 0
+    save_period_min: float = SAVE_PERIOD_MIN
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     synthetic_images: int = SYNTHETIC_DEFAULTS["images"]
     profile: str | None = None
@@ -153,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", nargs="?", const="", help="continue a run: its directory, or the newest under --project"
     )
+    run.add_argument(
+        "--save_period_steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also checkpoint mid-epoch every N optimizer steps (default 0: off)",
+    )
+    run.add_argument(
+        "--save_period_min",
+        type=float,
+        default=SAVE_PERIOD_MIN,
+        metavar="MIN",
+        help=f"also checkpoint mid-epoch every MIN minutes (default {SAVE_PERIOD_MIN:g}; 0: off)",
+    )
 
     hyperparameters = parser.add_argument_group("Ultralytics hyperparameters (same names and defaults)")
     hyperparameters.add_argument("--cos_lr", action="store_true", help="cosine lr schedule (default linear)")
@@ -228,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         )
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 (load in the training process) or more")
+    if args.save_period_steps < 0 or args.save_period_min < 0:
+        raise ConfigError("--save_period_steps and --save_period_min must be 0 (off) or positive")
     if args.synthetic_images < 1:
         raise ConfigError(f"--synthetic_images {args.synthetic_images} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -252,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         name=args.name,
         exist_ok=args.exist_ok,
         resume=args.resume,
+        save_period_steps=args.save_period_steps,
+        save_period_min=args.save_period_min,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         synthetic_images=args.synthetic_images,
         profile=args.profile,
@@ -290,9 +323,38 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     if conflicts:
         raise ConfigError(
             f"--resume {saved.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps its settings "
-            "(only --profile and --comms_logger may change): drop those flags, or start a new run"
+            "(only --profile, --comms_logger and the --save_period_* flags may change): drop those flags, or start a new run"
         )
-    return dataclasses.replace(saved, profile=flags.profile, comms_logger=flags.comms_logger, verbose=flags.verbose)
+    periods = {name: getattr(flags, name) for name in ("save_period_steps", "save_period_min") if name in given}
+    return dataclasses.replace(
+        saved, profile=flags.profile, comms_logger=flags.comms_logger, verbose=flags.verbose, **periods
+    )
+
+
+def check_batch_resplit(cfg: RunConfig, *, saved_world_size: int, world_size: int) -> None:
+    """A run resumed on another number of ranks keeps its global batch; the micro batch per rank is re-split.
+
+    Raises:
+        ConfigError: the global batch does not split over `world_size` ranks, or the run's DeepSpeed JSON fixes
+            the per-rank batch (then only the saved number of ranks keeps the global batch).
+    """
+    if saved_world_size == world_size:
+        return
+    user = load_deepspeed_json(cfg.deepspeed_config) if cfg.deepspeed_config else {}
+    for key in ("train_micro_batch_size_per_gpu", "train_batch_size"):
+        if key in user:
+            raise ConfigError(
+                f"--resume {cfg.resume}: {cfg.deepspeed_config} fixes {key}={user[key]}, so the global batch the run "
+                f"had on {saved_world_size} ranks cannot be re-split over {world_size}; resume with {saved_world_size} ranks"
+            )
+    if cfg.batch % world_size:
+        fitting = [ranks for ranks in range(1, cfg.batch + 1) if cfg.batch % ranks == 0]
+        nearest = sorted(fitting, key=lambda ranks: abs(ranks - world_size))[:2]
+        raise ConfigError(
+            f"--resume {cfg.resume}: the run's global batch {cfg.batch} (saved on {saved_world_size} rank{'s' * (saved_world_size > 1)}) does not "
+            f"split over {world_size} ranks; resume on a number of ranks that divides {cfg.batch}, e.g. "
+            f"{' or '.join(str(ranks) for ranks in sorted(nearest))}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

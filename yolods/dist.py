@@ -110,10 +110,41 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
 
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
+    _join_torchrun_attempt(timeout)
     # DeepSpeed prints "... built successfully" for its CPU comm op on every rank and start; --verbose shows it.
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
-        deepspeed.init_distributed(timeout=timeout)
+        deepspeed.init_distributed(timeout=timeout)  # adopts a process group that already exists
+
+
+def _join_torchrun_attempt(timeout: datetime.timedelta) -> None:
+    """Under torchrun, join the process group through the agent's store, namespaced by restart attempt.
+
+    torchrun's default (static) rendezvous keeps one store in its agent for every worker group it restarts, and
+    torch 2.14 no longer prefixes the process group's keys by attempt: a restarted rank then read a dead peer's
+    address and failed ("Gloo connectFullMesh failed ... Connection refused") whenever that peer was slower to
+    start. A no-op outside torchrun, where DeepSpeed joins the group from the environment as before.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or get_world_size() < 2:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    agent_store = torch_dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    accelerator = get_accelerator()
+    # DeepSpeed binds the rank's GPU when it creates the group (its init_process_group); so do we
+    options = {"device_id": accelerator.device(get_local_rank())} if accelerator.device_name() == "cuda" else {}
+    torch_dist.init_process_group(
+        accelerator.communication_backend_name(),
+        store=torch_dist.PrefixStore(f"yolods/attempt{attempt}", agent_store),
+        rank=get_rank(),
+        world_size=get_world_size(),
+        timeout=timeout,
+        **options,
+    )
 
 
 def _free_port() -> int:

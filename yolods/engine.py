@@ -83,6 +83,9 @@ class Trainer:
         """Run the remaining epochs; returns the last validation metrics (rank 0) or {}."""
         metrics: dict[str, Any] = {}
         self.started_s = time.perf_counter()
+        # rows of epochs this run (re)does: written after the checkpoint it resumed from, or by an attempt that
+        # died before its first checkpoint and is being started over in the same directory
+        self.logger.truncate_results(completed_epochs=self.state.epoch)
         for epoch in range(self.state.epoch, self.epochs):
             train_losses = self.train_epoch(epoch)
             metrics = self.end_epoch(epoch, train_losses)
@@ -138,16 +141,28 @@ class Trainer:
                     result.loss_items, imgs_per_s=imgs_per_s, step_time_s=step_time_s, data_wait_s=data_wait_s
                 )
                 self.logger.log_step(self.engine.global_steps, scalars)
-            if result.stop and result.stepped and batch_index < num_batches - 1:
+            mid_epoch_boundary = result.stepped and batch_index < num_batches - 1  # the epoch's end saves anyway
+            if mid_epoch_boundary and result.stop:
                 self._save_interrupted(epoch, next_batch=batch_index + 1, loss_sums=loss_sums)
+            elif mid_epoch_boundary and self.checkpointer.mid_epoch_save_due(self.engine.global_steps):
+                self._save_mid_epoch(epoch, next_batch=batch_index + 1, loss_sums=loss_sums)
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
 
-    def _save_interrupted(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> None:
-        """Checkpoint mid-epoch, at an optimizer-step boundary (no half-summed gradients), then stop."""
+    def _save_mid_epoch(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> str:
+        """Checkpoint at an optimizer-step boundary (no half-summed gradients) as tag epochN-batchM; returns the tag.
+
+        A run resumed from it replays the epoch's loader up to `next_batch`, so it continues exactly.
+        """
         self.state.epoch, self.state.batch_index = epoch, next_batch
         tag = f"epoch{epoch + 1}-batch{next_batch}"
         self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=self.rank_state_dict(loss_sums))
+        self.state.batch_index = 0  # this process goes on from where it is; only a resumed one starts there
+        return tag
+
+    def _save_interrupted(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> None:
+        """Checkpoint mid-epoch, then stop."""
+        tag = self._save_mid_epoch(epoch, next_batch=next_batch, loss_sums=loss_sums)
         self._log_stop(tag)
         raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
 
@@ -273,15 +288,32 @@ class Trainer:
             scaler.load_state_dict(rank_state["grad_scaler"])
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint of the run directory."""
-        client_state, rank_state, tag = self.checkpointer.load()
-        self.load_state_dict(client_state, rank_state)
-        self.logger.truncate_results(completed_epochs=self.state.epoch)
+        """Continue from the newest complete checkpoint of the run directory, saved on any number of ranks."""
+        loaded = self.checkpointer.load()
+        self.load_state_dict(loaded.client_state, loaded.rank_state)
         if self.state.epoch >= self.epochs:
             self.logger.info(f"{self.run_dir} already finished its {self.epochs} epochs; nothing to resume.")
-        else:
-            where = f", batch {self.state.batch_index + 1}" if self.state.batch_index else ""
-            self.logger.info(f"Resuming {self.run_dir} from {tag} at epoch {self.state.epoch + 1}/{self.epochs}{where}")
+            return
+        where = f", batch {self.state.batch_index + 1}" if self.state.batch_index else ""
+        self.logger.info(
+            f"Resuming {self.run_dir} from {loaded.tag} at epoch {self.state.epoch + 1}/{self.epochs}{where}"
+        )
+        world_size = dist.get_world_size()
+        if loaded.saved_world_size != world_size:
+            self.logger.info(self._reshard_note(loaded.tag, saved_world_size=loaded.saved_world_size))
+
+    def _reshard_note(self, tag: str, *, saved_world_size: int) -> str:
+        """The one line that says a checkpoint of another number of ranks was converted, and how."""
+        world_size, stage, batch = dist.get_world_size(), self.plan.zero_stage, self.plan.batch
+        how = (
+            "the whole model and optimizer state loaded on every rank"
+            if stage == 0
+            else f"ZeRO-{stage} partitions of weights and optimizer state re-split exactly"
+        )
+        return (
+            f"Resharded {tag} from {saved_world_size} to {world_size} rank{'s' * (world_size > 1)}: {how}, global batch "
+            f"{batch.global_batch} kept ({batch.micro_batch}/rank), BatchNorm statistics averaged over the saved ranks"
+        )
 
     def summarize(self, *, stopped: str | None = None) -> None:
         """Rank 0's closing lines: results, speed, where the files are and what to run next."""

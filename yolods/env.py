@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -58,6 +60,52 @@ LAUNCH_GRANDPARENT_PID = parent_of(LAUNCH_PARENT_PID)
 # already sized its thread pool, so the variable no longer says what torch uses): see dist.threads_per_rank.
 USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun, deepspeed, srun
+
+
+def _start_ticks(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), telling it apart from a later process given its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+@dataclass(frozen=True)
+class LauncherJob:
+    """What identifies a job across the attempts its launcher or scheduler makes at it.
+
+    `key` is the same in every attempt of one job and differs between jobs; `may_be_restart` says whether this
+    attempt may follow an earlier one, whose run directory it should then continue.
+    """
+
+    key: str
+    may_be_restart: bool
+
+
+def launcher_job() -> LauncherJob | None:
+    """This process's job, if its launcher can start it again; None for a plain run.
+
+    In order: YOLODS_JOB_ID (set it around an outer retry loop); torchrun's rendezvous id (`--rdzv-id`, the same
+    on every node); SLURM's job and step (kept by `--requeue`; looked up only on a requeued or restarted attempt,
+    so two runs in one allocation stay apart); torchrun's agent, for a one-node torchrun without `--rdzv-id`:
+    the agent outlives the worker groups it restarts and is this process's parent.
+    """
+    torchrun_restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if os.environ.get("YOLODS_JOB_ID"):
+        return LauncherJob(f"YOLODS_JOB_ID={os.environ['YOLODS_JOB_ID']}", may_be_restart=True)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return LauncherJob(f"torchrun --rdzv-id {run_id}", may_be_restart=True)
+    if "SLURM_JOB_ID" in os.environ:
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+        step = os.environ.get("SLURM_STEP_ID", "batch")
+        return LauncherJob(
+            f"SLURM job {os.environ['SLURM_JOB_ID']} step {step}", may_be_restart=requeued or torchrun_restarts > 0
+        )
+    if run_id and os.environ.get("GROUP_WORLD_SIZE", "1") == "1":
+        agent = f"{socket.gethostname()}:{LAUNCH_PARENT_PID}:{_start_ticks(LAUNCH_PARENT_PID)}"
+        return LauncherJob(f"torchrun agent {agent}", may_be_restart=True)
+    return None  # a plain run, the deepspeed launcher, or a multi-node torchrun without --rdzv-id
 
 
 def _parent_is_deepspeed_launch() -> bool:

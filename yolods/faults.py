@@ -12,6 +12,9 @@ How a fault travels:
   checkpoint at the next step and leave as if they had been sent SIGTERM.
 Launchers also end the remaining ranks once one exits non-zero (torchrun and deepspeed within a second); the
 watchdog makes the job end the same way where they do not (srun without --kill-on-bad-exit, hung NCCL calls).
+Under `torchrun --max-restarts` that quick exit 1 of every rank is what lets the agent start the group again; the
+new group's store is namespaced by restart attempt (dist.init_distributed), so no abort key or peer address of the
+group before reaches it, and it continues the run from its newest complete checkpoint (checkpoint.continue_launcher_job).
 """
 
 from __future__ import annotations

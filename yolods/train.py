@@ -6,7 +6,8 @@
         --deepspeed_config ds_configs/zero2_bf16.json
     deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.train ...
     torchrun --nproc_per_node 8 -m yolods.train ...          # srun under SLURM works the same
-    python -m yolods.train --resume runs/train/exp           # continue from its last DeepSpeed checkpoint
+    torchrun --nproc_per_node 8 --max-restarts 3 -m yolods.train ...   # a dead rank: the group restarts and continues
+    python -m yolods.train --resume runs/train/exp           # continue from its last checkpoint, on any number of ranks
 
 Exit codes: 0 done; 2 a user mistake (one line, before heavy work); 143 or 130 stopped by SIGTERM/SIGUSR1 or
 Ctrl-C with a checkpoint saved; 1 an error on some rank, which ended every rank (see yolods.faults).
@@ -18,24 +19,37 @@ import sys
 from pathlib import Path
 
 from yolods import dist
-from yolods.config import ConfigError, RunPlan, given_flags, parse_args, resolve_run, resumed_config
+from yolods.config import (
+    ConfigError,
+    RunPlan,
+    check_batch_resplit,
+    given_flags,
+    parse_args,
+    resolve_run,
+    resumed_config,
+)
 from yolods.preemption import StopRequest, TrainingInterrupted
 
 
 def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
     """Flags (or a resumed run's saved settings) -> RunPlan, checked on every rank before any process group exists.
 
-    Returns the plan and the run directory to resume (None for a new run).
+    A run resumes on any number of ranks that keeps its global batch. Returns the plan and the run directory to
+    resume (None for a new run).
     """
     from yolods import checkpoint
 
-    cfg = parse_args(argv)
-    resume_dir = None
-    if cfg.resume is not None:
-        resume_dir = checkpoint.find_resume_dir(cfg)
-        checkpoint.check_resume_world_size(resume_dir, world_size=dist.get_world_size())
-        cfg = resumed_config(checkpoint.load_run_config(resume_dir), cfg, given=given_flags(argv))
-    return resolve_run(cfg, world_size=dist.get_world_size()), resume_dir
+    world_size = dist.get_world_size()
+    cfg = checkpoint.continue_launcher_job(parse_args(argv))  # a restarted torchrun/SLURM job goes on where it was
+    if cfg.resume is None:
+        return resolve_run(cfg, world_size=world_size), None
+    resume_dir = checkpoint.find_resume_dir(cfg)
+    cfg = resumed_config(checkpoint.load_run_config(resume_dir), cfg, given=given_flags(argv))
+    newest = checkpoint.complete_tags(resume_dir)[0]
+    check_batch_resplit(cfg, saved_world_size=checkpoint.saved_world_size(newest), world_size=world_size)
+    plan = resolve_run(cfg, world_size=world_size)
+    checkpoint.check_resume_world_size(resume_dir, world_size=world_size, zero_stage=plan.zero_stage)
+    return plan, resume_dir
 
 
 def main(argv: list[str] | None = None) -> int:
