@@ -195,7 +195,7 @@ def assert_continues_like(rows: list[dict[str, str]], reference: list[dict[str, 
     assert abs(float(rows[-1][MAP50]) - float(reference[-1][MAP50])) <= SEED_MAP50_SPREAD, (rows[-1], reference[-1])
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [2])  # ZeRO-0 checkpoints load as saved; the re-split is ZeRO 1-3's
 def test_a_run_moves_from_2_ranks_to_1_and_back(zero_stage, reference, shapes_data, tmp_path):
     """Stopped during epoch 2 on 2 ranks, resumed on 1, stopped during epoch 3, finished on 2 again.
 

@@ -62,7 +62,7 @@ ACCUMULATING_BF16_WORKERS = ("--nbs", "8", "--precision", "bf16", "--workers", "
     ("zero_stage", "how", "after_s", "extra"),
     [
         (0, signal.SIGTERM, 0.3, ()),
-        (1, signal.SIGTERM, 0.6, ()),
+        # ZeRO-1 is left out to keep the suite short: it runs DeepSpeed's stage-1/2 optimizer that ZeRO-2 tests
         (2, signal.SIGTERM, 0.2, ()),
         (3, signal.SIGTERM, 0.4, ()),
         (2, signal.SIGKILL, 0.5, ()),

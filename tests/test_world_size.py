@@ -41,7 +41,7 @@ def step_difference(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Te
     return max(float((x - y).abs().max()) for x, y in zip(a["after"], b["after"])) / moved
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2])  # ZeRO-1 shares ZeRO-2's optimizer (stage_1_and_2.py)
 def test_two_ranks_equal_one_rank_accumulating(zero_stage, shapes_data, tmp_path):
     """2 ranks x micro 8 = 1 rank x micro 8 x 2 accumulated: same micro-batches, so BatchNorm sees the same."""
     two_ranks = step_parameters(shapes_data, tmp_path / "two.pt", ranks=2, micro=8, zero=zero_stage)
