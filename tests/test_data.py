@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import yolods  # noqa: F401
 from yolods.config import RunConfig, hyperparameters
 from yolods.data import build_train_data, load_data_yaml
+from yolods.data.loaders import shard_global_batches
 from yolods.data.synthetic import main as synthetic_main
 from yolods.data.synthetic import make_synthetic_dataset
 
@@ -32,18 +34,39 @@ def test_synthetic_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("data.yaml")
 
 
-def test_epoch_loader_is_a_function_of_seed_and_epoch(shapes_data):
-    """Two loaders for the same epoch give identical augmented batches; another epoch differs."""
+def test_epoch_loader_is_a_function_of_its_saved_state(shapes_data):
+    """A loader rebuilt from the state saved at an epoch's start gives that epoch's augmented batches again
+    (what a resumed run replays); the next epoch differs."""
     hyp = hyperparameters(RunConfig(data=str(shapes_data), device="cpu", imgsz=128))
     data = load_data_yaml(str(shapes_data))
     train = build_train_data(hyp, data, micro_batch=4, workers=0, seed=0, stride=32, pin_memory=False)
 
-    def first_batches(epoch: int) -> list[torch.Tensor]:
-        return [batch["img"].clone() for _, batch in zip(range(2), train.loader_for_epoch(epoch))]
+    def epoch_batches(epoch: int) -> list[torch.Tensor]:
+        return [batch["img"].clone() for batch in train.loader_for_epoch(epoch)]
 
-    first, again, other = first_batches(1), first_batches(1), first_batches(2)
-    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    epoch_batches(0)
+    saved = copy.deepcopy(train.state_dict())
+    first = epoch_batches(1)
+    other = epoch_batches(2)
+    train.load_state_dict(saved)
+    again = epoch_batches(1)
+    assert len(first) == 8 and all(torch.equal(x, y) for x, y in zip(first, again))
     assert not all(torch.equal(x, y) for x, y in zip(first, other))
+
+
+@pytest.mark.parametrize(("num_images", "global_batch"), [(32, 16), (30, 16), (17, 16), (5, 4), (3, 8)])
+def test_ranks_share_each_global_batch(num_images, global_batch):
+    """At 2 ranks each global batch holds the 1-rank run's images: rank 0 the first share, rank 1 the rest."""
+    order = list(range(num_images))
+    one_rank = shard_global_batches(order, global_batch=min(global_batch, num_images), world_size=1, rank=0)
+    shards = [
+        shard_global_batches(order, global_batch=min(global_batch, num_images), world_size=2, rank=rank)
+        for rank in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == len(one_rank)
+    for whole, first, second in zip(one_rank, *shards):
+        assert first and second and abs(len(first) - len(second)) <= 1
+        assert first + second == whole or (len(whole) == 1 and first + second == [*whole, order[0]])
 
 
 def test_missing_and_broken_data_yaml(tmp_path):

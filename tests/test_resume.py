@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -84,3 +85,19 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(
     assert_ok(result)
     assert "Resuming" in result.stdout + result.stderr
     assert results_without_time(run_dir) == reference_runs(zero_stage, extra)  # losses, mAP, lr: every digit
+
+
+def test_an_epoch_ending_mid_accumulation_checkpoints_at_the_next_step_and_resumes_exactly(shapes_data, tmp_path):
+    """Accumulating 3 micro-batches (nbs 12 over a batch of 4) leaves the 2nd epoch of 8 batches mid-cycle, and the
+    cycle carries over into the 3rd epoch, as in Ultralytics. That epoch's checkpoint waits for the next optimizer
+    step (epoch3-batch2: no half-summed gradients in it); a run resumed from it ends as the run left alone did."""
+    whole = tmp_path / "whole"
+    assert_ok(run_train(stoppable_job_args(shapes_data, tmp_path, "whole", 0, ("--nbs", "12")), nproc=1))
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir() if p.is_dir()) == ["epoch3", "epoch3-batch2"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "epoch3")  # as if the job had died during the last epoch
+    result = run_train(["--resume", str(resumed)], nproc=1)
+    assert_ok(result)
+    assert "from epoch3-batch2 at epoch 3/3, batch 3" in result.stdout + result.stderr
+    assert results_without_time(resumed) == results_without_time(whole)

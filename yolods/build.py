@@ -15,7 +15,7 @@ import torch
 
 from yolods import dist
 from yolods.checkpoint import Checkpointer, SavePeriod
-from yolods.config import RunPlan, place_monitor_outputs
+from yolods.config import RunPlan, place_monitor_outputs, resolved_precision
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.engine import Trainer
 from yolods.hyp import with_data
@@ -38,16 +38,24 @@ from yolods.step import TrainStep
 from yolods.validation import EpochValidator
 
 
-def seed_run(seed: int) -> None:
-    """Seed torch, NumPy and Python with the same seed on every rank.
+def seed_run(seed: int, *, deterministic: bool = False) -> None:
+    """Seed torch, NumPy and Python as Ultralytics' trainer does in one process: `init_seeds(seed)`.
 
-    Every rank then builds the same initial weights, so the EMA copy taken before `deepspeed.initialize`
-    (which broadcasts rank 0's weights to the model, not to the EMA) agrees on every rank. What must differ
-    per rank (data order, augmentation) the loaders seed per epoch from (seed, epoch, rank).
+    Torch gets the same seed on every rank, so every rank builds the same initial weights and the EMA copy taken
+    before `deepspeed.initialize` (which broadcasts rank 0's weights to the model, not to the EMA) agrees on every
+    rank. Python's and NumPy's states, which Ultralytics' augmentation draws from, get `seed + 1 + rank` at N
+    ranks (Ultralytics' DDP seeding), so ranks augment differently. `deterministic`: Ultralytics' setting of that
+    name (torch's deterministic algorithms).
     """
+    import random
+
+    import numpy as np
     from ultralytics.utils.torch_utils import init_seeds
 
-    init_seeds(seed)
+    init_seeds(seed, deterministic=deterministic)
+    if dist.get_world_size() > 1:
+        random.seed(seed + 1 + dist.get_rank())
+        np.random.seed(seed + 1 + dist.get_rank())
 
 
 def device_for(plan: RunPlan) -> torch.device:
@@ -166,6 +174,15 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     return engine
 
 
+def _module_holds_unscaled_fp32_grads(ds_config: dict[str, Any]) -> bool:
+    """ZeRO-0 in fp32 or bf16 torch_autocast: the module's own .grad is what DeepSpeed clips (no loss scale, no
+    master copy of DeepSpeed's bf16/fp16 sections)."""
+    half_sections = any(ds_config.get(section, {}).get("enabled") for section in ("bf16", "fp16"))
+    return (
+        ds_config["zero_optimization"]["stage"] == 0 and not half_sections and resolved_precision(ds_config) != "fp16"
+    )
+
+
 def build_train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -176,8 +193,18 @@ def build_train_step(
     device: torch.device,
     memory_format: torch.memory_format,
     stop_request: StopRequest,
+    step_at_epoch_end: bool = False,
 ) -> TrainStep:
-    """`build_engine`, then the TrainStep on it: the step `yolods.train` runs and `yolods.bench` times."""
+    """`build_engine`, then the TrainStep on it: the step `yolods.train` runs and `yolods.bench` times.
+
+    At ZeRO-0 without fp16 loss scaling the TrainStep clips gradients itself with torch's `clip_grad_norm_`,
+    Ultralytics' call, and DeepSpeed's clipping is off: DeepSpeed sums the same norm in another order, and that
+    alone moved a 1-rank run off Ultralytics' by 1e-6 within 12 steps.
+    """
+    clip_norm = None
+    if _module_holds_unscaled_fp32_grads(ds_config):
+        clip_norm = float(ds_config.get("gradient_clipping", 0.0))
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     engine = build_engine(model, optimizer, ds_config)
     return TrainStep(
         engine,
@@ -187,6 +214,8 @@ def build_train_step(
         memory_format=memory_format,
         loss_names=loss_names(model),
         stop_request=stop_request,
+        step_at_epoch_end=step_at_epoch_end,
+        clip_norm=clip_norm,
     )
 
 
@@ -194,7 +223,7 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
     """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
     cfg = plan.cfg
     device = device_for(plan)
-    seed_run(cfg.seed)
+    seed_run(cfg.seed, deterministic=bool(plan.hyp.deterministic))
     data, hyp = resolve_data(plan, run_dir)
     ds_config = copy.deepcopy(plan.ds_config)
     place_monitor_outputs(ds_config, run_dir)
@@ -233,6 +262,7 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         device=device,
         memory_format=memory_format,
         stop_request=stop_request,
+        step_at_epoch_end=cfg.step_at_epoch_end,
     )
     engine = step.engine
     period = SavePeriod(steps=cfg.save_period_steps, minutes=cfg.save_period_min)

@@ -86,6 +86,7 @@ class RunConfig:
     verbose: bool = False
     activation_checkpointing: bool = False
     communication_dtype: str | None = None
+    step_at_epoch_end: bool = False
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     hyperparameters = parser.add_argument_group("Ultralytics hyperparameters (same names and defaults)")
     hyperparameters.add_argument("--cos_lr", action="store_true", help="cosine lr schedule (default linear)")
+    hyperparameters.add_argument(
+        "--step_at_epoch_end",
+        action="store_true",
+        help="also step the optimizer at each epoch's last batch (Ultralytics carries accumulation over; default off)",
+    )
     for flag, kind in HYP_FLAGS.items():
         hyperparameters.add_argument(f"--{flag}", type=kind, help="as in Ultralytics (default: its default.yaml)")
     hyperparameters.add_argument(
@@ -292,6 +298,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         verbose=args.verbose,
         activation_checkpointing=args.activation_checkpointing,
         communication_dtype=args.communication_dtype,
+        step_at_epoch_end=args.step_at_epoch_end,
         hyp=hyp,
     )
 

@@ -20,7 +20,7 @@ from yolods.checkpoint import Checkpointer, complete_tags
 from yolods.config import RunPlan
 from yolods.data import TrainData
 from yolods.metrics import RunFacts, RunLogger
-from yolods.model import floating_buffers, ultralytics_weights
+from yolods.model import advance_loss_schedule, floating_buffers, ultralytics_weights
 from yolods.preemption import TrainingInterrupted
 from yolods.profiling import StepProfiler
 from yolods.step import TrainStep, grad_scaler, loss_scale
@@ -76,6 +76,8 @@ class Trainer:
         self.started_s = time.perf_counter()
         self.images_trained = 0  # by all ranks, in this process's run (a resumed run counts from its start)
         self.stop_after_epoch = False
+        self.finished = False
+        self.checkpoint_due = False  # an epoch ended mid-accumulation: checkpoint at the next optimizer step
         self.resumed_loss_sums: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -89,9 +91,9 @@ class Trainer:
         for epoch in range(self.state.epoch, self.epochs):
             train_losses = self.train_epoch(epoch)
             metrics = self.end_epoch(epoch, train_losses)
-            if self._should_stop(epoch):
+            if self.finished:
                 break
-            if self.stop_after_epoch and epoch + 1 < self.epochs:  # after the last epoch there is nothing to stop
+            if self.stop_after_epoch and not self.checkpoint_due:  # else the stop waits for the next optimizer step
                 raise TrainingInterrupted(f"epoch{epoch + 1}", exit_code=self.step.stop_request.agreed_exit_code)
         self.logger.plot()
         return metrics
@@ -99,14 +101,14 @@ class Trainer:
     def train_epoch(self, epoch: int) -> list[float]:
         """One pass over this rank's shard; returns the epoch's mean train losses.
 
-        After a stop signal the epoch ends early with a checkpoint and TrainingInterrupted. A run resumed from
-        that checkpoint replays the epoch's loader up to where it stopped without training on it, so sampler,
-        augmentation and mosaic draws continue exactly where they were.
+        After a stop signal the epoch ends early with a checkpoint and TrainingInterrupted, at an optimizer step.
+        A run resumed from that checkpoint replays the epoch's loader up to where it stopped without training on
+        it, so sampler, augmentation and mosaic draws continue exactly where they were. The same holds for the
+        checkpoint of an epoch that ended mid-accumulation, which waits for the next optimizer step.
         """
-        if self.hyp.close_mosaic and epoch >= self.epochs - self.hyp.close_mosaic:
-            self.train_data.close_mosaic(self.hyp)
+        mosaic_closed = bool(self.hyp.close_mosaic) and epoch >= self.epochs - self.hyp.close_mosaic
         self.engine.train()
-        loader = self.train_data.loader_for_epoch(epoch)
+        loader = self.train_data.loader_for_epoch(epoch, close_mosaic=self.hyp if mosaic_closed else None)
         num_batches = len(loader)
         first_batch, self.state.batch_index = self.state.batch_index, 0
         loss_sums = self.resumed_loss_sums if first_batch else torch.zeros(len(self.loss_names))
@@ -142,29 +144,29 @@ class Trainer:
                 )
                 self.logger.log_step(self.engine.global_steps, scalars)
             mid_epoch_boundary = result.stepped and batch_index < num_batches - 1  # the epoch's end saves anyway
-            if mid_epoch_boundary and result.stop:
-                self._save_interrupted(epoch, next_batch=batch_index + 1, loss_sums=loss_sums)
-            elif mid_epoch_boundary and self.checkpointer.mid_epoch_save_due(self.engine.global_steps):
-                self._save_mid_epoch(epoch, next_batch=batch_index + 1, loss_sums=loss_sums)
+            if mid_epoch_boundary and (
+                result.stop or self.checkpoint_due or self.checkpointer.mid_epoch_save_due(self.engine.global_steps)
+            ):
+                self._save_mid_epoch(epoch, next_batch=batch_index + 1, loss_sums=loss_sums, stop=result.stop)
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
 
-    def _save_mid_epoch(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> str:
-        """Checkpoint at an optimizer-step boundary (no half-summed gradients) as tag epochN-batchM; returns the tag.
+    def _save_mid_epoch(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor, stop: bool) -> None:
+        """Checkpoint at an optimizer-step boundary (no half-summed gradients) as tag epochN-batchM; then stop if
+        asked to. Saved for a stop, a save period, or an epoch end that fell mid-accumulation.
 
-        A run resumed from it replays the epoch's loader up to `next_batch`, so it continues exactly.
+        The data state saved is the epoch's start: a resumed run replays the epoch's loader up to `next_batch`, so
+        it continues exactly.
         """
         self.state.epoch, self.state.batch_index = epoch, next_batch
         tag = f"epoch{epoch + 1}-batch{next_batch}"
-        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=self.rank_state_dict(loss_sums))
-        self.state.batch_index = 0  # this process goes on from where it is; only a resumed one starts there
-        return tag
-
-    def _save_interrupted(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor) -> None:
-        """Checkpoint mid-epoch, then stop."""
-        tag = self._save_mid_epoch(epoch, next_batch=next_batch, loss_sums=loss_sums)
-        self._log_stop(tag)
-        raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
+        rank_state = self.rank_state_dict(loss_sums, data_state=self.train_data.epoch_start_state)
+        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=rank_state)
+        # this process goes on from where it is; only a resumed one starts there
+        self.state.batch_index, self.checkpoint_due = 0, False
+        if stop:
+            self._log_stop(tag)
+            raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
 
     def _step_scalars(
         self, loss_items: torch.Tensor, *, imgs_per_s: float, step_time_s: float, data_wait_s: float
@@ -189,7 +191,13 @@ class Trainer:
         return scalars
 
     def end_epoch(self, epoch: int, train_losses: list[float]) -> dict[str, Any]:
-        """Sync BatchNorm statistics, validate, log, save weights and the DeepSpeed checkpoint."""
+        """Sync BatchNorm statistics, validate, log, save weights and the DeepSpeed checkpoint.
+
+        An epoch that ends mid-accumulation (Ultralytics carries the cycle over into the next epoch) is
+        checkpointed at the next optimizer step instead, so a checkpoint never holds half-summed gradients; the
+        last epoch's checkpoint is saved at once (its pending gradients are never applied, as in Ultralytics).
+        """
+        advance_loss_schedule(self.engine.module, completed_epochs=epoch + 1)
         # DeepSpeed broadcasts buffers once, at initialize; each rank's BatchNorm then tracks its own shard.
         # Averaging them (model and EMA) makes every rank validate and save the same network.
         dist.all_reduce_mean_(floating_buffers(self.engine.module) + floating_buffers(self.ema.ema))
@@ -215,9 +223,15 @@ class Trainer:
                 metrics=metrics,
             )
             self.checkpointer.export_weights(weights, is_best=is_best)
+        self.finished = epoch + 1 >= self.epochs or self._should_stop(epoch)
         self.stop_after_epoch = self.step.stop_request.agreed()  # a signal during the last step or validation
+        if self.step.accumulating and not self.finished:
+            self.checkpoint_due = True
+            return metrics or {}
         tag = f"epoch{epoch + 1}"
-        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=self.rank_state_dict(None))
+        rank_state = self.rank_state_dict(None, data_state=self.train_data.state_dict())
+        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=rank_state)
+        self.checkpoint_due = False
         if self.stop_after_epoch:
             self._log_stop(tag)
         return metrics or {}
@@ -254,11 +268,13 @@ class Trainer:
             "ema": self.ema.ema.state_dict(),
         }
 
-    def rank_state_dict(self, loss_sums: torch.Tensor | None) -> dict[str, Any]:
-        """What differs between ranks mid-epoch and DeepSpeed saves from rank 0 only (BatchNorm statistics of the
-        model and the EMA), this rank's running train losses, and the fp16 loss scaler."""
+    def rank_state_dict(self, loss_sums: torch.Tensor | None, *, data_state: dict[str, Any]) -> dict[str, Any]:
+        """What differs between ranks and DeepSpeed saves from rank 0 only (BatchNorm statistics of the model and
+        the EMA), this rank's running train losses, the fp16 loss scaler, and the data's random state to go on
+        from (`data_state`: the next epoch's start, or the current epoch's for a mid-epoch checkpoint)."""
         scaler = grad_scaler(self.engine)
         return {
+            "data": data_state,
             "module_buffers": [b.detach().clone() for b in floating_buffers(self.engine.module)],
             "ema_buffers": [b.detach().clone() for b in floating_buffers(self.ema.ema)],
             "loss_sums": loss_sums,
@@ -283,6 +299,9 @@ class Trainer:
             for target, value in zip(floating_buffers(self.ema.ema), rank_state["ema_buffers"]):
                 target.copy_(value)
         self.resumed_loss_sums = rank_state["loss_sums"]
+        if rank_state.get("data") is not None:  # absent in checkpoints of yolods before data states were saved
+            self.train_data.load_state_dict(rank_state["data"])
+        advance_loss_schedule(self.engine.module, completed_epochs=self.state.epoch)
         scaler = grad_scaler(self.engine)
         if scaler is not None and rank_state["grad_scaler"]:
             scaler.load_state_dict(rank_state["grad_scaler"])

@@ -294,8 +294,10 @@ def weight_decay_for(*, hyp: SimpleNamespace, global_batch: int, accumulate: int
 
 
 def loss_names(model: nn.Module) -> tuple[str, ...]:
-    """('box_loss', 'cls_loss', 'dfl_loss') for detection models."""
-    return tuple(model.criterion.loss_names)
+    """('box_loss', 'cls_loss', 'dfl_loss') for detection models (YOLO26: 'l1_loss' last, from its one-to-one
+    branch, whose items its end-to-end loss reports)."""
+    criterion = model.criterion
+    return tuple(getattr(criterion, "loss_names", None) or criterion.one2one.loss_names)
 
 
 def ultralytics_weights(
@@ -386,6 +388,18 @@ def build_ema(model: nn.Module):
             super().update(module)
 
     return DeepSpeedModelEMA(model)
+
+
+def advance_loss_schedule(model: nn.Module, *, completed_epochs: int) -> None:
+    """Ultralytics' per-epoch loss schedule after `completed_epochs` epochs (its `criterion.update()`).
+
+    End-to-end heads (YOLO26) shift loss weight from the one-to-many to the one-to-one branch each epoch;
+    other losses have no schedule.
+    """
+    criterion = getattr(model, "criterion", None)
+    if completed_epochs > 0 and hasattr(criterion, "update"):
+        criterion.updates = completed_epochs - 1  # as Ultralytics' resume sets it: update() counts the last epoch
+        criterion.update()
 
 
 def floating_buffers(module: nn.Module) -> list[torch.Tensor]:

@@ -299,7 +299,9 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     BatchNorm statistics of the model and the EMA are averaged over the saved ranks, as the end of every epoch
     does (mid-epoch each rank's differ; at an epoch's end they are already equal). The running train-loss sums
     cover the same number of batches on every rank (the global batch is kept), so their mean continues the
-    epoch's mean loss. The fp16 GradScaler is rank 0's: ranks step it together on all-reduced gradients.
+    epoch's mean loss. The fp16 GradScaler is rank 0's: ranks step it together on all-reduced gradients. The data's
+    random state (sampler and augmentation streams, one per rank) has no counterpart on another number of ranks:
+    it is dropped, and the data goes on from the seed's streams (the global batch and epoch position are kept).
     """
 
     def mean(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -313,4 +315,5 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         "ema_buffers": [mean(list(group)) for group in zip(*(state["ema_buffers"] for state in states))],
         "loss_sums": None if loss_sums[0] is None else mean(loss_sums),
         "grad_scaler": states[0]["grad_scaler"],
+        "data": None,
     }

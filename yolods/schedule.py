@@ -13,10 +13,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one micro-step should use: each group's lr, SGD momentum, and the accumulation in force."""
+    """What one micro-step should use: each group's lr, SGD momentum (None: leave it as the optimizer has it),
+    and the accumulation in force."""
 
     lrs: list[float]
-    momentum: float
+    momentum: float | None
     accumulate: int
 
 
@@ -56,7 +57,9 @@ class Schedule:
         """The plan for global micro-step `iteration` (= batch index + epoch x batches_per_epoch)."""
         targets = [lr0 * self.lr_factor(epoch) for lr0 in self.lr0_per_group]
         warmup = self.warmup_iterations
-        if not warmup or iteration > warmup:
+        if not warmup:  # Ultralytics then never sets momentum: it stays what the optimizer was built with
+            return StepPlan(lrs=targets, momentum=None, accumulate=self.accumulate)
+        if iteration > warmup:
             return StepPlan(lrs=targets, momentum=self.momentum, accumulate=self.accumulate)
         xp = [0, warmup]
         lrs = [

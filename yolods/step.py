@@ -51,6 +51,8 @@ class TrainStep:
         memory_format: torch.memory_format,
         loss_names: tuple[str, ...],
         stop_request: StopRequest,
+        step_at_epoch_end: bool = False,
+        clip_norm: float | None = None,
     ):
         self.engine = engine
         self.ema = ema
@@ -59,6 +61,9 @@ class TrainStep:
         self.memory_format = memory_format
         self.loss_names = loss_names
         self.stop_request = stop_request
+        self.step_at_epoch_end = step_at_epoch_end
+        self.clip_norm = clip_norm  # clipped here with torch's clip_grad_norm_ (ZeRO-0), not by DeepSpeed
+        self.accumulating = False  # gradients summed since the last optimizer step, not applied yet
         self.zero_stage = engine.zero_optimization_stage()
         self.input_dtype = next(engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
         self.last_optimizer_iteration = -1
@@ -70,11 +75,14 @@ class TrainStep:
         plan = self.schedule.at(iteration, epoch)
         for group, lr in zip(self.engine.optimizer.param_groups, plan.lrs):
             group["lr"] = lr
-            if "momentum" in group:
+            if "momentum" in group and plan.momentum is not None:
                 group["momentum"] = plan.momentum
-        # Ultralytics steps when `accumulate` micro-batches have passed; accumulation ramps up during warmup, so
-        # the boundary is ours to set. The last batch of an epoch always steps: checkpoints hold no half-summed grads.
-        is_boundary = iteration - self.last_optimizer_iteration >= plan.accumulate or last_in_epoch
+        # Ultralytics steps when `accumulate` micro-batches have passed since its last step, across epoch ends;
+        # accumulation ramps up during warmup, so the boundary is ours to set. `step_at_epoch_end` also steps
+        # at the last batch of every epoch (not Ultralytics': off unless asked for).
+        is_boundary = iteration - self.last_optimizer_iteration >= plan.accumulate or (
+            last_in_epoch and self.step_at_epoch_end
+        )
         self.engine.set_gradient_accumulation_boundary(is_boundary)
         batch = preprocess_batch(
             batch, device=self.device, input_dtype=self.input_dtype, memory_format=self.memory_format
@@ -87,8 +95,9 @@ class TrainStep:
         self.engine.backward(loss.sum() * dist.get_world_size(), scale_wrt_gas=False)
         self._phase_done("backward")
         if is_boundary and self.zero_stage == 0:
-            self.stage0_grad_norm = self._reduced_grad_norm()
+            self.stage0_grad_norm = self._clip_reduced_grads()
         self.engine.step()
+        self.accumulating = not is_boundary
         if is_boundary:
             self.last_optimizer_iteration = iteration
             if self.ema is not None:  # the bench can time steps without it
@@ -106,14 +115,20 @@ class TrainStep:
         """Global gradient norm before clipping at the last optimizer step (None before the first)."""
         return self.engine.get_global_grad_norm() if self.zero_stage else self.stage0_grad_norm
 
-    def _reduced_grad_norm(self) -> float:
-        """Gradient norm before clipping, for ZeRO-0, where DeepSpeed does not report it.
+    def _clip_reduced_grads(self) -> float:
+        """ZeRO-0: clip at `clip_norm` (if set) as Ultralytics does; returns the norm before clipping, which
+        DeepSpeed does not report at ZeRO-0.
 
         At the boundary DeepSpeed has already averaged the gradients over ranks, so every rank gets the global norm.
         """
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0  # float() syncs
-        return norm / (loss_scale(self.engine) or 1.0)
+        parameters = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if not parameters:
+            return 0.0
+        if self.clip_norm:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=self.clip_norm)  # Ultralytics' very call
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        return float(norm) / (loss_scale(self.engine) or 1.0)  # float() syncs
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_optimizer_iteration": self.last_optimizer_iteration}

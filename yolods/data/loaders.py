@@ -1,8 +1,9 @@
 """Ultralytics datasets (label cache, augmentation, mosaic) sharded over ranks.
 
-The train loader is rebuilt every epoch from (seed, epoch, rank) alone: sampler order, worker seeds and the
-main process's `random`/`numpy` state (Ultralytics' augmentation draws from them). A run resumed at epoch k
-therefore sees exactly the batches an uninterrupted run sees at epoch k.
+At one rank the train loader draws what Ultralytics' trainer draws (order, augmentation, mosaic partners), so
+the two see the same batches; at N ranks each global batch holds the images of the 1-rank run's. The loader is
+rebuilt every epoch from the random state at the epoch's start (`TrainData.state_dict`, kept in checkpoints), so a
+run resumed mid-epoch replays that epoch exactly.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import random
 import re
 from collections.abc import Callable
 from copy import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from yolods import dist
 from yolods.errors import ConfigError
@@ -109,58 +111,151 @@ def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, ba
     )
 
 
+# Ultralytics' build_dataloader seeds its loader's generator with this constant + RANK + seed (RANK -1 alone).
+ULTRALYTICS_LOADER_SEED = 6148914691236517205
+RANK_SEED_STRIDE = 7919  # worker seeds of rank r > 0 are offset by r x this, so ranks augment differently
+
+
 @dataclass
 class TrainData:
-    """The training dataset and how to make each epoch's loader."""
+    """The training dataset and how to make each epoch's loader, drawing exactly what Ultralytics' trainer draws.
+
+    Ultralytics' trainer (one process) takes the data order from a RandomSampler on a seeded generator inside one
+    persistent InfiniteDataLoader iterator, and the augmentation from Python's and NumPy's global random state
+    (loader workers: seeded from that generator), with a mosaic buffer of recent images that lives on across
+    epochs. yolods builds a fresh DataLoader each epoch (what lets a resumed run replay an epoch), so it makes the
+    same draws on the same generator itself: the persistent iterator's base-seed draw when Ultralytics opens it
+    (first epoch, and again when close_mosaic resets it), each epoch's permutation, and the tail permutation that
+    RandomSampler draws as an epoch runs out. The random state that decides an epoch (the generator, Python's and
+    NumPy's states, the mosaic buffer) is `state_dict()`, which checkpoints carry per rank.
+
+    At N ranks every rank draws the same permutation of the whole set, and rank r takes the r-th share of each
+    global batch: a global batch holds the images a 1-rank run at the same global batch trains on together.
+    """
 
     dataset: Any
     micro_batch: int
     workers: int
     seed: int
     pin_memory: bool
+    world_size: int = 1
+    rank: int = 0
+    order_generator: torch.Generator = field(init=False)
+    tail_draw_pending: bool = field(default=False, init=False)  # RandomSampler's end-of-epoch draw still to come
+    iterator_open: bool = field(default=False, init=False)  # Ultralytics' persistent loader iterator exists
+    mosaic_closed: bool = field(default=False, init=False)
+    epoch_start_state: dict[str, Any] | None = field(default=None, init=False)  # what replays the current epoch
+
+    def __post_init__(self) -> None:
+        # build_dataloader: seed = torch.initial_seed() - RANK - 1 (= the run's seed), generator seed below
+        self.order_generator = torch.Generator().manual_seed((ULTRALYTICS_LOADER_SEED - 1 + self.seed) % 2**64)
 
     @property
     def num_images(self) -> int:
         return len(self.dataset)
 
+    @property
+    def global_batch(self) -> int:
+        return min(self.micro_batch * self.world_size, self.num_images)  # Ultralytics: min(batch, len(dataset))
+
     def batches_per_epoch(self) -> int:
-        per_rank = -(-len(self.dataset) // dist.get_world_size())  # DistributedSampler pads to equal shards
-        return -(-per_rank // self.micro_batch)
+        return -(-self.num_images // self.global_batch)
 
-    def close_mosaic(self, hyp: SimpleNamespace) -> None:
-        """Ultralytics' last-epochs switch to plain letterboxed images (its `close_mosaic`)."""
-        self.dataset.mosaic = False
-        self.dataset.close_mosaic(hyp=copy(hyp))
+    def loader_for_epoch(self, epoch: int, *, close_mosaic: SimpleNamespace | None = None) -> DataLoader:
+        """This rank's batches of the next epoch; `close_mosaic`: the hyperparameters, in the epochs without mosaic.
 
-    def loader_for_epoch(self, epoch: int) -> DataLoader:
-        """This rank's shard for `epoch`, with every random stream seeded from (seed, epoch, rank)."""
-        rank = dist.get_rank()
-        epoch_seed = self.seed + 1_000_003 * epoch + 7919 * rank  # distinct per epoch and rank
-        random.seed(epoch_seed)  # augmentation in the main process (workers=0) draws from these
-        np.random.seed(epoch_seed % 2**32)
-        _empty_mosaic_buffer(self.dataset)
-        sampler = DistributedSampler(
-            self.dataset, num_replicas=dist.get_world_size(), rank=rank, shuffle=True, seed=self.seed
+        Call it once per epoch, in order (or after `load_state_dict`): each call draws the epoch's random order.
+        """
+        self.epoch_start_state = self.state_dict()
+        if close_mosaic is not None:  # Ultralytics' last-epochs switch to plain letterboxed images
+            self.dataset.mosaic = False
+            self.dataset.close_mosaic(hyp=copy(close_mosaic))
+            if not self.mosaic_closed:
+                self.mosaic_closed = True
+                self.iterator_open = False  # Ultralytics resets its loader here: a fresh iterator
+        worker_seeds = self._draw_epoch_order_start(epoch)
+        order = torch.randperm(self.num_images, generator=self.order_generator).tolist()
+        # RandomSampler draws one more permutation when asked past its end: during the last batch if it is short,
+        # else when the next epoch asks for its first index (never, if the iterator is reset before).
+        self.tail_draw_pending = self.num_images % self.global_batch == 0
+        if not self.tail_draw_pending:
+            torch.randperm(self.num_images, generator=self.order_generator)
+        batches = shard_global_batches(
+            order, global_batch=self.global_batch, world_size=self.world_size, rank=self.rank
         )
-        sampler.set_epoch(epoch)
         return _StopSafeDataLoader(
             self.dataset,
-            batch_size=self.micro_batch,
-            sampler=sampler,
+            batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=self.dataset.collate_fn,
-            worker_init_fn=_init_worker,
-            generator=torch.Generator().manual_seed(epoch_seed),  # worker seeds
+            worker_init_fn=partial(_init_worker, rank=self.rank),
+            generator=worker_seeds,
             pin_memory=self.pin_memory,
-            persistent_workers=False,  # a fresh worker state each epoch is what makes resume exact
+            persistent_workers=False,  # fresh workers each epoch: what lets a resumed run replay an epoch
         )
 
+    def _draw_epoch_order_start(self, epoch: int) -> torch.Generator:
+        """The draws before an epoch's permutation; returns the generator the DataLoader takes its worker seeds from."""
+        worker_seeds = torch.Generator()
+        if not self.iterator_open:
+            # The DataLoader draws its base seed (worker i seeds base + i) from a copy of the state Ultralytics'
+            # new iterator draws it from, so the first epoch's workers augment as Ultralytics' do.
+            worker_seeds.set_state(self.order_generator.get_state())
+            torch.empty((), dtype=torch.int64).random_(generator=self.order_generator)
+            self.iterator_open, self.tail_draw_pending = True, False
+        else:
+            # Ultralytics' workers live on across epochs; these restart, seeded from (seed, epoch).
+            worker_seeds.manual_seed(self.seed + 1_000_003 * epoch)
+            if self.tail_draw_pending:
+                torch.randperm(self.num_images, generator=self.order_generator)
+        return worker_seeds
 
-def _init_worker(worker_id: int) -> None:
-    """Ultralytics' per-worker seeding; stop signals are the training process's to handle, not the worker's."""
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's random state that decides the data from here on (checkpoints save it per rank)."""
+        return {
+            "python_random": random.getstate(),
+            "numpy_random": np.random.get_state(),
+            "order_generator": self.order_generator.get_state(),
+            "tail_draw_pending": self.tail_draw_pending,
+            "iterator_open": self.iterator_open,
+            "mosaic_closed": self.mosaic_closed,
+            "mosaic_buffer": list(self.dataset.buffer) if self.dataset.cache != "ram" else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next `loader_for_epoch` draws what the saved run drew next."""
+        random.setstate(state["python_random"])
+        np.random.set_state(state["numpy_random"])
+        self.order_generator.set_state(state["order_generator"])
+        self.tail_draw_pending = state["tail_draw_pending"]
+        self.iterator_open = state["iterator_open"]
+        self.mosaic_closed = state["mosaic_closed"]
+        _refill_mosaic_buffer(self.dataset, state["mosaic_buffer"])
+
+
+def shard_global_batches(order: list[int], *, global_batch: int, world_size: int, rank: int) -> list[list[int]]:
+    """Rank `rank`'s micro-batches: its share of each consecutive `global_batch` of `order`.
+
+    A short last global batch is split as evenly as it goes; one with fewer images than ranks is topped up from
+    the start of `order` (as DistributedSampler pads), so every rank has a batch at every step.
+    """
+    batches = []
+    for start in range(0, len(order), global_batch):
+        size = max(min(global_batch, len(order) - start), world_size)
+        chunk = [order[(start + offset) % len(order)] for offset in range(size)]
+        base, extra = divmod(size, world_size)
+        first = rank * base + min(rank, extra)
+        batches.append(chunk[first : first + base + (rank < extra)])
+    return batches
+
+
+def _init_worker(worker_id: int, *, rank: int = 0) -> None:
+    """Ultralytics' per-worker seeding (offset per rank); stop signals are the training process's, not the worker's."""
     from ultralytics.data.build import seed_worker
 
     ignore_stop_signals()
+    if rank:
+        torch.manual_seed((torch.initial_seed() + RANK_SEED_STRIDE * rank) % 2**63)
     seed_worker(worker_id)
 
 
@@ -172,12 +267,15 @@ class _StopSafeDataLoader(DataLoader):
             return super()._get_iterator()
 
 
-def _empty_mosaic_buffer(dataset) -> None:
-    """Mosaic draws partners from recently loaded images; each epoch starts with none, as after a resume."""
-    if dataset.cache != "ram":
-        for index in dataset.buffer:
-            dataset.ims[index], dataset.im_hw0[index], dataset.im_hw[index] = None, None, None
+def _refill_mosaic_buffer(dataset, indices: list[int]) -> None:
+    """Make the mosaic buffer (recently loaded images, mosaic's partners) hold `indices` again, in order."""
+    if dataset.cache == "ram":
+        return
+    for index in dataset.buffer:
+        dataset.ims[index], dataset.im_hw0[index], dataset.im_hw[index] = None, None, None
     dataset.buffer.clear()
+    for index in indices:
+        dataset.load_image(index)  # reads the image and appends its index, as when it was first loaded
 
 
 def build_train_data(
@@ -192,7 +290,15 @@ def build_train_data(
 ) -> TrainData:
     """Ultralytics' YOLODataset for the train split, built once per rank."""
     dataset = _build_dataset(hyp, data, split="train", batch=micro_batch, stride=stride)
-    return TrainData(dataset=dataset, micro_batch=micro_batch, workers=workers, seed=seed, pin_memory=pin_memory)
+    return TrainData(
+        dataset=dataset,
+        micro_batch=micro_batch,
+        workers=workers,
+        seed=seed,
+        pin_memory=pin_memory,
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+    )
 
 
 def build_val_loader(
