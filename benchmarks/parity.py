@@ -1,18 +1,20 @@
 """Accuracy parity: the Ultralytics trainer against yolods on the same model, data, hyperparameters and epochs.
 
-    python benchmarks/parity.py                       # the committed table: synthetic shapes, CPU (~20 min on 2 cores)
-    python benchmarks/parity.py --rows ultralytics,zero2-2rank-fp32 --seeds 3 --yolods-seeds 2
+    python benchmarks/parity.py                       # synthetic shapes, CPU, 5 seeds per row (hours on 2 cores)
+    python benchmarks/parity.py --rows ultralytics,zero0-1rank-fp32,zero2-2rank-fp32 --seeds 5
     python benchmarks/parity.py --data path/to/data.yaml --device cuda --epochs 100 --imgsz 640 --batch 64 \\
         --rows ultralytics,zero0-1rank-bf16,zero2-8rank-bf16 --out-dir benchmarks/results/mydata
 
 Each run is a fresh process: `ultralytics.YOLO(model).train(...)` (one process, `python -m
 yolods.bench.ultralytics_child` with the network refused), and `python -m yolods.train` (1 rank) or `torchrun -m
-yolods.train` (N ranks) at the same GLOBAL batch. A row is a trainer setting; its seeds give a distribution of the final-epoch mAP50-95
-(the two trainers draw data order and augmentation from different random streams, so only distributions compare).
+yolods.train` (N ranks) at the same GLOBAL batch, every row with the same seeds 0..N-1. Seeds are paired: with
+the same seed yolods at 1 rank draws what the Ultralytics trainer draws (weights, data order, augmentation) and
+reproduces its run (fp32, `--workers 0`, the same torch thread count: `--threads`), so each seed gives a paired
+difference, free of the seed-to-seed spread; at N ranks the same images make each global batch.
 
-The bar (issue #3): a yolods row passes when |mean mAP50-95 - Ultralytics' mean| <= max(0.01, 2 x the standard
-deviation of the Ultralytics seeds). Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
-passes, 1 when a row is outside the bar, 2 when a run failed.
+The bar: a yolods row passes when the 95% confidence interval (Student t over seeds) of its mean paired difference
+in final mAP50-95 lies within +-0.01. Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
+passes, 1 when a row does not, 2 when a run failed.
 
 Row names: `ultralytics`, or `zero{0,1,2,3}-{N}rank-{fp32,bf16,fp16}` for yolods.
 """
@@ -24,6 +26,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -55,7 +58,10 @@ DEFAULT_ROWS = (
 )
 LOSS_COLUMNS = ("train/box_loss", "train/cls_loss", "train/dfl_loss")
 MAP50_COLUMN, MAP50_95_COLUMN = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
-MIN_TOLERANCE = 0.01  # the bar's floor, in mAP50-95
+MIN_TOLERANCE = 0.01  # the bar: the 95% CI of the mean paired difference within +-this, in mAP50-95
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 is within 4%).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
+T_975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 ROW_PATTERN = re.compile(r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)$")
 
 
@@ -103,18 +109,30 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def tolerance(reference_std: float | None, *, floor: float = MIN_TOLERANCE) -> float:
-    """The bar's half-width: max(floor, 2 x the reference seeds' standard deviation)."""
-    return max(floor, 2 * (reference_std or 0.0))
+def t_quantile(degrees_of_freedom: int) -> float:
+    """Two-sided 95% quantile of Student's t."""
+    return T_975[degrees_of_freedom - 1] if degrees_of_freedom <= len(T_975) else 1.96
 
 
-def judge(row_mean: float | None, *, reference_mean: float | None, reference_std: float | None) -> dict[str, Any]:
-    """Whether a row's mean mAP50-95 lies within the bar around the reference mean."""
-    bar = tolerance(reference_std)
-    if row_mean is None or reference_mean is None:
-        return {"diff": None, "tolerance": bar, "passed": False}
-    diff = row_mean - reference_mean
-    return {"diff": diff, "tolerance": bar, "passed": abs(diff) <= bar}
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """Per-seed `values - reference` over the seeds both have: mean, sample std, 95% CI of the mean, and how many
+    seeds agree exactly (results.csv rounds to 5 decimals)."""
+    seeds = sorted(set(values) & set(reference))
+    diffs = [round(values[seed] - reference[seed], 5) for seed in seeds]
+    mean, std = mean_std(diffs)
+    ci95 = None
+    if len(diffs) > 1:
+        half_width = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs))
+        ci95 = [mean - half_width, mean + half_width]
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "std": std, "ci95": ci95, "exact": diffs.count(0.0)}
+
+
+def judge(paired: dict[str, Any], *, tolerance: float = MIN_TOLERANCE) -> dict[str, Any]:
+    """Equivalence: a row passes when the 95% CI of its mean paired difference lies within +-tolerance (it
+    needs 2 seeds or more)."""
+    ci95 = paired["ci95"]
+    passed = ci95 is not None and -tolerance <= ci95[0] and ci95[1] <= tolerance
+    return {"diff": paired["mean"], "ci95": ci95, "tolerance": tolerance, "passed": passed}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,17 +179,19 @@ def snapshot_yolods(work_dir: Path) -> dict[str, Any]:
     for cwd in (Path.cwd(), work_dir):
         code["run_cwd"] = str(cwd)
         probe = [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('yolods').origin)"]
-        found = subprocess.run(probe, cwd=cwd, env=run_env(code), capture_output=True, text=True).stdout.strip()
+        found = subprocess.run(probe, cwd=cwd, env=run_env(code, threads=1), capture_output=True, text=True)
+        found = found.stdout.strip()
         if found and Path(found).resolve().is_relative_to(target.resolve()):
             return code
     raise RuntimeError(f"runs would not import the yolods copy in {target} (they import {found})")
 
 
-def run_env(code: dict[str, Any]) -> dict[str, str]:
+def run_env(code: dict[str, Any], *, threads: int) -> dict[str, str]:
     """The environment of every run: child_env (no launcher variables, offline Ultralytics), the yolods copy first
-    on sys.path, and not the working directory."""
+    on sys.path, not the working directory, and `threads` torch threads per process (the thread count changes
+    how CPU kernels sum, so paired runs need the same)."""
     python_path = os.pathsep.join(filter(None, [code["snapshot"], os.environ.get("PYTHONPATH")]))
-    return child_env(PYTHONPATH=python_path, PYTHONSAFEPATH="1")
+    return child_env(PYTHONPATH=python_path, PYTHONSAFEPATH="1", OMP_NUM_THREADS=str(threads))
 
 
 def free_port() -> int:
@@ -238,7 +258,8 @@ def ultralytics_command(*, settings: dict[str, Any], seed: int, run_dir: Path) -
         val=True,
         **settings["hyp"],
     )
-    return child_command(ChildSpec(model=settings["model"], train=train, block_network=True))
+    # keep_torch_threads: train on OMP_NUM_THREADS threads, as yolods does, not Ultralytics' cores - 1
+    return child_command(ChildSpec(model=settings["model"], train=train, block_network=True, keep_torch_threads=True))
 
 
 def run_one(
@@ -267,7 +288,7 @@ def run_one(
         completed = subprocess.run(
             command,
             cwd=code["run_cwd"],
-            env=run_env(code),
+            env=run_env(code, threads=max(1, settings["threads"] // row.ranks)),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -316,7 +337,8 @@ def run_one(
 
 
 def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per row: seeds, mean/std of final mAP50 and mAP50-95, mean per-epoch losses, wall time, the bar."""
+    """Per row: seeds, mean/std of final mAP50 and mAP50-95, mean per-epoch losses, wall time; for yolods rows
+    the paired difference to Ultralytics' run of the same seed (mAP50-95, wall-time ratio) and the bar."""
     summaries = []
     for row in rows:
         done = [r for r in records[row.name] if r["returncode"] == 0]
@@ -347,15 +369,22 @@ def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list
                 "runs": records[row.name],
             }
         )
+
+    def by_seed(summary: dict[str, Any], value) -> dict[int, float]:
+        return {r["seed"]: value(r) for r in summary["runs"] if r["returncode"] == 0}
+
     reference = next((s for s in summaries if s["trainer"] == "ultralytics"), None)
     for summary in summaries:
-        if summary["trainer"] == "ultralytics":
-            summary["bar"] = None
+        if summary["trainer"] == "ultralytics" or reference is None:
+            summary["paired"] = summary["bar"] = None
             continue
-        summary["bar"] = judge(
-            summary["mAP50-95_mean"] if not summary["failed_seeds"] else None,
-            reference_mean=reference["mAP50-95_mean"] if reference else None,
-            reference_std=reference["mAP50-95_std"] if reference else None,
+        final_map = lambda run: run["final"]["mAP50-95"]  # noqa: E731
+        summary["paired"] = paired_difference(by_seed(summary, final_map), by_seed(reference, final_map))
+        walls, reference_walls = by_seed(summary, lambda r: r["wall_s"]), by_seed(reference, lambda r: r["wall_s"])
+        ratios = [walls[seed] / reference_walls[seed] for seed in sorted(set(walls) & set(reference_walls))]
+        summary["wall_ratio_mean"] = round(statistics.fmean(ratios), 3) if ratios else None
+        summary["bar"] = (
+            judge(summary["paired"]) if not summary["failed_seeds"] else judge({"mean": None, "ci95": None})
         )
     return summaries
 
@@ -366,7 +395,6 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     settings, summaries, env, code = report["settings"], report["rows"], report["environment"], report["yolods_code"]
-    reference = next((s for s in summaries if s["trainer"] == "ultralytics"), None)
     hyp = ", ".join(f"{k}={v}" for k, v in settings["hyp"].items()) or "Ultralytics defaults"
     lines = [
         "# Accuracy parity: Ultralytics trainer vs yolods",
@@ -377,34 +405,45 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Setting: `{settings['model']}` from scratch on {settings['data_description']}, {settings['epochs']} epochs, "
         f"imgsz {settings['imgsz']}, global batch {settings['batch']}, device {settings['device']}, "
         f"hyperparameters: {hyp} (`optimizer=auto`: both pick the same optimizer and lr0). "
-        f"Ultralytics runs fp32 (`amp=False`, `deterministic=True`) in one process. Seeds: "
+        f"Ultralytics runs fp32 (`amp=False`, `deterministic=True`) in one process"
+        + (
+            f", every process on {settings['threads']} torch threads (split over ranks). "
+            if "threads" in settings
+            else ". "
+        )
+        + "Seeds: "
         + ", ".join(f"{count} for {name}" for name, count in report["seeds"].items())
-        + " (the Ultralytics spread sets the bar; fewer seeds per yolods row keep the run short).",
+        + ".",
         "",
         "Final-epoch validation of the EMA weights (the last row of results.csv), mean ± sample std over seeds. "
-        "The bar: |Δ mAP50-95| ≤ max(0.01, 2 x std of the Ultralytics seeds)"
-        + (
-            f" = {tolerance(reference['mAP50-95_std']):.4f}."
-            if reference and reference["mAP50-95_std"] is not None
-            else "."
-        ),
+        "Paired Δ: per seed, the yolods run minus the Ultralytics run of the same seed (which yolods at 1 rank, fp32, "
+        "`--workers 0` reproduces), mean and 95% confidence interval (Student t); identical: seeds whose final "
+        f"mAP50-95 agrees in every printed digit. The bar: the interval lies within ±{MIN_TOLERANCE}. "
+        "Wall ratio: yolods' run time over Ultralytics' for the same seed, mean over seeds.",
         "",
-        "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | Δ mAP50-95 | within bar | wall s/run | load at start |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | paired Δ mAP50-95 [95% CI] | identical | verdict "
+        "| wall s/run | wall ratio | load at start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         seeds = ",".join(str(seed) for seed in s["seeds"]) + (
             f" (failed: {s['failed_seeds']})" if s["failed_seeds"] else ""
         )
         per_seed = ", ".join(f"{r['final']['mAP50-95']:.4f}" for r in s["runs"] if r["returncode"] == 0)
+        paired = s.get("paired")  # absent in tables written before paired seeds
         if s["bar"] is None:
-            verdict, diff = "reference", ""
+            verdict, diff, identical = "reference", "", ""
         else:
             verdict = "**pass**" if s["bar"]["passed"] else "**FAIL**"
             diff = f"{s['bar']['diff']:+.4f}" if s["bar"]["diff"] is not None else "n/a"
+            if s["bar"].get("ci95"):
+                diff += " [{:+.4f}, {:+.4f}]".format(*s["bar"]["ci95"])
+            identical = f"{paired['exact']}/{len(paired['diffs'])}" if paired else "n/a"
+        ratio = s.get("wall_ratio_mean")
         lines.append(
             f"| {s['label']} | {seeds} | {_fmt(s['mAP50_mean'])} ± {_fmt(s['mAP50_std'])} | "
-            f"{_fmt(s['mAP50-95_mean'])} ± {_fmt(s['mAP50-95_std'])} | {per_seed} | {diff} | {verdict} | {_fmt(s['wall_s_mean'], 0)} | {_fmt(s['load_avg_start_mean'], 1)} |"
+            f"{_fmt(s['mAP50-95_mean'])} ± {_fmt(s['mAP50-95_std'])} | {per_seed} | {diff} | {identical} | {verdict} "
+            f"| {_fmt(s['wall_s_mean'], 0)} | {_fmt(ratio, 2) if ratio is not None else ''} | {_fmt(s['load_avg_start_mean'], 1)} |"
         )
     num_epochs = max((len(s["per_epoch_mean"][LOSS_COLUMNS[0]]) for s in summaries), default=0)
     header = "| epoch | " + " | ".join(s["name"] for s in summaries) + " |"
@@ -481,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16, help="GLOBAL batch, the same for every row")
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers (Ultralytics forces 0 on CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3, help="Ultralytics seeds (0..N-1); their spread sets the bar")
-    parser.add_argument("--yolods-seeds", type=int, default=2, help="seeds (0..N-1) per yolods row")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, the same for every row (paired)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run (split over its ranks)"
+    )
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated row names (see the docstring)")
     parser.add_argument(
         "--hyp", action="append", default=[], metavar="KEY=VALUE", help="Ultralytics setting for both trainers"
@@ -544,10 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "device": args.device,
         "hyp": hyp,
+        "threads": args.threads,
     }
     code = snapshot_yolods(work_dir)
     print(f"parity: yolods under test: {code}", flush=True)
-    seeds_of = {row.name: args.seeds if row.trainer == "ultralytics" else args.yolods_seeds for row in rows}
+    seeds_of = {row.name: args.seeds for row in rows}
     started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
     started = time.perf_counter()
@@ -568,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - started, 1),  # this invocation (less than the runs' sum with --reuse)
         "runs_wall_s": round(sum(r["wall_s"] for rs in records.values() for r in rs), 1),
-        "bar": f"|mean mAP50-95 - Ultralytics mean| <= max({MIN_TOLERANCE}, 2 x std of the Ultralytics seeds)",
+        "bar": f"95% CI of the mean paired difference in final mAP50-95 within +-{MIN_TOLERANCE}",
         "settings": settings,
         "seeds": seeds_of,
         "yolods_code": code,

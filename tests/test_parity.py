@@ -34,22 +34,30 @@ def test_row_names(parity):
             parity.parse_row(bad)
 
 
-def test_bar_is_the_larger_of_the_floor_and_two_reference_stds(parity):
-    assert parity.tolerance(0.001) == pytest.approx(0.01)
-    assert parity.tolerance(0.02) == pytest.approx(0.04)
-    assert parity.judge(0.305, reference_mean=0.30, reference_std=0.001)["passed"]
-    assert not parity.judge(0.315, reference_mean=0.30, reference_std=0.001)["passed"]
-    assert parity.judge(0.27, reference_mean=0.30, reference_std=0.02)["passed"]
-    verdict = parity.judge(0.25, reference_mean=0.30, reference_std=0.02)
-    assert not verdict["passed"] and verdict["diff"] == pytest.approx(-0.05)
-    assert not parity.judge(None, reference_mean=0.30, reference_std=0.02)["passed"]  # a failed run never passes
+def test_paired_difference_and_the_equivalence_bar(parity):
+    paired = parity.paired_difference({0: 0.31, 1: 0.30, 2: 0.32}, {0: 0.30, 1: 0.30, 2: 0.30, 3: 0.29})
+    assert paired["seeds"] == [0, 1, 2] and paired["diffs"] == [0.01, 0.0, 0.02] and paired["exact"] == 1
+    assert paired["mean"] == pytest.approx(0.01) and paired["std"] == pytest.approx(0.01)
+    half_width = 4.303 * 0.01 / 3**0.5  # t(0.975, 2 degrees of freedom)
+    assert paired["ci95"] == [pytest.approx(0.01 - half_width), pytest.approx(0.01 + half_width)]
+    assert not parity.judge(paired)["passed"]  # the interval reaches past +0.01
+    identical = parity.paired_difference({0: 0.3, 1: 0.4}, {0: 0.3, 1: 0.4})
+    assert identical["ci95"] == [0.0, 0.0] and identical["exact"] == 2 and parity.judge(identical)["passed"]
+    close = parity.paired_difference(
+        {s: 0.3 + (0.001 if s % 2 else -0.001) for s in range(6)}, dict.fromkeys(range(6), 0.3)
+    )
+    assert parity.judge(close)["passed"]
+    one_seed = parity.paired_difference({0: 0.3}, {0: 0.3})
+    assert one_seed["ci95"] is None and not parity.judge(one_seed)["passed"]  # one seed proves nothing
+    assert parity.t_quantile(4) == pytest.approx(2.776) and parity.t_quantile(100) == pytest.approx(1.96)
     assert parity.mean_std([0.2, 0.4]) == (pytest.approx(0.3), pytest.approx(0.1414, abs=1e-4))
     assert parity.mean_std([0.2]) == (0.2, 0.0)
 
 
 @pytest.mark.timeout(150)
 def test_tiny_parity_run_writes_markdown_and_json(tmp_path):
-    """Ultralytics and a 1-rank yolods row, 1 seed, 1 epoch, 16 images: the whole pipeline, not the accuracy."""
+    """Ultralytics and a 1-rank yolods row, 1 seed, 1 epoch, 16 images: the whole pipeline through both command
+    lines; the paired runs train alike (the same train losses in results.csv)."""
     out_dir = tmp_path / "out"
     command = [
         sys.executable,
@@ -66,8 +74,6 @@ def test_tiny_parity_run_writes_markdown_and_json(tmp_path):
         "8",
         "--seeds",
         "1",
-        "--yolods-seeds",
-        "1",
         "--rows",
         "ultralytics,zero0-1rank-fp32",
         "--out-dir",
@@ -76,12 +82,18 @@ def test_tiny_parity_run_writes_markdown_and_json(tmp_path):
         str(tmp_path / "work"),
     ]
     result = subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=140)
-    # 0: within the bar, 1: outside it (one epoch proves nothing about accuracy); 2 would mean a run failed.
+    # 1: one seed gives no confidence interval, so no row passes; 0 would too; 2 would mean a run failed.
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out_dir / "parity.json").read_text())
     assert [row["name"] for row in report["rows"]] == ["ultralytics", "zero0-1rank-fp32"]
     reference, yolods_row = report["rows"]
-    assert reference["bar"] is None and set(yolods_row["bar"]) == {"diff", "tolerance", "passed"}
+    assert reference["bar"] is None and set(yolods_row["bar"]) == {"diff", "ci95", "tolerance", "passed"}
+    assert yolods_row["paired"]["seeds"] == [0] and yolods_row["wall_ratio_mean"] > 0
+    train_losses = [
+        {k: v for k, v in row["runs"][0]["epochs"][0].items() if k.startswith("train/")}
+        for row in (reference, yolods_row)
+    ]
+    assert train_losses[0] == train_losses[1] and len(train_losses[0]) == 3  # the same seed, the same run
     for row in report["rows"]:
         assert row["failed_seeds"] == [] and len(row["runs"]) == 1
         run = row["runs"][0]
@@ -93,7 +105,7 @@ def test_tiny_parity_run_writes_markdown_and_json(tmp_path):
     code = report["yolods_code"]  # the runs imported a copy of yolods/ taken at start, named by its content hash
     assert (Path(code["snapshot"]) / "yolods" / "train.py").is_file() and Path(code["snapshot"]).name == code["sha256"]
     markdown = (out_dir / "parity.md").read_text()
-    assert "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | Δ mAP50-95 | within bar |" in markdown
+    assert "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | paired Δ mAP50-95 [95% CI] | identical |" in markdown
     assert "yolods ZeRO-0, 1 rank, fp32" in markdown and "Ultralytics (reference)" in markdown
     (out_dir / "parity.md").unlink()
     subprocess.run([sys.executable, str(SCRIPT), "--render", str(out_dir / "parity.json")], check=True, timeout=60)

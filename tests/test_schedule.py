@@ -52,3 +52,10 @@ def test_single_epoch_runs_have_no_warmup():
     schedule = make_schedule(epochs=1)
     assert schedule.warmup_iterations == 0
     assert schedule.at(0, epoch=0).lrs == [0.01, 0.01, 0.01]
+
+
+def test_without_warmup_momentum_is_left_as_the_optimizer_has_it():
+    """Ultralytics sets momentum only during warmup: with none, SGD keeps the momentum it was built with."""
+    schedule = make_schedule(epochs=1)
+    assert schedule.warmup_iterations == 0  # the last epoch is never warmup
+    assert schedule.at(0, epoch=0).momentum is None and schedule.at(0, epoch=0).lrs == [0.01] * 3

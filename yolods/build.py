@@ -98,6 +98,7 @@ def build_train_loader(
         seed=plan.cfg.seed,
         stride=stride,
         pin_memory=device.type == "cuda",
+        accelerators_per_node=torch.cuda.device_count() if device.type == "cuda" else 0,
     )
 
 

@@ -8,6 +8,7 @@ run resumed mid-epoch replays that epoch exactly.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Callable
@@ -113,7 +114,9 @@ def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, ba
 
 # Ultralytics' build_dataloader seeds its loader's generator with this constant + RANK + seed (RANK -1 alone).
 ULTRALYTICS_LOADER_SEED = 6148914691236517205
+ULTRALYTICS_PREFETCH_FACTOR = 4  # batches per worker its train loader requests ahead
 RANK_SEED_STRIDE = 7919  # worker seeds of rank r > 0 are offset by r x this, so ranks augment differently
+WORKER_STATE_KEY = "_yolods_worker_state"  # a worker's random state after a batch, riding on the batch
 
 
 @dataclass
@@ -121,13 +124,14 @@ class TrainData:
     """The training dataset and how to make each epoch's loader, drawing exactly what Ultralytics' trainer draws.
 
     Ultralytics' trainer (one process) takes the data order from a RandomSampler on a seeded generator inside one
-    persistent InfiniteDataLoader iterator, and the augmentation from Python's and NumPy's global random state
-    (loader workers: seeded from that generator), with a mosaic buffer of recent images that lives on across
-    epochs. yolods builds a fresh DataLoader each epoch (what lets a resumed run replay an epoch), so it makes the
-    same draws on the same generator itself: the persistent iterator's base-seed draw when Ultralytics opens it
-    (first epoch, and again when close_mosaic resets it), each epoch's permutation, and the tail permutation that
-    RandomSampler draws as an epoch runs out. The random state that decides an epoch (the generator, Python's and
-    NumPy's states, the mosaic buffer) is `state_dict()`, which checkpoints carry per rank.
+    persistent InfiniteDataLoader iterator, and the augmentation from Python's and NumPy's random state (in loader
+    workers: seeded from that generator, then living on across epochs), with a mosaic buffer of recent images that
+    lives on across epochs too. yolods builds a fresh DataLoader each epoch (what lets a resumed run replay an
+    epoch), so it makes the same draws on the same generator itself (the iterator's base seed when Ultralytics opens
+    it: first epoch, and again when close_mosaic resets it, after the permutations its prefetching drew; each
+    epoch's permutation; the one RandomSampler draws as an epoch runs out) and hands each epoch's workers the random
+    state and mosaic buffer that Ultralytics' worker for the same batches has. The random state that decides an
+    epoch is `state_dict()`, which checkpoints carry per rank.
 
     At N ranks every rank draws the same permutation of the whole set, and rank r takes the r-th share of each
     global batch: a global batch holds the images a 1-rank run at the same global batch trains on together.
@@ -140,9 +144,12 @@ class TrainData:
     pin_memory: bool
     world_size: int = 1
     rank: int = 0
+    accelerators_per_node: int = 0
     order_generator: torch.Generator = field(init=False)
-    tail_draw_pending: bool = field(default=False, init=False)  # RandomSampler's end-of-epoch draw still to come
     iterator_open: bool = field(default=False, init=False)  # Ultralytics' persistent loader iterator exists
+    iterator_batches: int = field(default=0, init=False)  # batches that iterator has given out
+    sampler_draws: int = field(default=0, init=False)  # permutations drawn since it opened
+    worker_states: dict[int, tuple] = field(default_factory=dict, init=False)  # its workers' states, by worker id
     mosaic_closed: bool = field(default=False, init=False)
     epoch_start_state: dict[str, Any] | None = field(default=None, init=False)  # what replays the current epoch
 
@@ -158,13 +165,21 @@ class TrainData:
     def global_batch(self) -> int:
         return min(self.micro_batch * self.world_size, self.num_images)  # Ultralytics: min(batch, len(dataset))
 
+    @property
+    def num_workers(self) -> int:
+        """Ultralytics' count: no more than the node's cores per accelerator, nor than the epoch's batches."""
+        batches = self.batches_per_epoch()
+        cores = (os.cpu_count() or 1) // max(self.accelerators_per_node, 1)
+        return min(cores, self.workers, 0 if batches <= 1 else batches)
+
     def batches_per_epoch(self) -> int:
         return -(-self.num_images // self.global_batch)
 
-    def loader_for_epoch(self, epoch: int, *, close_mosaic: SimpleNamespace | None = None) -> DataLoader:
+    def loader_for_epoch(self, epoch: int, *, close_mosaic: SimpleNamespace | None = None) -> _EpochLoader:
         """This rank's batches of the next epoch; `close_mosaic`: the hyperparameters, in the epochs without mosaic.
 
-        Call it once per epoch, in order (or after `load_state_dict`): each call draws the epoch's random order.
+        Call it once per epoch, in order (or after `load_state_dict`), and iterate it to the end before the next
+        call (or checkpoint `epoch_start_state`): each call draws the epoch's random order.
         """
         self.epoch_start_state = self.state_dict()
         if close_mosaic is not None:  # Ultralytics' last-epochs switch to plain letterboxed images
@@ -172,42 +187,49 @@ class TrainData:
             self.dataset.close_mosaic(hyp=copy(close_mosaic))
             if not self.mosaic_closed:
                 self.mosaic_closed = True
-                self.iterator_open = False  # Ultralytics resets its loader here: a fresh iterator
-        worker_seeds = self._draw_epoch_order_start(epoch)
+                self._reset_iterator()  # Ultralytics resets its loader here
+        worker_seeds = self._open_iterator() if not self.iterator_open else None
+        # The epoch's permutation is the sampler's 2k-th draw (k epochs in, each with its end-of-epoch draw before).
+        epoch_in_iterator = self.iterator_batches // self.batches_per_epoch()
+        self._draw_permutations_until(2 * epoch_in_iterator)
         order = torch.randperm(self.num_images, generator=self.order_generator).tolist()
-        # RandomSampler draws one more permutation when asked past its end: during the last batch if it is short,
-        # else when the next epoch asks for its first index (never, if the iterator is reset before).
-        self.tail_draw_pending = self.num_images % self.global_batch == 0
-        if not self.tail_draw_pending:
-            torch.randperm(self.num_images, generator=self.order_generator)
+        self.sampler_draws += 1
         batches = shard_global_batches(
             order, global_batch=self.global_batch, world_size=self.world_size, rank=self.rank
         )
-        return _StopSafeDataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=self.dataset.collate_fn,
-            worker_init_fn=partial(_init_worker, rank=self.rank),
-            generator=worker_seeds,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,  # fresh workers each epoch: what lets a resumed run replay an epoch
-        )
+        first_worker = self.iterator_batches % max(self.num_workers, 1)  # whose turn Ultralytics' next batch is
+        self.iterator_batches += len(batches)
+        return _EpochLoader(self, batches, worker_seeds=worker_seeds, first_worker=first_worker)
 
-    def _draw_epoch_order_start(self, epoch: int) -> torch.Generator:
-        """The draws before an epoch's permutation; returns the generator the DataLoader takes its worker seeds from."""
+    def _sampler_draws_for(self, batches: int) -> int:
+        """Permutations RandomSampler has drawn once `batches` batches were asked of it: one per epoch started, and
+        one more as each epoch runs out (with its last, short batch, or when the next batch is asked for)."""
+        if batches <= 0:
+            return 0
+        per_epoch = self.batches_per_epoch()
+        ran_out = batches // per_epoch if self.num_images % self.global_batch else (batches - 1) // per_epoch
+        return -(-batches // per_epoch) + ran_out
+
+    def _draw_permutations_until(self, draws: int) -> None:
+        while self.sampler_draws < draws:
+            torch.randperm(self.num_images, generator=self.order_generator)
+            self.sampler_draws += 1
+
+    def _reset_iterator(self) -> None:
+        """Ultralytics' `train_loader.reset()`: its old iterator had asked for the prefetched batches too."""
+        if self.iterator_open:
+            prefetched = ULTRALYTICS_PREFETCH_FACTOR * self.num_workers
+            self._draw_permutations_until(self._sampler_draws_for(self.iterator_batches + prefetched))
+        self.iterator_open = False
+
+    def _open_iterator(self) -> torch.Generator:
+        """A fresh Ultralytics iterator draws its workers' base seed first; returns the generator the DataLoader
+        draws it from: a copy of the state Ultralytics draws it from, so fresh workers seed as Ultralytics' do."""
         worker_seeds = torch.Generator()
-        if not self.iterator_open:
-            # The DataLoader draws its base seed (worker i seeds base + i) from a copy of the state Ultralytics'
-            # new iterator draws it from, so the first epoch's workers augment as Ultralytics' do.
-            worker_seeds.set_state(self.order_generator.get_state())
-            torch.empty((), dtype=torch.int64).random_(generator=self.order_generator)
-            self.iterator_open, self.tail_draw_pending = True, False
-        else:
-            # Ultralytics' workers live on across epochs; these restart, seeded from (seed, epoch).
-            worker_seeds.manual_seed(self.seed + 1_000_003 * epoch)
-            if self.tail_draw_pending:
-                torch.randperm(self.num_images, generator=self.order_generator)
+        worker_seeds.set_state(self.order_generator.get_state())
+        torch.empty((), dtype=torch.int64).random_(generator=self.order_generator)
+        self.iterator_open, self.iterator_batches, self.sampler_draws = True, 0, 0
+        self.worker_states = {}
         return worker_seeds
 
     def state_dict(self) -> dict[str, Any]:
@@ -216,8 +238,10 @@ class TrainData:
             "python_random": random.getstate(),
             "numpy_random": np.random.get_state(),
             "order_generator": self.order_generator.get_state(),
-            "tail_draw_pending": self.tail_draw_pending,
             "iterator_open": self.iterator_open,
+            "iterator_batches": self.iterator_batches,
+            "sampler_draws": self.sampler_draws,
+            "worker_states": dict(self.worker_states),
             "mosaic_closed": self.mosaic_closed,
             "mosaic_buffer": list(self.dataset.buffer) if self.dataset.cache != "ram" else [],
         }
@@ -227,10 +251,52 @@ class TrainData:
         random.setstate(state["python_random"])
         np.random.set_state(state["numpy_random"])
         self.order_generator.set_state(state["order_generator"])
-        self.tail_draw_pending = state["tail_draw_pending"]
         self.iterator_open = state["iterator_open"]
+        self.iterator_batches = state["iterator_batches"]
+        self.sampler_draws = state["sampler_draws"]
+        self.worker_states = dict(state["worker_states"])
         self.mosaic_closed = state["mosaic_closed"]
         _refill_mosaic_buffer(self.dataset, state["mosaic_buffer"])
+
+
+class _EpochLoader:
+    """One epoch's DataLoader over this rank's batches; it notes where each worker's random state ends up.
+
+    Worker k of this loader takes batches k, k + W, ... as Ultralytics' worker (first_worker + k) mod W does in
+    its persistent iterator, so it starts from that worker's state (fresh seeds when the iterator is new).
+    """
+
+    def __init__(
+        self, data: TrainData, batches: list[list[int]], *, worker_seeds: torch.Generator | None, first_worker: int
+    ):
+        self.data, self.batches = data, batches
+        num_workers = data.num_workers
+        self.worker_ids = [(first_worker + k) % max(num_workers, 1) for k in range(num_workers)]
+        initial_states = [data.worker_states.get(worker_id) for worker_id in self.worker_ids]
+        if worker_seeds is None:  # a continuing iterator: every state comes from the previous epoch
+            worker_seeds = torch.Generator().manual_seed(data.seed)  # unused: each worker gets a saved state
+        self.loader = _StopSafeDataLoader(
+            data.dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            collate_fn=partial(_collate_noting_worker_state, data.dataset.collate_fn),
+            worker_init_fn=partial(_init_worker, rank=data.rank, states=initial_states),
+            generator=worker_seeds,
+            pin_memory=data.pin_memory,
+            persistent_workers=False,  # fresh workers each epoch: what lets a resumed run replay an epoch
+        )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        final_states = {}
+        for batch in self.loader:
+            worker_id, state = batch.pop(WORKER_STATE_KEY, (None, None))
+            if worker_id is not None:
+                final_states[self.worker_ids[worker_id]] = state
+            yield batch
+        self.data.worker_states.update(final_states)
 
 
 def shard_global_batches(order: list[int], *, global_batch: int, world_size: int, rank: int) -> list[list[int]]:
@@ -249,14 +315,30 @@ def shard_global_batches(order: list[int], *, global_batch: int, world_size: int
     return batches
 
 
-def _init_worker(worker_id: int, *, rank: int = 0) -> None:
-    """Ultralytics' per-worker seeding (offset per rank); stop signals are the training process's, not the worker's."""
+def _init_worker(worker_id: int, *, rank: int = 0, states: list[tuple | None] | None = None) -> None:
+    """Ultralytics' per-worker seeding (offset per rank), or the saved state of the Ultralytics worker this one
+    stands in for; stop signals are the training process's to handle, not the worker's."""
     from ultralytics.data.build import seed_worker
 
     ignore_stop_signals()
     if rank:
         torch.manual_seed((torch.initial_seed() + RANK_SEED_STRIDE * rank) % 2**63)
     seed_worker(worker_id)
+    if states and states[worker_id] is not None:
+        python_state, numpy_state, mosaic_buffer = states[worker_id]
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        _refill_mosaic_buffer(torch.utils.data.get_worker_info().dataset, mosaic_buffer)
+
+
+def _collate_noting_worker_state(collate_fn, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dataset's collate, in a worker: the batch also carries the worker's random state and mosaic buffer."""
+    batch = collate_fn(samples)
+    worker = torch.utils.data.get_worker_info()
+    if worker is not None:
+        buffer = list(worker.dataset.buffer) if worker.dataset.cache != "ram" else []
+        batch[WORKER_STATE_KEY] = (worker.id, (random.getstate(), np.random.get_state(), buffer))
+    return batch
 
 
 class _StopSafeDataLoader(DataLoader):
@@ -287,8 +369,10 @@ def build_train_data(
     seed: int,
     stride: int,
     pin_memory: bool,
+    accelerators_per_node: int = 0,
 ) -> TrainData:
-    """Ultralytics' YOLODataset for the train split, built once per rank."""
+    """Ultralytics' YOLODataset for the train split, built once per rank (`accelerators_per_node`: GPUs, which
+    share the node's cores among their loaders)."""
     dataset = _build_dataset(hyp, data, split="train", batch=micro_batch, stride=stride)
     return TrainData(
         dataset=dataset,
@@ -298,6 +382,7 @@ def build_train_data(
         pin_memory=pin_memory,
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
+        accelerators_per_node=accelerators_per_node,
     )
 
 
