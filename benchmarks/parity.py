@@ -229,7 +229,7 @@ def yolods_command(row: Row, *, settings: dict[str, Any], seed: int, run_dir: Pa
         run_dir.name,
         "--exist_ok",
     ]
-    for key, value in settings["hyp"].items():
+    for key, value in {"plots": False, **settings["hyp"]}.items():  # no results.png: the reference draws no plots
         args += ["--hyp", f"{key}={value}"]
     if row.ranks == 1:
         return [sys.executable, "-m", "yolods.train", *args]

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ class Trace:
         self.steps[-1].update(
             losses=[float(value) for value in loss_items.values()],
             stepped=stepped,
+            end_s=time.perf_counter(),
+            end_cpu_s=time.process_time(),
             **group_values(param_groups),
         )
 

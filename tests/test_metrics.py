@@ -57,3 +57,16 @@ def test_one_rank_prints_the_progress(zero2_run):
     log = (zero2_run / "train.log").read_text()
     assert log.count("yolods: 2 ranks, ZeRO-2") == 1
     assert log.count("Epoch   Mem(GiB)") == 3  # one header per epoch, from rank 0 alone
+
+
+def test_plots_false_draws_no_results_png(tmp_path):
+    """`--hyp plots=False` (Ultralytics' setting) leaves results.png out, as Ultralytics leaves its plots out."""
+    from yolods.metrics import RunLogger
+
+    for plot_results in (False, True):
+        run_dir = tmp_path / str(plot_results)
+        run_dir.mkdir()
+        logger = RunLogger(run_dir, loss_names=("box_loss",), tensorboard=False, plot_results=plot_results)
+        logger.log_epoch(0, {"train/box_loss": 1.0, "metrics/mAP50(B)": 0.5})
+        assert (logger.plot() is not None) == plot_results == (run_dir / "results.png").exists()
+        logger.close()

@@ -102,8 +102,11 @@ class RunLogger:
         >>> logger.log_epoch(epoch=0, values={"metrics/mAP50(B)": 0.5})
     """
 
-    def __init__(self, run_dir: Path, *, loss_names: tuple[str, ...], tensorboard: bool = True):
+    def __init__(
+        self, run_dir: Path, *, loss_names: tuple[str, ...], tensorboard: bool = True, plot_results: bool = True
+    ):
         self.enabled = dist.is_main_process()
+        self.plot_results = plot_results
         self.run_dir = run_dir
         self.loss_names = loss_names
         self.csv_path = run_dir / "results.csv"
@@ -181,7 +184,7 @@ class RunLogger:
 
         Ultralytics' own plot_results leaves the lr out; this adds it. matplotlib's bundled font only: no download.
         """
-        if not self.enabled or not self.csv_path.exists():
+        if not self.enabled or not self.plot_results or not self.csv_path.exists():
             return None
         import matplotlib
 
