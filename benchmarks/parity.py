@@ -256,8 +256,8 @@ def ultralytics_command(*, settings: dict[str, Any], seed: int, run_dir: Path) -
         exist_ok=True,
         verbose=False,
         val=True,
-        **settings["hyp"],
     )
+    train.update(settings["hyp"])
     # keep_torch_threads: train on OMP_NUM_THREADS threads, as yolods does, not Ultralytics' cores - 1
     return child_command(ChildSpec(model=settings["model"], train=train, block_network=True, keep_torch_threads=True))
 

@@ -72,7 +72,11 @@ def run_train(
 
 
 def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epochs: int = 3) -> list[str]:
-    """A short job on the small shapes set: 32 images, batch 8, imgsz 128."""
+    """A short job on the small shapes set: 32 images, batch 8, imgsz 128, an optimizer step per batch.
+
+    (At Ultralytics' nbs of 64 the accumulation would ramp up to 8 batches and leave 3 epochs of 4 batches with 2
+    optimizer steps in all, too few to see a loss fall.)
+    """
     return [
         "--data",
         str(data_yaml),
@@ -81,6 +85,8 @@ def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epoch
         "--imgsz",
         str(IMGSZ),
         "--batch",
+        "8",
+        "--nbs",
         "8",
         "--workers",
         "0",

@@ -107,9 +107,8 @@ def run_ultralytics(args: argparse.Namespace, hyp: dict[str, Any]) -> Trace:
         project=str(Path(args.out).parent / "ultralytics"),
         name="run",
         exist_ok=True,
-        **hyp,
     )
-    trainer = TracingTrainer(overrides=overrides)
+    trainer = TracingTrainer(overrides={**overrides, **hyp})
     trainer.args.workers = args.workers  # Ultralytics sets 0 on CPU; the trace may ask for more
     trainer.add_callback(
         "on_train_batch_end", lambda t: trace.step_end(t.loss_items, t.optimizer.param_groups, stepped=t._stepped)

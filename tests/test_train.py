@@ -76,7 +76,7 @@ def test_zero2_run_outputs(zero2_run, shapes_data):
     rows = read_results(zero2_run)
     assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
     config = json.loads((zero2_run / "ds_config.json").read_text())
-    # global batch 8 = 4 per rank x 2 ranks; accumulation to nbs=64 capped by the 4 x 3 micro-steps of the run
+    # global batch 8 = 4 per rank x 2 ranks; nbs 8: no accumulation
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["train_batch_size"] == 4 * 2 * config["gradient_accumulation_steps"]
     assert config["gradient_clipping"] == 10.0
