@@ -115,6 +115,8 @@ def test_one_sgd_step_equals_the_ultralytics_update(ranks, zero_stage, shapes_da
     yolods_step = step_parameters(shapes_data, tmp_path / "yolods.pt", ranks=ranks, micro=8, zero=zero_stage)
     reference = ultralytics_update(shapes_data, yolods_step["before"], micro=8)
     assert step_difference(yolods_step, {"before": yolods_step["before"], "after": reference}) < 1e-5
+
+
 # Augmentation off (each rank augments from its own random streams; the images must be the same to compare the
 # arithmetic), no warmup (its ramps count micro-steps, which differ), SGD, an optimizer step per 16 images.
 FOLLOW_JOB = ["--epochs", "2", "--imgsz", "64", "--workers", "0", "--hyp", "optimizer=SGD", "--hyp", "nbs=16"]
