@@ -22,7 +22,7 @@ def main(run_dir: str, tag: str) -> None:
     plan, resume_dir = plan_run(["--resume", run_dir])
     dist.init_distributed(plan.cfg.device, verbose=False)
     trainer = build_trainer(plan, Path(resume_dir), stop_request=StopRequest())
-    rank_state = trainer.rank_state_dict(trainer.resumed_loss_sums)
+    rank_state = trainer.rank_state_dict(trainer.resumed_loss_sums, data_state=trainer.train_data.state_dict())
     trainer.checkpointer.save(tag, client_state=trainer.state_dict(), rank_state=rank_state)
     trainer.close()
 

@@ -139,9 +139,11 @@ def assert_same_state(checkpoints: Path, saved: tuple[str, int], loaded: tuple[s
     assert all(torch.equal(ema_before[name], ema_after[name]) for name in ema_before if not is_buffer(name))
     assert before.model_states["yolods"] == after.model_states["yolods"]  # epoch, batch, step counters, fitness
     assert before.model_states["global_steps"] == after.model_states["global_steps"]
-    saved_ranks_states = [torch.load(checkpoints / saved_tag / f"yolods_rank{r}.pt") for r in range(saved_ranks)]
+    saved_ranks_states = [
+        torch.load(checkpoints / saved_tag / f"yolods_rank{r}.pt", weights_only=False) for r in range(saved_ranks)
+    ]
     for rank in range(loaded_ranks):  # BatchNorm statistics of the model and the EMA: the saved ranks' mean
-        loaded_state = torch.load(checkpoints / loaded_tag / f"yolods_rank{rank}.pt")
+        loaded_state = torch.load(checkpoints / loaded_tag / f"yolods_rank{rank}.pt", weights_only=False)
         for key in ("module_buffers", "ema_buffers"):
             for index, buffer in enumerate(loaded_state[key]):
                 saved_buffers = torch.stack([state[key][index] for state in saved_ranks_states])
