@@ -647,6 +647,7 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     for line in lines:
         assert set(REQUIRED_KEYS) <= set(line)
         assert line["imgs_per_s"] > 0 and line["peak_mem_bytes"] > 0
+        assert isinstance(line["source"]["dirty"], bool)  # which code measured it (a git checkout here)
         if line["engine"] != "ultralytics":  # phases reported by the step itself (TrainStep.on_phase, DDPStepper)
             assert set(line["breakdown_s"]) == {"data_wait", "forward", "backward", "optimizer"}
             assert min(line["breakdown_s"].values()) > 0
@@ -657,6 +658,7 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     _run([sys.executable, "-m", "yolods.bench.report", str(out)], timeout=120)
     report = (out / "report.md").read_text()
     assert "## Goals" in report and "ZeRO paper" in report and "Projection" in report
+    assert "## Provenance" in report and "not fitted to" in report
     for png in (
         "throughput_vs_ranks",
         "throughput_vs_nodes",
