@@ -104,6 +104,20 @@ def series_label(line: Line) -> str:
     return line.get("label") or f"{engine_name(line)} {line['precision']} {line['model']}@{line['imgsz']}"
 
 
+def report_order(line: Line) -> tuple:
+    """Group rows by model, size, input; then ranks; then DDP, ZeRO 0-3, Ultralytics."""
+    return (
+        line["model"],
+        line["imgsz"],
+        line["micro_batch"],
+        line["precision"],
+        line["input"],
+        line["world_size"],
+        ENGINE_ORDER.index(engine_name(line)),
+        series_label(line),
+    )
+
+
 def _peer(line: Line, lines: list[Line], **fields: Any) -> Line | None:
     """The line matching `line` on model, size, batch, precision, device and place, with `fields` changed."""
     wanted = {
