@@ -14,7 +14,8 @@ RUN_ID=${RUN_ID:-cpu-$(date -u +%Y%m%dT%H%M%SZ)}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 
-common=(--run-id "$RUN_ID" --out "$OUT" --micro-batch 8 --interconnect "loopback, one VM (gloo)")
+# --require-clean: these are the committed figures, so they must come from committed code (a dirty tree is refused)
+common=(--run-id "$RUN_ID" --out "$OUT" --micro-batch 8 --interconnect "loopback, one VM (gloo)" --require-clean)
 one() { "$PYTHON" -m yolods.bench "${common[@]}" "$@"; }
 two() { "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m yolods.bench "${common[@]}" "$@"; }
 
@@ -39,4 +40,4 @@ for size in "--model s --imgsz 160" "--model n --imgsz 320"; do
   two $size --steps 10 --warmup-steps 3 --zero 0,2 --engine deepspeed,ddp
 done
 
-"$PYTHON" -m yolods.bench.report "$OUT"
+"$PYTHON" -m yolods.bench.report "$OUT" --require-clean

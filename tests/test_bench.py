@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -341,7 +342,7 @@ def test_keep_going_reports_a_failed_configuration_and_measures_the_next(tmp_pat
 
 
 def test_projection_calibration_prefers_the_goal_precision_and_default_layout_and_takes_a_given_rate():
-    from yolods.bench.analysis import Goal, goal_compute
+    from yolods.bench.projection import Goal, goal_compute
 
     def line(engine, precision, channels_last, imgs_per_s, zero_stage=None):
         return {
@@ -410,6 +411,210 @@ def test_report_takes_the_median_repeat_of_the_latest_run_and_ratios_against_ddp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Honest numbers: efficiency never above 100%, held-out validation, provenance, assumptions (no training)
+
+ZERO_SPECS = [cm.CommSpec(zero_stage=None, num_params=11_000_000)] + [
+    cm.CommSpec(zero_stage=stage, num_params=11_000_000, stop_agreement=True, stage3_gather_calls=120)
+    for stage in range(4)
+]
+
+
+def test_projection_never_exceeds_100_percent_though_zero_does_less_work_per_rank():
+    """One GPU runs the whole optimizer update, each of N ZeRO ranks 1/N of it: against N x one GPU's img/s ZeRO-2
+    on NVLink reads above 100% (the old report's 103%); against the same per-rank compute it cannot."""
+    for spec, imgs_per_s, gbps in itertools.product(ZERO_SPECS, (50.0, 300.0, 1200.0, 5000.0), (25.0, 200.0, 800.0)):
+        step_s = 16 / imgs_per_s
+        compute = cm.ComputeTimes(forward_s=0.3 * step_s, backward_s=0.6 * step_s, optimizer_s=0.1 * step_s)
+        for point in cm.project_scaling(compute, spec, topology=cm.h100_cluster(gbps), micro_batch=16):
+            assert 0 < point.efficiency <= 1.0
+            assert point.imgs_per_s == pytest.approx(point.efficiency * point.ideal_imgs_per_s)
+    compute = cm.ComputeTimes(forward_s=0.0085, backward_s=0.017, optimizer_s=0.0011)
+    zero2 = cm.CommSpec(zero_stage=2, num_params=11_000_000)
+    (one_node,) = cm.project_scaling(compute, zero2, topology=cm.h100_cluster(200), micro_batch=16, node_counts=[1])
+    assert 8 * 16 / compute.total_s < one_node.imgs_per_s  # above N x one GPU: the partitioned update
+    assert one_node.efficiency < 1.0
+
+
+def test_the_ema_runs_in_full_on_every_rank_while_zero_partitions_the_update():
+    compute = cm.ComputeTimes(forward_s=0.1, backward_s=0.2, optimizer_s=0.04, ema_s=0.02)
+    assert compute.total_s == pytest.approx(0.36)
+    assert compute.on_ranks(cm.CommSpec(zero_stage=2, num_params=PSI), 4) == pytest.approx(0.3 + 0.01 + 0.02)
+    assert compute.on_ranks(cm.CommSpec(zero_stage=None, num_params=PSI), 4) == pytest.approx(0.36)
+
+
+def test_yolods_stop_agreement_is_one_tiny_all_reduce_after_the_step():
+    plain = cm.step_collectives(cm.CommSpec(zero_stage=0, num_params=PSI))
+    with_stop = cm.step_collectives(cm.CommSpec(zero_stage=0, num_params=PSI, stop_agreement=True))
+    (extra,) = [c for c in with_stop if c not in plain]
+    assert (extra.op, extra.message_bytes, extra.calls, extra.phase) == (cm.ALL_REDUCE, 8, 1, "after_step")
+
+
+def _probe(link: cm.Link, *, ranks: int = 2, jitter: dict[int, float] | None = None) -> dict:
+    sizes = [4096, 2**20, 2**23, 2**25]
+    ops = {}
+    for op in (cm.ALL_REDUCE, cm.ALL_GATHER, cm.REDUCE_SCATTER):
+        seconds = [
+            cm.collective_time_s(cm.Collective(op, size, 1, "backward", False), num_ranks=ranks, link=link)
+            * (jitter or {}).get(i, 1.0)
+            for i, size in enumerate(sizes)
+        ]
+        fitted = cm.fit_link(op=op, num_ranks=ranks, message_bytes=sizes, seconds=seconds)
+        ops[op] = {
+            "message_bytes": sizes,
+            "seconds": seconds,
+            "latency_s": fitted.latency_s,
+            "bandwidth_bytes_per_s": fitted.bandwidth_bytes_per_s,
+        }
+    return {"backend": "gloo", "ops": ops}
+
+
+def _full_line(
+    engine: str,
+    world_size: int,
+    imgs_per_s: float,
+    *,
+    zero_stage: int | None = None,
+    forward_s: float = 0.1,
+    source: dict | None = None,
+    repeats: list[float] | None = None,
+    probe: dict | None = None,
+    logged: dict | None = None,
+) -> dict:
+    """A results line as the bench writes it, small and made up: enough for every report section."""
+    spec = cm.CommSpec(zero_stage=zero_stage, num_params=PSI, stop_agreement=engine == "deepspeed")
+    step_s = 8 * world_size / imgs_per_s
+    line = {
+        "schema": 2, "engine": engine, "zero_stage": zero_stage, "precision": "fp32", "model": "yolov8n.yaml",
+        "imgsz": 160, "micro_batch": 8, "global_batch": 8 * world_size, "input": "synthetic", "label": None,
+        "world_size": world_size, "num_nodes": 1, "ranks_per_node": world_size, "imgs_per_s": imgs_per_s,
+        "imgs_per_s_per_rank": imgs_per_s / world_size, "steps": 10, "warmup_steps": 3, "run_id": "r",
+        "timestamp": f"2026-11-29T00:00:0{world_size}+00:00", "load_avg": [2.0, 2.0, 2.0],
+        "step_time_s": {"mean": step_s, "median": step_s, "p90": step_s, "min": step_s, "max": step_s},
+        "breakdown_s": {"data_wait": 0.0, "forward": forward_s, "backward": 0.2, "optimizer": 0.04},
+        "peak_mem_bytes": (900 + 50 * bool(zero_stage)) * 2**20, "peak_mem_source": "rss_peak",
+        "model_state_bytes": {"params": 12 * PSI // 3, "grads": 4 * PSI, "optimizer": 8 * PSI, "total": 16 * PSI},
+        "num_params": PSI,
+        "comm": {"spec": vars(spec), "bytes_per_rank_per_step": 0.0, "logged_per_step": logged},
+        "config": {"device": "cpu", "train_settings": {"optimizer": "AdamW"}},
+        "versions": {"torch": "2.14.1", "yolods_commit": "abc"},
+        "source": source if source is not None else {"commit": "abc", "dirty": False, "changes": [], "num_changes": 0},
+        "hardware": {"cpu": "test CPU", "cpu_count": 2, "torch_threads_per_rank": 1},
+        "interconnect": {"backend": "gloo", **({"probe": probe} if probe else {})},
+    }  # fmt: skip
+    if repeats:
+        line["imgs_per_s_repeats"] = repeats
+    return line
+
+
+def test_provenance_tells_clean_dirty_and_unrecorded_lines_apart():
+    from yolods.bench import provenance
+
+    clean = _full_line("ddp", 1, 30.0)
+    dirty = _full_line("ddp", 2, 40.0, source={"commit": "abc", "dirty": True, "changes": [" M yolods/x.py"]})
+    legacy_dirty = {"versions": {"yolods_commit": "def-dirty"}}
+    legacy = {"versions": {"yolods_commit": "def"}}  # before `source`: a clean tree looked the same
+    assert provenance.line_source(clean) == ("abc", provenance.CLEAN)
+    assert provenance.line_source(dirty) == ("abc", provenance.DIRTY)
+    assert provenance.line_source(legacy_dirty) == ("def", provenance.DIRTY)
+    assert provenance.line_source(legacy) == ("def", provenance.UNRECORDED)
+    state = provenance.provenance([clean, dirty, legacy_dirty, legacy])
+    assert (state.count(provenance.DIRTY), state.count(provenance.UNRECORDED), state.all_clean) == (2, 1, False)
+
+
+def test_measured_efficiency_above_100_percent_is_reported_with_its_spread():
+    from yolods.bench.analysis import measured_scaling
+
+    lines = [
+        _full_line("ddp", 1, 30.0, repeats=[28.0, 30.0, 33.0]),
+        _full_line("ddp", 2, 61.0, repeats=[57.0, 61.0, 63.0]),  # paired ratios 2.04, 2.03, 1.91
+    ]
+    (row,) = measured_scaling(lines)
+    assert row.efficiency == pytest.approx(61 / 30 / 2)  # the median paired ratio, over 2 ranks
+    assert row.low == pytest.approx(57 / 66) and row.high == pytest.approx(63 / 56)
+    assert "noise" in row.note  # the spread reaches below 100%
+    lines[1] = _full_line("ddp", 2, 50.0, repeats=[49.0, 50.0, 51.0])
+    assert measured_scaling(lines)[0].note == ""
+
+
+def test_link_fits_and_the_step_are_scored_on_points_they_were_not_fitted_to():
+    from yolods.bench import validation
+    from yolods.bench.analysis import two_rank_checks
+
+    link = cm.Link(bandwidth_bytes_per_s=1e9, latency_s=1e-4)
+    exact = validation.probe_holdout([_full_line("ddp", 2, 40.0, probe=_probe(link))])
+    assert len(exact) == 3 * 4  # 3 ops x (2 splits x 2 held-out sizes)
+    assert max(abs(point.error) for point in exact) < 1e-9  # an exactly linear link is predicted exactly
+    off = validation.probe_holdout([_full_line("ddp", 2, 40.0, probe=_probe(link, jitter={2: 2.0}))])
+    at_8_mib = [p for p in off if p.check.endswith("at 8 MiB") and p.fitted_on == "probe at 4 KiB + 32 MiB"]
+    assert all(p.error == pytest.approx(-0.5, abs=0.01) for p in at_8_mib)  # measured twice the line: -50%
+    # in-step collectives: the probe's link at the logged calls and bytes (all-gather inputs are shards)
+    logged = {"all_gather_into_tensor": {"calls": 3, "message_bytes": 4e6, "seconds": 0.01}}
+    zero2 = _full_line("deepspeed", 2, 40.0, zero_stage=2, probe=_probe(link), logged=logged)
+    (point,) = validation.logged_op_checks([zero2])
+    assert point.predicted_s == pytest.approx(3 * 1e-4 + 0.5 * 8e6 / 1e9, rel=1e-6)
+    assert validation.logged_op_prediction({**zero2, "zero_stage": 3}, "all_gather_into_tensor", logged[
+        "all_gather_into_tensor"]) is None  # fmt: skip
+    # the step: each line's compute slowdown is the median of the *other* lines' (leave one out)
+    lines = [
+        _full_line("ddp", 1, 80.0),
+        _full_line("ddp", 2, 100.0, forward_s=0.15, probe=_probe(link)),
+        _full_line("deepspeed", 1, 80.0, zero_stage=0),
+        _full_line("deepspeed", 2, 100.0, zero_stage=0, forward_s=0.2, probe=_probe(link)),
+    ]
+    checks = {check.label: check for check in two_rank_checks(lines)}
+    ddp, zero0 = checks["DDP fp32 yolov8n.yaml@160"], checks["ZeRO-0 fp32 yolov8n.yaml@160"]
+    assert (ddp.forward_slowdown, ddp.heldout_slowdown) == (pytest.approx(1.5), pytest.approx(2.0))
+    assert (zero0.forward_slowdown, zero0.heldout_slowdown) == (pytest.approx(2.0), pytest.approx(1.5))
+    summaries = validation.summarize(validation.step_holdout(list(checks.values())))
+    assert [summary.points for summary in summaries] == [2]
+
+
+def test_bench_require_clean_refuses_a_dirty_tree_before_measuring(tmp_path, monkeypatch, capsys):
+    from yolods.bench import cli
+
+    dirty = {"commit": "abc123", "dirty": True, "changes": [" M yolods/step.py"], "num_changes": 1}
+    monkeypatch.setattr(cli.provenance, "source_record", lambda: dirty)
+    code = cli.main(["--engine", "ddp", "--zero", "0", "--require-clean", "--out", str(tmp_path)])
+    assert code == 2 and "yolods/step.py" in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_report_flags_dirty_rows_labels_assumptions_and_refuses_with_require_clean(tmp_path, monkeypatch):
+    from yolods.bench import plots
+    from yolods.bench.projection import Cluster, Goal
+    from yolods.bench.report import DirtyResultsError, write_report
+
+    for name in [name for name in vars(plots) if name.startswith("plot_")]:  # the end-to-end test draws them
+        monkeypatch.setattr(plots, name, lambda *args, **kwargs: tmp_path / "not_drawn.png")
+
+    link = cm.Link(bandwidth_bytes_per_s=1e9, latency_s=1e-4)
+    dirty = {"commit": "abc", "dirty": True, "changes": [" M yolods/step.py"], "num_changes": 1}
+    lines = [
+        _full_line("ddp", 1, 80.0),
+        _full_line("ddp", 2, 100.0, forward_s=0.15, probe=_probe(link)),
+        _full_line("deepspeed", 1, 75.0, zero_stage=2),
+        _full_line("deepspeed", 2, 95.0, zero_stage=2, forward_s=0.15, probe=_probe(link), source=dirty),
+    ]
+    for line in lines:
+        append_line(tmp_path, line)
+    options = {"goal": Goal(model="yolov8n.yaml"), "cluster": Cluster(), "assumed_imgs_per_s": 600.0}
+    with pytest.raises(DirtyResultsError, match="1 of 4 configurations come from a dirty tree"):
+        write_report(tmp_path, require_clean=True, **options)
+    assert not (tmp_path / "report.md").exists()
+    report = write_report(tmp_path, **options).read_text()
+    assert "rows from a dirty tree: 1 of 4" in report
+    assert "| `abc` | **dirty** | 1 |" in report
+    for constant in ("per-GPU compute", "network latency per ring hop", "NVLink inside a node", "compute split"):
+        assert f"**ASSUMED** {constant}" in report
+    assert "| 300 img/s | 600 img/s | 900 img/s | 1200 img/s |" in report  # the sensitivity grid
+    assert "## The communication model on points it was not fitted to" in report
+    assert "| 1 -> 2 rank step |" in report
+    projected = report[report.index("Scaling efficiency (global img/s)") :]
+    percents = [float(cell) for cell in re.findall(r"(\d+(?:\.\d+)?)% \(", projected)]
+    assert percents and max(percents) <= 100
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # End to end: one process with real input and the Ultralytics baseline, two gloo ranks, then the report
 
 
@@ -442,6 +647,7 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     for line in lines:
         assert set(REQUIRED_KEYS) <= set(line)
         assert line["imgs_per_s"] > 0 and line["peak_mem_bytes"] > 0
+        assert isinstance(line["source"]["dirty"], bool)  # which code measured it (a git checkout here)
         if line["engine"] != "ultralytics":  # phases reported by the step itself (TrainStep.on_phase, DDPStepper)
             assert set(line["breakdown_s"]) == {"data_wait", "forward", "backward", "optimizer"}
             assert min(line["breakdown_s"].values()) > 0
@@ -452,6 +658,7 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     _run([sys.executable, "-m", "yolods.bench.report", str(out)], timeout=120)
     report = (out / "report.md").read_text()
     assert "## Goals" in report and "ZeRO paper" in report and "Projection" in report
+    assert "## Provenance" in report and "not fitted to" in report
     for png in (
         "throughput_vs_ranks",
         "throughput_vs_nodes",

@@ -1,65 +1,34 @@
-"""What the report computes from results lines: selection, baselines ratios, the communication model against
-the measured 1 -> N rank step, the cluster projection and the ZeRO-paper memory check.
+"""What the report computes from results lines: selection, ratios against the baselines, the measured scaling
+with its spread, the communication model against the measured 1 -> N rank step and the ZeRO-paper memory check.
 
-Pure functions of the lines (and of the goal model's structure, for the projection); plots.py draws them and
-report.py writes them out.
+Pure functions of the lines; projection.py projects to many GPUs, validation.py checks the communication model on
+points it was not fitted to, plots.py draws and report.py writes them out.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from yolods.bench.comm_model import (
-    NETWORK_LATENCY_S,
     PAPER_FP32_ADAM,
     PAPER_MIXED_ADAM,
     CommSpec,
     ComputeTimes,
     Link,
-    ScalingPoint,
     deepspeed_model_state_bytes,
     estimate_step,
-    h100_cluster,
-    project_scaling,
     zero_model_state_bytes,
 )
 
 Line = dict[str, Any]
-NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ENGINE_ORDER = ("DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "Ultralytics")
-# Assumed split of a GPU step's compute when no GPU line calibrates it: backward ~2x forward, a small update.
-ASSUMED_COMPUTE_SPLIT = {"forward": 0.32, "backward": 0.64, "optimizer": 0.04}
-
-
-@dataclass(frozen=True)
-class Goal:
-    """The issue's goals: ZeRO-2 within 5% of DDP at 2 ranks; >= 90% efficiency at 64 GPUs on 200 Gb/s."""
-
-    model: str = "yolov8s.yaml"
-    imgsz: int = 640
-    micro_batch: int = 16
-    precision: str = "bf16"  # the calibration line's, when several were measured
-    num_classes: int = 80  # COCO
-    num_gpus: int = 64
-    link_gbps: float = 200.0
-    efficiency: float = 0.90
-    ratio_vs_ddp_at_2: float = 0.95
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """The projected cluster: GPUs per node, link speeds to compare, network latency per ring hop."""
-
-    ranks_per_node: int = 8
-    link_gbps: tuple[float, ...] = (100.0, 200.0, 400.0)
-    network_latency_s: float = NETWORK_LATENCY_S
-
-    def topology(self, gbps: float):
-        return h100_cluster(gbps, ranks_per_node=self.ranks_per_node, network_latency_s=self.network_latency_s)
+# The EMA update's share of the measured optimizer phase (clipping + optimizer step + EMA), which ZeRO 1-3 do not
+# partition. CPU: measured here (one thread, AdamW, ModelEMA.update against clip_grad_norm_ + step, 10 calls
+# each): 1.8 of 17.4 ms for yolov8n, 6.3 of 56.0 ms for yolov8s. CUDA: ASSUMED, as in projection.py's split.
+EMA_SHARE_OF_OPTIMIZER = {"cpu": 0.10, "cuda": 0.5}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,8 +90,32 @@ def select_lines(lines: Iterable[Line]) -> list[Line]:
     return selected
 
 
+def default_series(line: Line) -> bool:
+    """Lines measured with the config's own bucket, overlap and memory-format settings (sweep variants plot
+    elsewhere)."""
+    config = line.get("config", {})
+    return all(
+        config.get(key) is None
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "channels_last")
+    )
+
+
 def series_label(line: Line) -> str:
     return line.get("label") or f"{engine_name(line)} {line['precision']} {line['model']}@{line['imgsz']}"
+
+
+def report_order(line: Line) -> tuple:
+    """Group rows by model, size, input; then ranks; then DDP, ZeRO 0-3, Ultralytics."""
+    return (
+        line["model"],
+        line["imgsz"],
+        line["micro_batch"],
+        line["precision"],
+        line["input"],
+        line["world_size"],
+        ENGINE_ORDER.index(engine_name(line)),
+        series_label(line),
+    )
 
 
 def _peer(line: Line, lines: list[Line], **fields: Any) -> Line | None:
@@ -169,12 +162,90 @@ def ratio_vs(line: Line, lines: list[Line], engine: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scaling measured here, with the spread of the repeats
+
+
+@dataclass(frozen=True)
+class MeasuredScaling:
+    """Weak-scaling efficiency 1 -> N ranks of one series: img/s(N) / (N x img/s(1)), with its repeats' spread.
+
+    `low`/`high` pair the worst and best repeats of both lines, so they bound what load drift between the two
+    runs could do. Above 100% can be noise (the 1-rank run measured under more load) or less work per rank
+    (ZeRO 1-3 update 1/N of the optimizer states); `note` says which the spread allows.
+    """
+
+    label: str
+    num_ranks: int
+    single_imgs_per_s: float
+    multi_imgs_per_s: float
+    efficiency: float
+    low: float
+    high: float
+    step_ms_added: float
+    load_single: float | None  # the 1-minute load average when each line was written
+    load_multi: float | None
+
+    @property
+    def note(self) -> str:
+        if self.efficiency <= 1.0:
+            return ""
+        if self.low <= 1.0:
+            return "above 100% within the repeats' spread: noise"
+        return "above 100% beyond the spread: less work per rank, or load that differed between the runs"
+
+
+def _load(line: Line) -> float | None:
+    load = line.get("load_avg")
+    return load[0] if load else None
+
+
+def measured_scaling(lines: list[Line]) -> list[MeasuredScaling]:
+    """Every series measured at 1 and N > 1 ranks (DDP and yolods; Ultralytics runs at one rank only)."""
+    rows = []
+    for line in lines:
+        if line["world_size"] == 1 or line["engine"] == "ultralytics":
+            continue
+        single = next((o for o in lines if series_key(o) == series_key(line) and o["world_size"] == 1), None)
+        if single is None:
+            continue
+        ranks = line["world_size"]
+        multi_repeats = line.get("imgs_per_s_repeats") or [line["imgs_per_s"]]
+        single_repeats = single.get("imgs_per_s_repeats") or [single["imgs_per_s"]]
+        if len(multi_repeats) > 1 and len(multi_repeats) == len(single_repeats):
+            # 1- and N-rank invocations alternate (cpu_sweep.sh): pair them in time, as ratio_vs does
+            efficiency = statistics.median(m / s for m, s in zip(multi_repeats, single_repeats)) / ranks
+        else:
+            efficiency = line["imgs_per_s"] / (ranks * single["imgs_per_s"])
+        rows.append(
+            MeasuredScaling(
+                label=series_label(line),
+                num_ranks=ranks,
+                single_imgs_per_s=single["imgs_per_s"],
+                multi_imgs_per_s=line["imgs_per_s"],
+                efficiency=efficiency,
+                low=min(multi_repeats) / (ranks * max(single_repeats)),
+                high=max(multi_repeats) / (ranks * min(single_repeats)),
+                step_ms_added=(line["step_time_s"]["mean"] - single["step_time_s"]["mean"]) * 1e3,
+                load_single=_load(single),
+                load_multi=_load(line),
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The communication model against the measured 1 -> N rank step
 
 
 @dataclass(frozen=True)
 class TwoRankCheck:
-    """The communication model's step at N ranks, calibrated on the 1-rank line, against the measured one."""
+    """The communication model's step at N ranks, calibrated on the 1-rank line, against the measured one.
+
+    The ranks of this machine slow each other's compute, which the model leaves out; the forward pass, which
+    communicates nothing outside ZeRO-3, measures that slowdown. `forward_slowdown` is this line's own, so a
+    prediction that uses it is fitted to the very line it predicts; `heldout_slowdown` is the median of the
+    other series' slowdowns, and the prediction with it is checked on a line it was not fitted to.
+    """
 
     label: str
     num_ranks: int
@@ -182,8 +253,10 @@ class TwoRankCheck:
     predicted_step_s: float
     measured_step_s: float
     predicted_comm_s: float
-    forward_slowdown: float  # forward time at N ranks over 1 rank: compute contention, no communication in it
-    predicted_slowed_step_s: float  # the same prediction with every compute phase slowed as the forward was
+    forward_slowdown: float
+    predicted_slowed_step_s: float  # every compute phase slowed by forward_slowdown (fitted to this line)
+    heldout_slowdown: float | None
+    predicted_heldout_step_s: float | None  # slowed by heldout_slowdown (not fitted to this line)
 
     @property
     def error(self) -> float:
@@ -193,15 +266,25 @@ class TwoRankCheck:
     def slowed_error(self) -> float:
         return self.predicted_slowed_step_s / self.measured_step_s - 1
 
+    @property
+    def heldout_error(self) -> float | None:
+        if self.predicted_heldout_step_s is None:
+            return None
+        return self.predicted_heldout_step_s / self.measured_step_s - 1
+
 
 def compute_times(line: Line) -> ComputeTimes | None:
+    """The line's mean phases as the model's compute; its optimizer phase split into the partitionable update
+    and the EMA by EMA_SHARE_OF_OPTIMIZER for the line's device."""
     breakdown = line.get("breakdown_s")
     if not breakdown:
         return None
+    ema_share = EMA_SHARE_OF_OPTIMIZER.get(line.get("config", {}).get("device"), EMA_SHARE_OF_OPTIMIZER["cuda"])
     return ComputeTimes(
         forward_s=breakdown["forward"],
         backward_s=breakdown["backward"],
-        optimizer_s=breakdown["optimizer"],
+        optimizer_s=breakdown["optimizer"] * (1 - ema_share),
+        ema_s=breakdown["optimizer"] * ema_share,
         data_s=breakdown["data_wait"],
     )
 
@@ -218,9 +301,13 @@ def probed_links(line: Line) -> dict[str, Link] | None:
     return {op: Link(fit["bandwidth_bytes_per_s"], fit["latency_s"]) for op, fit in probe["ops"].items()}
 
 
+def _slowed(compute: ComputeTimes, factor: float) -> ComputeTimes:
+    return ComputeTimes(**{name: value * factor for name, value in vars(compute).items()})
+
+
 def two_rank_checks(lines: list[Line]) -> list[TwoRankCheck]:
     """For every series measured at 1 and N > 1 ranks on one node: predicted vs measured step (mean)."""
-    checks = []
+    cases = []
     for line in lines:
         if line["world_size"] < 2 or line["num_nodes"] != 1 or line["engine"] == "ultralytics":
             continue
@@ -229,23 +316,28 @@ def two_rank_checks(lines: list[Line]) -> list[TwoRankCheck]:
         compute = compute_times(single) if single else None
         if compute is None or links is None or spec is None:
             continue
+        slowdown = line["breakdown_s"]["forward"] / single["breakdown_s"]["forward"]
+        cases.append((line, compute, links, spec, slowdown))
+
+    def predict(line: Line, compute: ComputeTimes, links: dict[str, Link], spec: CommSpec):
         # DeepSpeed on CPU has no side streams: its reductions block backward. DDP's gloo all-reduce runs on
         # gloo's own thread and can overlap; on GPUs both overlap.
         on_cpu = line.get("config", {}).get("device") == "cpu"
-        can_overlap = line["engine"] == "ddp" or not on_cpu
-        slowdown = line["breakdown_s"]["forward"] / single["breakdown_s"]["forward"]
-        slowed = ComputeTimes(**{name: value * slowdown for name, value in vars(compute).items()})
-        estimate, slowed_estimate = (
-            estimate_step(
-                times,
-                spec,
-                num_ranks=line["world_size"],
-                link=links["all_reduce"],
-                op_links=links,
-                can_overlap=can_overlap,
-            )
-            for times in (compute, slowed)
+        return estimate_step(
+            compute,
+            spec,
+            num_ranks=line["world_size"],
+            link=links["all_reduce"],
+            op_links=links,
+            can_overlap=line["engine"] == "ddp" or not on_cpu,
         )
+
+    checks = []
+    for index, (line, compute, links, spec, slowdown) in enumerate(cases):
+        others = [other[4] for j, other in enumerate(cases) if j != index]
+        heldout = statistics.median(others) if others else None
+        estimate = predict(line, compute, links, spec)
+        heldout_step = predict(line, _slowed(compute, heldout), links, spec).step_s if heldout else None
         checks.append(
             TwoRankCheck(
                 label=series_label(line),
@@ -255,168 +347,56 @@ def two_rank_checks(lines: list[Line]) -> list[TwoRankCheck]:
                 measured_step_s=line["step_time_s"]["mean"],
                 predicted_comm_s=estimate.comm_s,
                 forward_slowdown=slowdown,
-                predicted_slowed_step_s=slowed_estimate.step_s,
+                predicted_slowed_step_s=predict(line, _slowed(compute, slowdown), links, spec).step_s,
+                heldout_slowdown=heldout,
+                predicted_heldout_step_s=heldout_step,
             )
         )
     return checks
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Projection to 1-256 nodes
+# Model-state memory against the ZeRO paper
 
 
 @dataclass(frozen=True)
-class Projection:
-    """Projected scaling of the goal model for each engine and link speed, and where its compute came from."""
+class PeakAgainstZero0:
+    """A partitioned stage's model states and peak memory per rank against ZeRO-0 (and DDP) at the same
+    configuration: what partitioning saved in states, and what the peak did."""
 
-    calibration: str
-    measured: bool
-    compute: ComputeTimes
-    micro_batch: int
-    specs: dict[str, CommSpec]
-    points: dict[tuple[str, float], list[ScalingPoint]]  # (engine name, link Gb/s) -> points
-
-
-def goal_model_specs(goal: Goal) -> dict[str, CommSpec]:
-    """Communication of the goal model under DDP and yolods' default ZeRO 0-3 configs (bf16, EMA on), plus
-    ZeRO-0 and ZeRO-2 with gradients communicated in bf16 (what-ifs)."""
-    from ultralytics.nn.tasks import DetectionModel
-
-    from yolods.bench.engines import comm_spec_for
-    from yolods.config import default_deepspeed_config
-
-    model = DetectionModel(goal.model, nc=goal.num_classes, verbose=False)  # only its structure is read
-    specs = {"DDP": comm_spec_for(model, zero_stage=None, ds_config=None, ema=True)}
-    for stage in range(4):
-        ds_config = default_deepspeed_config(zero_stage=stage, precision="bf16")
-        specs[f"ZeRO-{stage}"] = comm_spec_for(model, zero_stage=stage, ds_config=ds_config, ema=True)
-    # What-ifs, not defaults: DeepSpeed's `communication_data_type: "bf16"` halves the gradient bytes
-    for stage in (0, 2):
-        specs[f"ZeRO-{stage} + bf16 grad comm"] = replace(specs[f"ZeRO-{stage}"], grad_bytes=2)
-    return specs
+    label: str
+    num_ranks: int
+    states_delta_bytes: int
+    peak_delta_bytes: int
+    peak_ratio: float  # peak over ZeRO-0's
+    peak_ratio_vs_ddp: float | None
 
 
-def assumed_compute(step_s: float) -> ComputeTimes:
-    """A GPU step of `step_s` seconds of compute, split as ASSUMED_COMPUTE_SPLIT."""
-    return ComputeTimes(**{f"{phase}_s": share * step_s for phase, share in ASSUMED_COMPUTE_SPLIT.items()})
-
-
-def _calibration_preference(line: Line, goal: Goal) -> tuple:
-    """Sort key among 1-GPU lines of the goal model: the goal's precision, yolods' default memory format, the
-    bare model (DDP) before ZeRO-0 before the partitioned stages, then the fastest."""
-    channels_last = line.get("config", {}).get("channels_last")
-    return (
-        line["precision"] != goal.precision,
-        channels_last is False,
-        ENGINE_ORDER.index(engine_name(line)),
-        -line["imgs_per_s"],
-    )
-
-
-def goal_compute(
-    lines: list[Line], goal: Goal, *, assumed_imgs_per_s: float, given_imgs_per_s: float | None = None
-) -> tuple[ComputeTimes, str, bool]:
-    """One GPU's compute for the goal model: a rate given on the command line (`given_imgs_per_s`, measured
-    elsewhere), else a 1-GPU synthetic line of it in these results, else the assumed rate.
-
-    Returns the times, a sentence saying where they came from, and whether they were measured.
-    """
-    if given_imgs_per_s is not None:
-        step_s = goal.micro_batch / given_imgs_per_s
-        sentence = (
-            f"given (--gpu-imgs-per-s, measured outside these results): {given_imgs_per_s:g} img/s per GPU "
-            f"({step_s * 1e3:.1f} ms per step of {goal.micro_batch} images), split {ASSUMED_COMPUTE_SPLIT}"
+def peak_against_zero0(lines: list[Line]) -> list[PeakAgainstZero0]:
+    """Every default ZeRO 1-3 line with a ZeRO-0 peer of the same model, size, batch, precision, input, ranks."""
+    rows = []
+    for line in lines:
+        if line["engine"] != "deepspeed" or not line["zero_stage"] or not default_series(line):
+            continue
+        zero0 = _peer(line, lines, engine="deepspeed", zero_stage=0)
+        if (
+            zero0 is None
+            or not default_series(zero0)
+            or not (line.get("model_state_bytes") and zero0.get("model_state_bytes"))
+        ):
+            continue
+        ddp = _peer(line, lines, engine="ddp")
+        rows.append(
+            PeakAgainstZero0(
+                label=series_label(line),
+                num_ranks=line["world_size"],
+                states_delta_bytes=line["model_state_bytes"]["total"] - zero0["model_state_bytes"]["total"],
+                peak_delta_bytes=line["peak_mem_bytes"] - zero0["peak_mem_bytes"],
+                peak_ratio=line["peak_mem_bytes"] / zero0["peak_mem_bytes"],
+                peak_ratio_vs_ddp=line["peak_mem_bytes"] / ddp["peak_mem_bytes"] if ddp else None,
+            )
         )
-        return assumed_compute(step_s), sentence, True
-    candidates = [
-        line
-        for line in lines
-        if line["world_size"] == 1
-        and line["model"] == goal.model
-        and line["imgsz"] == goal.imgsz
-        and line["micro_batch"] == goal.micro_batch
-        and line["input"] == "synthetic"
-        and line.get("config", {}).get("device") == "cuda"
-        and line["engine"] in ("ddp", "deepspeed")
-        and line.get("breakdown_s")
-    ]
-    if candidates:
-        line = min(candidates, key=lambda line: _calibration_preference(line, goal))
-        compute = compute_times(line)
-        gpu = line.get("hardware", {}).get("gpu", "GPU")
-        sentence = (
-            f"measured: {series_label(line)} on one {gpu}, {compute.total_s * 1e3:.1f} ms of compute per step "
-            f"({line['imgs_per_s']:.0f} img/s with the data wait)"
-        )
-        return compute, sentence, True
-    step_s = goal.micro_batch / assumed_imgs_per_s
-    sentence = (
-        f"ASSUMED, not measured: {assumed_imgs_per_s:g} img/s per GPU ({step_s * 1e3:.1f} ms per step of "
-        f"{goal.micro_batch} images), split {ASSUMED_COMPUTE_SPLIT}; no 1-GPU line of {goal.model}@{goal.imgsz} "
-        f"with {goal.micro_batch} images per rank in these results"
-    )
-    return assumed_compute(step_s), sentence, False
-
-
-def project_goal(
-    lines: list[Line],
-    goal: Goal,
-    *,
-    cluster: Cluster,
-    assumed_imgs_per_s: float,
-    given_imgs_per_s: float | None = None,
-) -> Projection:
-    """The goal model's throughput and efficiency at 1-256 nodes, per engine and link speed."""
-    compute, calibration, measured = goal_compute(
-        lines, goal, assumed_imgs_per_s=assumed_imgs_per_s, given_imgs_per_s=given_imgs_per_s
-    )
-    specs = goal_model_specs(goal)
-    points = {
-        (name, gbps): project_scaling(
-            compute, spec, topology=cluster.topology(gbps), micro_batch=goal.micro_batch, node_counts=NODE_COUNTS
-        )
-        for name, spec in specs.items()
-        for gbps in cluster.link_gbps
-    }
-    return Projection(
-        calibration=calibration,
-        measured=measured,
-        compute=compute,
-        micro_batch=goal.micro_batch,
-        specs=specs,
-        points=points,
-    )
-
-
-def efficiency_at(points: list[ScalingPoint], num_ranks: int) -> float | None:
-    return next((p.efficiency for p in points if p.num_ranks == num_ranks), None)
-
-
-def efficiency_at_rate(spec: CommSpec, goal: Goal, *, cluster: Cluster, imgs_per_s: float) -> float:
-    """Projected efficiency at the goal's GPU count if one GPU computed `imgs_per_s` (assumed split)."""
-    nodes = max(goal.num_gpus // cluster.ranks_per_node, 1)
-    compute = assumed_compute(goal.micro_batch / imgs_per_s)
-    topology = cluster.topology(goal.link_gbps)
-    return project_scaling(compute, spec, topology=topology, micro_batch=goal.micro_batch, node_counts=[nodes])[
-        0
-    ].efficiency
-
-
-def break_even_imgs_per_s(spec: CommSpec, goal: Goal, *, cluster: Cluster) -> float:
-    """The fastest per-GPU compute (img/s) that still reaches the goal efficiency (bisection; efficiency falls as
-    compute gets faster and hides less communication)."""
-    low, high = 1.0, 1e6
-    if efficiency_at_rate(spec, goal, cluster=cluster, imgs_per_s=low) < goal.efficiency:
-        return 0.0
-    for _ in range(60):
-        middle = math.sqrt(low * high)
-        reaches = efficiency_at_rate(spec, goal, cluster=cluster, imgs_per_s=middle) >= goal.efficiency
-        low, high = (middle, high) if reaches else (low, middle)
-    return low
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model-state memory against the ZeRO paper
+    return rows
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from yolods import dist
-from yolods.bench import inputs
+from yolods.bench import inputs, provenance
 from yolods.bench.comm_model import Link
 from yolods.bench.engines import bench_plan
 from yolods.bench.measure import probe_link
@@ -127,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     if not configs:
         _say("nothing to measure (the Ultralytics baseline alone runs only at world size 1)")
         return 0
+    source = provenance.source_record()
+    if source and source["dirty"]:
+        if args.require_clean:
+            if dist.is_main_process():
+                print(
+                    f"yolods.bench: error: --require-clean: yolods/ has {source['num_changes']} uncommitted "
+                    f"change(s) on {source['commit'][:12]} ({', '.join(source['changes'][:3])}); commit them first",
+                    file=sys.stderr,
+                )
+            return 2
+        # Lines from a dirty tree measure code no commit holds: they are marked, and the report counts them.
+        _say(
+            f"WARNING: yolods/ has {source['num_changes']} uncommitted change(s): every line is marked dirty "
+            "(commit first, or pass --require-clean, for results you mean to commit)"
+        )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # one initialize per configuration is chatty
 
     dist.init_distributed(configs[0].device)

@@ -18,6 +18,14 @@ read off DeepSpeed 0.19.8's stage_1_and_2.py / stage3.py and torch DDP):
                 reduce-scatter Psi*g in reduce_bucket_size buckets during backward
                 all-reduce   8 B    gradient norm
                 all-gather   yolods' EMA update gathers the partitioned parameters again after each step
+    yolods      all-reduce   8 B    TrainStep's per-step stop agreement (StopRequest.agreed), every ZeRO stage
+
+Compute: forward and backward are the same on every rank (weak scaling); ZeRO 1-3 update only their 1/N
+partition of the optimizer states, while the EMA update (yolods' ModelEMA, full on every rank) does not shrink.
+
+Scaling efficiency is the step's compute over the step: 1 - exposed communication / step, never above 1. Against
+N x one GPU's img/s instead, ZeRO 1-3 read above 100% on a fast link (their per-rank optimizer work shrinks with
+N while one GPU does all of it): that is less work per rank, shown in img/s, not communication for free.
 
 Ring costs per rank on N ranks, message M bytes, per-hop latency a, bandwidth B:
     all-reduce        2(N-1) a + 2(N-1)/N * M/B
@@ -33,10 +41,12 @@ from dataclasses import dataclass
 
 ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = "all_reduce", "reduce_scatter", "all_gather"
 GBIT_PER_S = 1e9 / 8  # bytes/s in one Gb/s
+NETWORK_EFFICIENCY = 0.9  # ASSUMED: share of a NIC's line rate NCCL achieves (bus bandwidth)
 
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP's bucket_cap_mb default
 ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE
 GRAD_NORM_BYTES = 8
+STOP_AGREEMENT_BYTES = 8  # yolods.dist.max_over_ranks: one int64
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Link:
     latency_s: float
 
     @classmethod
-    def from_gbps(cls, gbps: float, *, latency_s: float, efficiency: float = 0.9) -> Link:
+    def from_gbps(cls, gbps: float, *, latency_s: float, efficiency: float = NETWORK_EFFICIENCY) -> Link:
         """A network link of `gbps` line rate, of which `efficiency` is achievable (NCCL bus bandwidth)."""
         return cls(bandwidth_bytes_per_s=gbps * GBIT_PER_S * efficiency, latency_s=latency_s)
 
@@ -84,8 +94,9 @@ class Topology:
         )
 
 
-# Defaults for H100 nodes: NVLink 4 reaches ~300 GB/s of NCCL bus bandwidth at ~1 us a hop; a network hop
-# (InfiniBand/RoCE through NCCL) is taken as 5 us, on the pessimistic side: the report varies it.
+# ASSUMED defaults for H100 nodes, none measured here (the report lists them as assumed): NVLink 4 reaches ~300 GB/s
+# of NCCL bus bandwidth at ~1 us a hop; a network hop (InfiniBand/RoCE through NCCL) is taken as 5 us, on the
+# pessimistic side. The report varies the network latency and line rate.
 NVLINK_H100 = Link(bandwidth_bytes_per_s=300e9, latency_s=1e-6)
 NETWORK_LATENCY_S = 5e-6
 
@@ -152,10 +163,17 @@ class CommSpec:
     stage3_regather_in_backward: bool = False  # only models above stage3_max_live_parameters
     ema_gather_calls: int = 0  # ZeRO-3 + EMA: one call per partitioned (non-persistent) parameter
     ema_gather_elements: int = 0
+    stop_agreement: bool = False  # yolods' TrainStep: one tiny all-reduce after every step
 
 
 def step_collectives(spec: CommSpec) -> list[Collective]:
     """The collectives one optimizer step issues (gradient accumulation 1), per the table in the module doc."""
+    agreement = Collective(ALL_REDUCE, STOP_AGREEMENT_BYTES, 1, "after_step", False)
+    return _engine_collectives(spec) + ([agreement] if spec.stop_agreement else [])
+
+
+def _engine_collectives(spec: CommSpec) -> list[Collective]:
+    """What DDP or DeepSpeed itself issues per step."""
     grads = spec.num_params * spec.grad_bytes
     params = spec.num_params * spec.param_bytes
     reduce_calls = max(1, math.ceil(spec.num_params / spec.reduce_bucket_elements))
@@ -200,23 +218,34 @@ def comm_bytes_per_rank(spec: CommSpec, *, num_ranks: int) -> float:
 
 @dataclass(frozen=True)
 class ComputeTimes:
-    """Per-step compute measured on one rank (no communication): the model's calibration."""
+    """Per-step compute of one rank alone (no communication): the model's calibration.
+
+    `optimizer_s` is the update ZeRO 1-3 partition (gradient clipping and the optimizer step); `ema_s` the EMA
+    update, which every rank repeats in full at every stage.
+    """
 
     forward_s: float
     backward_s: float
     optimizer_s: float
     data_s: float = 0.0
+    ema_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.data_s + self.forward_s + self.backward_s + self.optimizer_s
+        return self.data_s + self.forward_s + self.backward_s + self.optimizer_s + self.ema_s
+
+    def on_ranks(self, spec: CommSpec, num_ranks: int) -> float:
+        """Seconds of compute per rank and step on `num_ranks` ranks (ZeRO 1-3 update 1/N of the states)."""
+        optimizer_s = self.optimizer_s / num_ranks if spec.zero_stage else self.optimizer_s
+        return self.data_s + self.forward_s + self.backward_s + optimizer_s + self.ema_s
 
 
 @dataclass(frozen=True)
 class StepEstimate:
-    """A projected step: its time, all communication time, and the part of it not hidden behind compute."""
+    """A projected step: its time, its compute, all communication time, and the part not hidden behind compute."""
 
     step_s: float
+    compute_s: float
     comm_s: float
     exposed_comm_s: float
 
@@ -232,11 +261,10 @@ def estimate_step(
 ) -> StepEstimate:
     """Step time on `num_ranks` ranks: one rank's compute plus the communication compute cannot hide.
 
-    ZeRO 1-3 update only their 1/N partition, so the optimizer time shrinks with N. `op_links` gives a link per
+    ZeRO 1-3 update only their 1/N partition, so the optimizer time (not the EMA's) shrinks with N. `op_links` gives a link per
     collective where they differ (gloo's all-gather is much slower per byte than its all-reduce). `can_overlap`
     False models a backend without side streams (DeepSpeed on CPU), where overlap_comm changes nothing.
     """
-    optimizer_s = compute.optimizer_s / num_ranks if spec.zero_stage else compute.optimizer_s
     phase_compute = {"forward": compute.forward_s, "backward": compute.backward_s}
     comm_s = exposed_s = 0.0
     by_phase: dict[tuple[str, bool], list[Collective]] = {}
@@ -251,8 +279,8 @@ def estimate_step(
         exposed_s += exposed_time_s(
             compute_s=phase_compute.get(phase, 0.0), comm_s=phase_comm_s, calls=calls, overlappable=overlappable
         )
-    step_s = compute.data_s + compute.forward_s + compute.backward_s + optimizer_s + exposed_s
-    return StepEstimate(step_s=step_s, comm_s=comm_s, exposed_comm_s=exposed_s)
+    compute_s = compute.on_ranks(spec, num_ranks)
+    return StepEstimate(step_s=compute_s + exposed_s, compute_s=compute_s, comm_s=comm_s, exposed_comm_s=exposed_s)
 
 
 @dataclass(frozen=True)
@@ -263,7 +291,8 @@ class ScalingPoint:
     num_ranks: int
     step_s: float
     imgs_per_s: float
-    efficiency: float  # imgs/s over num_ranks x one rank's imgs/s
+    ideal_imgs_per_s: float  # the same per-rank compute with free communication
+    efficiency: float  # imgs_per_s / ideal_imgs_per_s = 1 - exposed / step: never above 1
     exposed_comm_s: float
 
 
@@ -275,19 +304,25 @@ def project_scaling(
     micro_batch: int,
     node_counts: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
 ) -> list[ScalingPoint]:
-    """Throughput and scaling efficiency at each node count, calibrated by one rank's compute time."""
-    single_rank_s = compute.total_s
+    """Throughput and scaling efficiency at each node count, calibrated by one rank's compute time.
+
+    Efficiency is against the same per-rank compute with free communication (see the module doc), so it is at
+    most 1 by construction: exposed communication is never negative.
+    """
     points = []
     for nodes in node_counts:
         ranks = nodes * topology.ranks_per_node
         estimate = estimate_step(compute, spec, num_ranks=ranks, link=topology.link_for(ranks))
+        efficiency = estimate.compute_s / estimate.step_s
+        assert efficiency <= 1.0 + 1e-12, efficiency  # internal invariant: exposed_comm_s >= 0
         points.append(
             ScalingPoint(
                 num_nodes=nodes,
                 num_ranks=ranks,
                 step_s=estimate.step_s,
                 imgs_per_s=ranks * micro_batch / estimate.step_s,
-                efficiency=single_rank_s / estimate.step_s,
+                ideal_imgs_per_s=ranks * micro_batch / estimate.compute_s,
+                efficiency=efficiency,
                 exposed_comm_s=estimate.exposed_comm_s,
             )
         )

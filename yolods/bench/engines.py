@@ -124,6 +124,7 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
         stage3_regather_in_backward=num_params > max_live,
         ema_gather_calls=len(large) if ema and zero_stage == 3 else 0,
         ema_gather_elements=sum(param.numel() for param in large) if ema and zero_stage == 3 else 0,
+        stop_agreement=True,  # TrainStep's StopRequest.agreed(), which the DDP baseline does not issue
     )
 
 

@@ -6,16 +6,15 @@ from pathlib import Path
 
 from yolods.bench.analysis import (
     ENGINE_ORDER,
-    Cluster,
-    Goal,
     Line,
-    Projection,
+    MeasuredScaling,
     TwoRankCheck,
-    efficiency_at_rate,
+    default_series,
     engine_name,
     memory_checks,
     series_label,
 )
+from yolods.bench.projection import SENSITIVITY_IMGS_PER_S, Cluster, Goal, Projection, efficiency_at_rate
 
 MIB = 2**20
 PHASE_COLORS = {"data_wait": "#9e9e9e", "forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#55a868"}
@@ -77,16 +76,6 @@ def _group_title(key: tuple) -> str:
     return f"{model.removesuffix('.yaml')} @{imgsz}px, {micro} img/rank, {precision}, {input_mode} input ({device})"
 
 
-def default_series(line: Line) -> bool:
-    """Lines measured with the config's own bucket, overlap and memory-format settings (sweep variants plot
-    elsewhere)."""
-    config = line.get("config", {})
-    return all(
-        config.get(key) is None
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "channels_last")
-    )
-
-
 def plot_throughput_vs_ranks(lines: list[Line], path: Path) -> Path:
     plt = _pyplot()
     groups = {
@@ -129,13 +118,13 @@ def plot_throughput_vs_nodes(
     names = [name for name in projection.specs if name in ENGINE_ORDER]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 4.3), sharey=True, squeeze=False)
     styles = dict(zip(sorted(cluster.link_gbps), ("--", "-", "-.", ":")))
-    single_gpu = projection.micro_batch / projection.compute.total_s
     for ax, name in zip(axes[0], names):
         for gbps in cluster.link_gbps:
             points = projection.points[(name, gbps)]
             nodes = [point.num_nodes for point in points]
             ax.plot(nodes, [p.imgs_per_s for p in points], styles[gbps], color=_color(name), label=f"{gbps:g} Gb/s")
-        ax.plot(nodes, [single_gpu * p.num_ranks for p in points], ":", color="grey", label="ideal")
+        # the same per-rank compute with free communication (ZeRO 1-3: their optimizer share shrinks with N)
+        ax.plot(nodes, [p.ideal_imgs_per_s for p in points], ":", color="grey", label="ideal")
         measured = [
             row
             for row in lines
@@ -165,36 +154,42 @@ def plot_throughput_vs_nodes(
     return _save(fig, path)
 
 
-def plot_scaling_efficiency(lines: list[Line], checks: list[TwoRankCheck], path: Path) -> Path:
-    """Efficiency 1 -> N ranks measured here, beside the communication model's prediction (raw, and with the
-    compute slowed as the measured forward was)."""
+def plot_scaling_efficiency(scaling: list[MeasuredScaling], checks: list[TwoRankCheck], path: Path) -> Path:
+    """Efficiency 1 -> N ranks measured here (with the repeats' spread), beside the communication model's
+    prediction: raw, and with the compute slowed by the other configurations' measured slowdown (held out)."""
     plt = _pyplot()
-    labels, measured, predicted, slowed = [], [], [], []
+    labels, measured, spread, predicted, heldout = [], [], [], [], []
     for check in checks:
-        single = next((row for row in lines if series_label(row) == check.label and row["world_size"] == 1), None)
-        multi = next(
-            (row for row in lines if series_label(row) == check.label and row["world_size"] == check.num_ranks), None
-        )
-        if single is None or multi is None:
+        row = next((r for r in scaling if r.label == check.label and r.num_ranks == check.num_ranks), None)
+        if row is None or check.predicted_heldout_step_s is None:
             continue
         labels.append(f"{check.label}, 1 -> {check.num_ranks} ranks")
-        measured.append(multi["imgs_per_s"] / (check.num_ranks * single["imgs_per_s"]))
+        measured.append(row.efficiency)
+        spread.append((row.efficiency - row.low, row.high - row.efficiency))
         predicted.append(check.compute_s / check.predicted_step_s)
-        slowed.append(check.compute_s / check.predicted_slowed_step_s)
+        heldout.append(check.compute_s / check.predicted_heldout_step_s)
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(labels) + 1.6))
     positions = range(len(labels))
+    ax.barh(
+        [p - 0.27 for p in positions],
+        measured,
+        height=0.27,
+        label="measured (bar: the repeats' spread)",
+        color="#4c72b0",
+        xerr=list(zip(*spread)) if spread else None,
+        error_kw={"elinewidth": 0.8, "capsize": 2},
+    )
     for offset, values, label, color in (
-        (-0.27, measured, "measured", "#4c72b0"),
         (0.0, predicted, "comm. model, probed links", "#c7c7c7"),
-        (0.27, slowed, "comm. model, compute slowed as measured", "#8da0cb"),
+        (0.27, heldout, "comm. model, compute slowed as the other configurations were", "#8da0cb"),
     ):
         ax.barh([p + offset for p in positions], values, height=0.27, label=label, color=color)
     ax.axvline(1.0, color="grey", linestyle=":")
     ax.set_yticks(list(positions), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("scaling efficiency = img/s(N) / (N x img/s(1))")
-    ax.set_title("This machine, 1 -> N ranks: measured and modelled", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("This machine, 1 -> N ranks: measured and modelled", fontsize=10, pad=34)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)  # above the bars
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return _save(fig, path)
@@ -220,7 +215,7 @@ def plot_projected_efficiency(projection: Projection, goal: Goal, path: Path) ->
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("GPUs")
-    ax.set_ylabel("projected scaling efficiency")
+    ax.set_ylabel("projected efficiency: compute / step")
     ax.set_title(
         f"{goal.model.removesuffix('.yaml')}@{goal.imgsz}, {goal.micro_batch} img/GPU, {goal.link_gbps:g} Gb/s per GPU "
         f"({'measured' if projection.measured else 'ASSUMED'} compute)",
@@ -233,40 +228,48 @@ def plot_projected_efficiency(projection: Projection, goal: Goal, path: Path) ->
 
 
 def plot_sensitivity(projection: Projection, goal: Goal, *, cluster: Cluster, path: Path) -> Path:
-    """Projected efficiency at the goal's GPU count against per-GPU compute speed: how much the compute
-    calibration matters, what-if variants included."""
+    """Projected efficiency at the goal's GPU count against the ASSUMED per-GPU compute speed, one panel per
+    link speed: how far the verdict rests on the two numbers the projection assumes most."""
     plt = _pyplot()
     rates = [100 * 1.25**i for i in range(24)]
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    speeds = sorted(cluster.link_gbps)
+    fig, axes = plt.subplots(1, len(speeds), figsize=(5.2 * len(speeds), 4.6), sharey=True, squeeze=False)
     what_ifs = tuple(name for name in projection.specs if name not in ENGINE_ORDER)
-    for name in _draw_order(projection.specs):
-        spec = projection.specs[name]
-        efficiencies = [efficiency_at_rate(spec, goal, cluster=cluster, imgs_per_s=rate) for rate in rates]
-        style = ENGINE_STYLES.get(name, "-") if name in ENGINE_ORDER else ":"
-        label = name if name in ENGINE_ORDER else f"what-if: {name}"
-        ax.plot(rates, efficiencies, color=_color(name, what_ifs), linestyle=style, linewidth=1.6, label=label)
-    ax.axhline(goal.efficiency, color="black", linestyle="--", linewidth=0.8)
-    assumed_rate = goal.micro_batch / projection.compute.total_s
-    ax.axvline(assumed_rate, color="grey", linestyle=":", linewidth=0.8)
-    ax.annotate(
-        f"{'measured' if projection.measured else 'assumed'}: {assumed_rate:.0f} img/s",
-        (assumed_rate, 0.05),
-        fontsize=8,
-        rotation=90,
-        va="bottom",
-        ha="right",
-    )
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.1)
-    ax.set_xlabel(f"per-GPU compute throughput of {goal.model.removesuffix('.yaml')}@{goal.imgsz} (img/s)")
-    ax.set_ylabel(f"projected efficiency at {goal.num_gpus} GPUs")
-    ax.set_title(
-        f"{goal.link_gbps:g} Gb/s per GPU, {goal.micro_batch} img/GPU: the faster the GPU, the less communication hides",
+    calibrated_rate = goal.micro_batch / projection.compute.total_s
+    for ax, gbps in zip(axes[0], speeds):
+        for name in _draw_order(projection.specs):
+            spec = projection.specs[name]
+            efficiencies = [
+                efficiency_at_rate(spec, goal, cluster=cluster, imgs_per_s=rate, link_gbps=gbps) for rate in rates
+            ]
+            style = ENGINE_STYLES.get(name, "-") if name in ENGINE_ORDER else ":"
+            label = name if name in ENGINE_ORDER else f"what-if: {name}"
+            ax.plot(rates, efficiencies, color=_color(name, what_ifs), linestyle=style, linewidth=1.6, label=label)
+        ax.axvspan(min(SENSITIVITY_IMGS_PER_S), max(SENSITIVITY_IMGS_PER_S), color="#f2f2f2", zorder=0)
+        ax.axhline(goal.efficiency, color="black", linestyle="--", linewidth=0.8)
+        ax.axvline(calibrated_rate, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(
+            f"{'measured' if projection.measured else 'ASSUMED'}: {calibrated_rate:.0f} img/s",
+            (calibrated_rate, 0.05),
+            fontsize=8,
+            rotation=90,
+            va="bottom",
+            ha="right",
+        )
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{gbps:g} Gb/s per GPU{' (goal)' if gbps == goal.link_gbps else ''}", fontsize=10)
+        ax.set_xlabel(f"per-GPU compute of {goal.model.removesuffix('.yaml')}@{goal.imgsz} (img/s)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"projected efficiency at {goal.num_gpus} GPUs")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)  # below, off the curves
+    fig.suptitle(
+        f"{goal.micro_batch} img/GPU: the faster the GPU or the slower the link, the less communication hides "
+        f"(shaded: {min(SENSITIVITY_IMGS_PER_S):g}-{max(SENSITIVITY_IMGS_PER_S):g} img/s, the report's table)",
         fontsize=10,
     )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, path)
 
 

@@ -4,78 +4,54 @@
     python -m yolods.bench.report DIR --link-gbps 100,200,400 --ranks-per-node 8 --assumed-gpu-imgs-per-s 600
     python -m yolods.bench.report benchmarks/results/cpu --gpu-imgs-per-s 1400   # a rate measured on a GPU
 
-Each configuration is reported from its latest run, at the median of that run's repeats. The projection to
-1-256 nodes is calibrated with measured compute: a rate given with --gpu-imgs-per-s (measured elsewhere, e.g. by
-benchmarks/gpu/run.sh), else a one-GPU line of the goal model when DIR has one, else an assumed per-GPU rate
-(--assumed-gpu-imgs-per-s, 600 img/s), which the report says it is and varies in a plot.
+    python -m yolods.bench.report benchmarks/results/cpu --require-clean   # refuse lines from a dirty tree
+
+Each configuration is reported from its latest run, at the median of that run's repeats. The report opens with
+where the lines came from: their yolods commits, and how many were measured from a dirty tree (or before the bench
+recorded it). The projection to 1-256 nodes is calibrated with measured compute: a rate given with
+--gpu-imgs-per-s (measured elsewhere, e.g. by benchmarks/gpu/run.sh), else a one-GPU line of the goal model when
+DIR has one, else an assumed per-GPU rate (--assumed-gpu-imgs-per-s, 600 img/s); every constant it assumes is
+listed as such, and the report shows how the verdict moves when they vary.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from yolods.bench import plots
+from yolods.bench import plots, provenance, validation
 from yolods.bench.analysis import (
     ENGINE_ORDER,
-    NODE_COUNTS,
-    Cluster,
-    Goal,
     Line,
     MemoryCheck,
-    Projection,
-    TwoRankCheck,
-    break_even_imgs_per_s,
-    efficiency_at,
+    PeakAgainstZero0,
+    default_series,
     engine_name,
+    measured_scaling,
     memory_checks,
-    project_goal,
+    peak_against_zero0,
     ratio_vs,
+    report_order,
     select_lines,
-    series_key,
     series_label,
     two_rank_checks,
 )
-from yolods.bench.comm_model import comm_bytes_per_rank, project_scaling
+from yolods.bench.markdown import mib as _mib
+from yolods.bench.markdown import table
+from yolods.bench.projection import Cluster, Goal, Projection, efficiency_at, project_goal
+from yolods.bench.report_projection import projection_section
+from yolods.bench.report_scaling import heldout_section, scaling_section
 from yolods.bench.results import RESULTS_FILE, read_lines
 
-MIB = 2**20
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 PRECISION_ORDER = ("fp32", "bf16", "fp16")
 LAYOUT_NAMES = {None: "default", True: "NHWC", False: "NCHW"}
 TIE_TOLERANCE = 0.02  # paired repeats on the shared CPU machine still scatter by a few percent
 
 
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value / MIB:,.1f}"
-
-
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def _sort_key(line: Line) -> tuple:
-    """Group rows by model, size, input; then ranks; then DDP, ZeRO 0-3, Ultralytics."""
-    return (
-        line["model"],
-        line["imgsz"],
-        line["micro_batch"],
-        line["precision"],
-        line["input"],
-        line["world_size"],
-        ENGINE_ORDER.index(engine_name(line)),
-        series_label(line),
-    )
 
 
 def _environment_section(lines: list[Line]) -> list[str]:
@@ -90,8 +66,13 @@ def _environment_section(lines: list[Line]) -> list[str]:
         f"- backends: {', '.join(sorted({row['interconnect']['backend'] for row in lines}))}; "
         f"world sizes {sorted({row['world_size'] for row in lines})}; nodes {sorted({row['num_nodes'] for row in lines})}"
     )
-    versions = lines[-1]["versions"]
-    out.append("- versions: " + ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None))
+    versions = lines[-1]["versions"]  # the commit is in the provenance section, per line
+    out.append(
+        "- versions: "
+        + ", ".join(
+            f"{name} {value}" for name, value in versions.items() if value is not None and name != "yolods_commit"
+        )
+    )
     threads = sorted({row["hardware"].get("torch_threads_per_rank") for row in lines} - {None})
     out.append(f"- torch threads per rank: {threads}")
     if loads:
@@ -108,6 +89,33 @@ def _environment_section(lines: list[Line]) -> list[str]:
     return [*out, ""]
 
 
+def _provenance_section(lines: list[Line]) -> list[str]:
+    """Which commits measured the lines, and a loud count of those from a dirty or unrecorded tree."""
+    state = provenance.provenance(lines)
+    dirty, unrecorded = state.count(provenance.DIRTY), state.count(provenance.UNRECORDED)
+    out = ["## Provenance", ""]
+    if state.all_clean:
+        out += [f"All {state.total} lines were measured from clean trees (committed code).", ""]
+    else:
+        out += [
+            f"> **WARNING: rows from a dirty tree: {dirty} of {state.total}; rows whose tree state was not recorded: "
+            f"{unrecorded} of {state.total}.** A dirty line measured uncommitted code, which no commit reproduces. "
+            "Lines written before the bench recorded `source` carry only a commit: they may come from a dirty "
+            "tree. `--require-clean` refuses to report them.",
+            "",
+        ]
+    rows = [
+        [
+            f"`{commit[:12]}`" if commit else "(none)",
+            line_state if line_state == provenance.CLEAN else f"**{line_state}**",
+            str(number),
+        ]
+        for (commit, line_state), number in sorted(state.counts.items(), key=lambda item: str(item[0]))
+    ]
+    out += [*table(["yolods commit", "tree", "lines"], rows), ""]
+    return out
+
+
 def _verdict(ratio: float) -> str:
     if ratio >= 1.0:
         return "met"
@@ -117,8 +125,8 @@ def _verdict(ratio: float) -> str:
 def _goal_section(lines: list[Line], projection: Projection, goal: Goal) -> list[str]:
     out = ["## Goals", ""]
     rows = []
-    for line in sorted(lines, key=_sort_key):
-        if line["engine"] != "deepspeed" or not plots.default_series(line):
+    for line in sorted(lines, key=report_order):
+        if line["engine"] != "deepspeed" or not default_series(line):
             continue
         for baseline in ("ddp", "ultralytics"):
             ratio = ratio_vs(line, lines, baseline)
@@ -130,20 +138,15 @@ def _goal_section(lines: list[Line], projection: Projection, goal: Goal) -> list
         "",
     ]
     out += (
-        _table(["yolods configuration", "ranks", "baseline", "img/s ratio", "verdict"], rows)
-        if rows
-        else ["(no pairs)"]
+        table(["yolods configuration", "ranks", "baseline", "img/s ratio", "verdict"], rows) if rows else ["(no pairs)"]
     )
     out += ["", "**2. ZeRO-2 within 5% of DDP at 2 ranks**", ""]
     zero2 = [
         row
         for row in lines
-        if row["engine"] == "deepspeed"
-        and row["zero_stage"] == 2
-        and row["world_size"] == 2
-        and plots.default_series(row)
+        if row["engine"] == "deepspeed" and row["zero_stage"] == 2 and row["world_size"] == 2 and default_series(row)
     ]
-    for line in sorted(zero2, key=_sort_key):
+    for line in sorted(zero2, key=report_order):
         ratio = ratio_vs(line, lines, "ddp")
         if ratio is not None:
             verdict = "met" if ratio >= goal.ratio_vs_ddp_at_2 else "MISSED"
@@ -163,7 +166,7 @@ def _goal_section(lines: list[Line], projection: Projection, goal: Goal) -> list
         if gbps == goal.link_gbps and efficiency is not None:
             label = name if name in ENGINE_ORDER else f"what-if: {name}"
             rows.append([label, f"{efficiency:.1%}", "met" if efficiency >= goal.efficiency else "MISSED"])
-    out += _table(["engine", "efficiency", "verdict"], rows)
+    out += table(["engine", "efficiency", "verdict"], rows)
     return [*out, ""]
 
 
@@ -183,7 +186,7 @@ def _results_section(lines: list[Line]) -> list[str]:
         "comm MB/step/rank",
     ]
     rows = []
-    for line in sorted(lines, key=_sort_key):
+    for line in sorted(lines, key=report_order):
         breakdown = line.get("breakdown_s")
         low, high = line.get("imgs_per_s_range", [line["imgs_per_s"]] * 2)
         comm = line.get("comm")
@@ -214,7 +217,7 @@ def _results_section(lines: list[Line]) -> list[str]:
         "reduction; optimizer includes gradient clipping, ZeRO's parameter all-gather and the EMA update.",
         "Comm MB: bytes each rank sends per step for the collectives the engine issues (comm_model.py).",
         "",
-        *_table(header, rows),
+        *table(header, rows),
         "",
     ]
 
@@ -248,7 +251,7 @@ def _peak_memory_section(lines: list[Line]) -> list[str]:
             continue
         cells: dict[tuple, Line] = {}
         for line in group:
-            if plots.default_series(line) or line.get("config", {}).get("channels_last") is not None:
+            if default_series(line) or line.get("config", {}).get("channels_last") is not None:
                 column = (line["precision"], line.get("config", {}).get("channels_last"))
                 cells.setdefault((engine_name(line), column), line)
         engines = [name for name in ENGINE_ORDER if any(name == row for row, _ in cells)]
@@ -261,7 +264,7 @@ def _peak_memory_section(lines: list[Line]) -> list[str]:
         out += [
             f"{model.removesuffix('.yaml')} @{imgsz}px, {micro} img/rank, {input_mode} input, {ranks} rank(s), {device}:",
             "",
-            *_table(header, rows),
+            *table(header, rows),
             "",
         ]
     if not out:
@@ -276,104 +279,41 @@ def _peak_memory_section(lines: list[Line]) -> list[str]:
     ]
 
 
-def _scaling_section(lines: list[Line], checks: list[TwoRankCheck]) -> list[str]:
-    rows = []
-    for line in sorted(lines, key=_sort_key):
-        if line["world_size"] == 1 or line["engine"] == "ultralytics":
-            continue
-        single = next((o for o in lines if series_key(o) == series_key(line) and o["world_size"] == 1), None)
-        if single is None:
-            continue
-        rows.append(
-            [
-                series_label(line),
-                f"1 -> {line['world_size']}",
-                f"{single['imgs_per_s']:.1f} -> {line['imgs_per_s']:.1f}",
-                f"{line['imgs_per_s'] / (line['world_size'] * single['imgs_per_s']):.0%}",
-                f"{(line['step_time_s']['mean'] - single['step_time_s']['mean']) * 1e3:+.0f}",
-            ]
-        )
-    out = ["## Scaling measured here (weak scaling: fixed images per rank)", ""]
-    if rows:
-        out += _table(["configuration", "ranks", "img/s", "efficiency", "step ms added (mean)"], rows)
-    else:
-        out.append("(one world size only)")
-    out += ["", "### The communication model against the measured 1 -> N rank step", ""]
-    if checks:
-        out += [
-            "Calibration: compute = the 1-rank line's data + forward + backward + optimizer time; links = the all-reduce,",
-            "all-gather and reduce-scatter fits probed at the start of the N-rank run (`interconnect.probe` in each",
-            "line). DeepSpeed on CPU cannot overlap (no side streams); DDP's gloo reduction runs on gloo's own thread.",
-            "`fwd slowdown` is the forward time at N ranks over 1 rank: forward has no communication outside ZeRO-3,",
-            "so it measures how much the ranks slowed each other's compute (and other work on the machine slowed",
-            "them), which the model leaves out. The last two columns apply that slowdown to every compute phase:",
-            "what is left is the communication model's own error (for ZeRO-3, whose forward gathers, it overcorrects).",
-            "",
-        ]
-        out += _table(
+def _peak_against_zero0_section(rows: list[PeakAgainstZero0]) -> list[str]:
+    """What partitioning saved in model states against what the peak did, per ZeRO 1-3 line."""
+    if not rows:
+        return []
+    return [
+        "## Does ZeRO save memory here? Model states against peak memory, vs ZeRO-0",
+        "",
+        "Per rank, against ZeRO-0 at the same model, size, batch, precision, input and ranks. ZeRO 1-3 partition the",
+        "model states (negative: saved), but DeepSpeed also allocates flat buffers and bucket copies during",
+        "initialize, backward and step (not model states, so not in the states column). For a 3-11M parameter",
+        "detector those exceed what partitioning saves, so the peak goes up, not down.",
+        "",
+        *table(
             [
                 "configuration",
                 "ranks",
-                "1-rank compute ms",
-                "model comm ms",
-                "predicted step ms",
-                "measured step ms",
-                "error",
-                "fwd slowdown",
-                "predicted with slowdown ms",
-                "error with slowdown",
+                "model states vs ZeRO-0 MiB",
+                "peak vs ZeRO-0 MiB",
+                "peak / ZeRO-0",
+                "peak / DDP",
             ],
             [
                 [
-                    check.label,
-                    str(check.num_ranks),
-                    f"{check.compute_s * 1e3:.0f}",
-                    f"{check.predicted_comm_s * 1e3:.0f}",
-                    f"{check.predicted_step_s * 1e3:.0f}",
-                    f"{check.measured_step_s * 1e3:.0f}",
-                    f"{check.error:+.0%}",
-                    f"{check.forward_slowdown:.2f}x",
-                    f"{check.predicted_slowed_step_s * 1e3:.0f}",
-                    f"{check.slowed_error:+.0%}",
+                    row.label,
+                    str(row.num_ranks),
+                    f"{row.states_delta_bytes / 2**20:+,.1f}",
+                    f"{row.peak_delta_bytes / 2**20:+,.1f}",
+                    f"{row.peak_ratio:.2f}x",
+                    "-" if row.peak_ratio_vs_ddp is None else f"{row.peak_ratio_vs_ddp:.2f}x",
                 ]
-                for check in checks
+                for row in rows
             ],
-        )
-    else:
-        out.append("(needs lines at 1 and at N > 1 ranks of the same configuration)")
-    timed = [row for row in lines if row.get("ds_wall_clock_breakdown_s")]
-    if timed:
-        out += ["", "### DeepSpeed's wall-clock breakdown (`--wall-clock-breakdown`, rank 0, ms per step)", ""]
-        keys = ("forward", "backward", "backward_inner", "backward_allreduce", "step")
-        out += _table(
-            ["configuration", "ranks", *keys],
-            [
-                [series_label(line), str(line["world_size"])]
-                + [f"{line['ds_wall_clock_breakdown_s'][key] * 1e3:.1f}" for key in keys]
-                for line in sorted(timed, key=_sort_key)
-            ],
-        )
-    logged = [row for row in lines if (row.get("comm") or {}).get("logged_per_step")]
-    if logged:
-        out += [
-            "",
-            "### DeepSpeed comms logger, per step (extra steps after the timed window; it syncs every call)",
-            "",
-        ]
-        rows = [
-            [
-                series_label(line),
-                str(line["world_size"]),
-                op,
-                f"{stats['calls']:.0f}",
-                f"{stats['message_bytes'] / 1e6:.2f}",
-                f"{stats['seconds'] * 1e3:.1f}",
-            ]
-            for line in sorted(logged, key=_sort_key)
-            for op, stats in sorted(line["comm"]["logged_per_step"].items())
-        ]
-        out += _table(["configuration", "ranks", "op", "calls", "MB (input tensors)", "ms"], rows)
-    return [*out, ""]
+        ),
+        "",
+    ]
 
 
 def _memory_section(checks: list[MemoryCheck]) -> list[str]:
@@ -413,69 +353,11 @@ def _memory_section(checks: list[MemoryCheck]) -> list[str]:
         "paper fp32 MiB",
         "paper mixed MiB",
     ]
-    return [*out, *_table(header, rows), ""]
+    return [*out, *table(header, rows), ""]
 
 
-def _projection_section(projection: Projection, goal: Goal, *, cluster: Cluster) -> list[str]:
-    out = [
-        f"## Projection: {goal.model.removesuffix('.yaml')} @{goal.imgsz}px, {goal.micro_batch} img/GPU, "
-        f"1-256 nodes of {cluster.ranks_per_node} GPUs",
-        "",
-        f"Compute calibration: {projection.calibration}.",
-        "",
-        "Model (comm_model.py): ring collectives, latency per hop + bytes / bandwidth, for what each engine issues per",
-        "step; bucketed reductions hide behind backward where the engine overlaps them (DDP, ZeRO 1-3 with",
-        "overlap_comm), DeepSpeed ZeRO-0's single after-backward all-reduce and ZeRO 1-2's parameter all-gather after",
-        f"the step do not. One NIC per GPU at the line rate (90% achievable), NVLink inside a node, "
-        f"{cluster.network_latency_s * 1e6:g} us per network hop.",
-        "yolods' bf16 is torch_autocast: parameters and gradients stay fp32, so collectives move 4 bytes per element.",
-        "The ring latency grows with the ranks: NCCL's trees shrink it for all-reduce, so at hundreds of nodes this",
-        "is a pessimistic bound. Rows marked `+` are what-ifs, not yolods defaults.",
-        "",
-    ]
-    header = ["engine", "Gb/s"] + [f"{n} node{'s' if n > 1 else ''}" for n in NODE_COUNTS]
-    rows = [
-        [name if name in ENGINE_ORDER else f"+ {name}", f"{gbps:g}"]
-        + [f"{p.efficiency:.0%} ({p.imgs_per_s:,.0f})" for p in points]
-        for (name, gbps), points in projection.points.items()
-    ]
-    out += ["Scaling efficiency (global img/s):", "", *_table(header, rows), ""]
-    out += [
-        f"How fast one GPU may compute before {goal.num_gpus} GPUs at {goal.link_gbps:g} Gb/s fall below "
-        f"{goal.efficiency:.0%} (assumed split of compute):",
-        "",
-    ]
-    out += _table(
-        ["engine", f"comm MB/step/GPU at {goal.num_gpus} GPUs", "max img/s per GPU"],
-        [
-            [
-                name if name in ENGINE_ORDER else f"+ {name}",
-                f"{comm_bytes_per_rank(spec, num_ranks=goal.num_gpus) / 1e6:.1f}",
-                f"{break_even_imgs_per_s(spec, goal, cluster=cluster):,.0f}",
-            ]
-            for name, spec in projection.specs.items()
-        ],
-    )
-    latencies_us = (1.0, 2.0, 5.0, 10.0)
-    nodes = max(goal.num_gpus // cluster.ranks_per_node, 1)
-    out += [
-        "",
-        f"Efficiency at {goal.num_gpus} GPUs, {goal.link_gbps:g} Gb/s, against the network latency per ring hop "
-        "(the calibration's compute):",
-        "",
-    ]
-    rows = []
-    for name, spec in projection.specs.items():
-        row = [name if name in ENGINE_ORDER else f"+ {name}"]
-        for latency_us in latencies_us:
-            topology = replace(cluster, network_latency_s=latency_us * 1e-6).topology(goal.link_gbps)
-            point = project_scaling(
-                projection.compute, spec, topology=topology, micro_batch=goal.micro_batch, node_counts=[nodes]
-            )[0]
-            row.append(f"{point.efficiency:.1%}")
-        rows.append(row)
-    out += _table(["engine", *(f"{latency:g} us" for latency in latencies_us)], rows)
-    return [*out, ""]
+class DirtyResultsError(ValueError):
+    """--require-clean and a line from a dirty (or unrecorded) tree."""
 
 
 def write_report(
@@ -485,13 +367,28 @@ def write_report(
     cluster: Cluster,
     assumed_imgs_per_s: float,
     given_imgs_per_s: float | None = None,
+    require_clean: bool = False,
 ) -> Path:
-    """Read out_dir/results.jsonl, write report.md and the PNGs next to it; returns report.md's path."""
+    """Read out_dir/results.jsonl, write report.md and the PNGs next to it; returns report.md's path.
+
+    Raises:
+        FileNotFoundError: no results.jsonl in out_dir.
+        DirtyResultsError: `require_clean` and a selected line was not measured from a clean tree.
+    """
     results = out_dir / RESULTS_FILE
     if not results.is_file():
         raise FileNotFoundError(f"{results} not found: run `python -m yolods.bench --out {out_dir}` first")
-    lines = select_lines(read_lines(results))
+    all_lines = read_lines(results)
+    lines = select_lines(all_lines)
+    state = provenance.provenance(lines)
+    if require_clean and not state.all_clean:
+        raise DirtyResultsError(
+            f"--require-clean: {state.count(provenance.DIRTY)} of {state.total} configurations come from a dirty "
+            f"tree and {state.count(provenance.UNRECORDED)} did not record it; rerun them from a clean commit"
+        )
     checks = two_rank_checks(lines)
+    scaling = measured_scaling(lines)
+    heldout = validation.probe_holdout(all_lines) + validation.logged_op_checks(lines) + validation.step_holdout(checks)
     projection = project_goal(
         lines, goal, cluster=cluster, assumed_imgs_per_s=assumed_imgs_per_s, given_imgs_per_s=given_imgs_per_s
     )
@@ -500,7 +397,7 @@ def write_report(
         plots.plot_throughput_vs_nodes(
             projection, goal, lines, cluster=cluster, path=out_dir / "throughput_vs_nodes.png"
         ),
-        plots.plot_scaling_efficiency(lines, checks, out_dir / "scaling_efficiency.png"),
+        plots.plot_scaling_efficiency(scaling, checks, out_dir / "scaling_efficiency.png"),
         plots.plot_projected_efficiency(projection, goal, out_dir / "projected_efficiency.png"),
         plots.plot_sensitivity(projection, goal, cluster=cluster, path=out_dir / "projection_sensitivity.png"),
         plots.plot_memory(lines, out_dir / "memory_per_rank.png"),
@@ -511,13 +408,16 @@ def write_report(
         "",
         f"`python -m yolods.bench.report {out_dir}` from {len(lines)} configurations in {RESULTS_FILE}.",
         "",
+        *_provenance_section(lines),
         *_environment_section(lines),
         *_goal_section(lines, projection, goal),
         *_results_section(lines),
         *_peak_memory_section(lines),
-        *_scaling_section(lines, checks),
+        *_peak_against_zero0_section(peak_against_zero0(lines)),
+        *scaling_section(lines, scaling, checks),
+        *heldout_section(heldout),
         *_memory_section(memory_checks(lines)),
-        *_projection_section(projection, goal, cluster=cluster),
+        *projection_section(projection, goal, cluster=cluster),
         "## Plots",
         "",
         *(f"![{png.stem}]({png.name})\n" for png in pngs),
@@ -548,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the goal model's per-GPU rate measured elsewhere (benchmarks/gpu/run.sh prints it); overrides both "
         "a 1-GPU line in DIR and --assumed-gpu-imgs-per-s",
     )
+    parser.add_argument(
+        "--require-clean",
+        action="store_true",
+        help="refuse (exit 2, nothing written) when a configuration was measured from a dirty or unrecorded tree",
+    )
     args = parser.parse_args(argv)
     goal = Goal(model=args.goal_model, imgsz=args.goal_imgsz, micro_batch=args.goal_micro_batch)
     link_gbps = tuple(dict.fromkeys([*(float(v) for v in args.link_gbps.split(",")), goal.link_gbps]))
@@ -561,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
             cluster=cluster,
             assumed_imgs_per_s=args.assumed_gpu_imgs_per_s,
             given_imgs_per_s=args.gpu_imgs_per_s,
+            require_clean=args.require_clean,
         )
-    except FileNotFoundError as error:
+    except (FileNotFoundError, DirtyResultsError) as error:
         print(f"yolods.bench.report: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {report} and its plots")

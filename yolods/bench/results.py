@@ -1,7 +1,8 @@
 """results.jsonl: one JSON line per measured configuration, with versions, hardware and machine load.
 
 Lines are appended, so the same command run on 1, 2, 4, 8 nodes (or at 1 and 2 ranks) fills one file; the report
-reads them all. Keys every line has are listed in REQUIRED_KEYS.
+reads them all. Keys every line has are listed in REQUIRED_KEYS. Schema 2 adds `source`: the yolods commit, whether
+the tree was dirty and what was uncommitted (provenance.py), which the report counts and flags.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 import torch
 
 from yolods import dist
-from yolods.bench import environment
+from yolods.bench import environment, provenance
 
 RESULTS_FILE = "results.jsonl"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REQUIRED_KEYS = (
     "engine",
     "zero_stage",
@@ -85,6 +86,7 @@ def run_context(device: torch.device, *, label: str, link_probe: dict[str, Any] 
         "num_nodes": max(dist.get_num_nodes(), len(set(hostnames))),
         "ranks_per_node": dist.get_local_world_size(),
         "versions": versions(),
+        "source": provenance.source_record(),
         "hardware": hardware(device, hostnames=hostnames),
         "interconnect": interconnect(backend=backend, label=label, link_probe=link_probe),
     }

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one rank only: report a configuration that fails (out of memory, say) and measure the next",
     )
     _flag(parser, "--interconnect", default="", help="free text for the results, e.g. '8x NDR 400 Gb/s IB'")
+    _flag(
+        parser,
+        "--require-clean",
+        action="store_true",
+        help="refuse to measure when yolods/ has uncommitted changes (for results you mean to commit)",
+    )
     _flag(parser, "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
 
