@@ -19,10 +19,11 @@ from yolods import dist
 from yolods.checkpoint import Checkpointer, complete_tags
 from yolods.config import RunPlan
 from yolods.data import TrainData
-from yolods.metrics import RunFacts, RunLogger
+from yolods.metrics import RunFacts, RunLogger, peak_memory_gib
 from yolods.model import advance_loss_schedule, floating_buffers, ultralytics_weights
 from yolods.preemption import TrainingInterrupted
 from yolods.profiling import StepProfiler
+from yolods.reshard import reshard_note
 from yolods.step import TrainStep, grad_scaler, loss_scale
 from yolods.validation import EpochValidator
 
@@ -35,6 +36,15 @@ class TrainState:
     batch_index: int = 0  # first batch of `epoch` still to run: > 0 only after a stop signal
     best_fitness: float | None = None
     fitness_history: list[float] = field(default_factory=list)
+
+
+def patience_exhausted(fitness_history: list[float | None], patience: int) -> bool:
+    """Ultralytics' patience rule: fitness has not improved for `patience` epochs (0: never stop early)."""
+    history = [f for f in fitness_history if f is not None]
+    if not history or not patience:
+        return False
+    best_epoch = max(range(len(history)), key=lambda i: (history[i], i))
+    return len(history) - 1 - best_epoch >= patience
 
 
 class Trainer:
@@ -135,7 +145,7 @@ class Trainer:
                 epochs=self.epochs,
                 mean_losses=(loss_sums / (batch_index + 1)).tolist(),
                 instances=batch["cls"].shape[0],  # this rank's boxes in the batch, as Ultralytics shows
-                mem_gib=self._memory_gib(),
+                mem_gib=peak_memory_gib(self.step.device),
                 imgsz=batch["img"].shape[-1],
             )
             if result.stepped:
@@ -179,7 +189,7 @@ class Trainer:
                 "throughput/imgs_per_s": imgs_per_s,
                 "time/step_s": step_time_s,
                 "time/data_wait_share": data_wait_s / step_time_s,
-                "memory/peak_gib": self._memory_gib(),
+                "memory/peak_gib": peak_memory_gib(self.step.device),
             }
         )
         grad_norm = self.step.grad_norm()
@@ -243,12 +253,7 @@ class Trainer:
         )
 
     def _should_stop(self, epoch: int) -> bool:
-        """Ultralytics' patience rule: stop when fitness has not improved for `patience` epochs."""
-        history = [f for f in self.state.fitness_history if f is not None]
-        if not history or not self.hyp.patience:
-            return False
-        best_epoch = max(range(len(history)), key=lambda i: (history[i], i))
-        stop = len(history) - 1 - best_epoch >= self.hyp.patience and epoch + 1 < self.epochs
+        stop = epoch + 1 < self.epochs and patience_exhausted(self.state.fitness_history, self.hyp.patience)
         if stop:
             self.logger.info(f"Stopping early: no improvement in the last {self.hyp.patience} epochs.")
         return stop
@@ -317,22 +322,8 @@ class Trainer:
         self.logger.info(
             f"Resuming {self.run_dir} from {loaded.tag} at epoch {self.state.epoch + 1}/{self.epochs}{where}"
         )
-        world_size = dist.get_world_size()
-        if loaded.saved_world_size != world_size:
-            self.logger.info(self._reshard_note(loaded.tag, saved_world_size=loaded.saved_world_size))
-
-    def _reshard_note(self, tag: str, *, saved_world_size: int) -> str:
-        """The one line that says a checkpoint of another number of ranks was converted, and how."""
-        world_size, stage, batch = dist.get_world_size(), self.plan.zero_stage, self.plan.batch
-        how = (
-            "the whole model and optimizer state loaded on every rank"
-            if stage == 0
-            else f"ZeRO-{stage} partitions of weights and optimizer state re-split exactly"
-        )
-        return (
-            f"Resharded {tag} from {saved_world_size} to {world_size} rank{'s' * (world_size > 1)}: {how}, global batch "
-            f"{batch.global_batch} kept ({batch.micro_batch}/rank), BatchNorm statistics averaged over the saved ranks"
-        )
+        if loaded.saved_world_size != dist.get_world_size():
+            self.logger.info(reshard_note(loaded.tag, loaded.saved_world_size, self.plan.zero_stage, self.plan.batch))
 
     def summarize(self, *, stopped: str | None = None) -> None:
         """Rank 0's closing lines: results, speed, where the files are and what to run next."""
@@ -351,14 +342,6 @@ class Trainer:
             stopped=stopped,
         )
         self.logger.summary(facts)
-
-    def _memory_gib(self) -> float:
-        """Peak memory of this rank: CUDA max allocated on GPU, peak RSS of the process on CPU."""
-        if self.step.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.step.device) / 2**30
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
     def close(self) -> None:
         """Flush logs and leave the process group cleanly (every rank)."""

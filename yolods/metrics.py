@@ -14,9 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from yolods import dist
 
 MAP50, MAP50_95 = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA max allocated on GPU, peak RSS of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 @dataclass(frozen=True)

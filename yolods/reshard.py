@@ -317,3 +317,17 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         "grad_scaler": states[0]["grad_scaler"],
         "data": None,
     }
+
+
+def reshard_note(tag: str, saved_world_size: int, zero_stage: int, batch) -> str:
+    """The one line that says a checkpoint of another number of ranks was converted, and how (`batch`: BatchPlan)."""
+    world_size = dist.get_world_size()
+    how = (
+        "the whole model and optimizer state loaded on every rank"
+        if zero_stage == 0
+        else f"ZeRO-{zero_stage} partitions of weights and optimizer state re-split exactly"
+    )
+    return (
+        f"Resharded {tag} from {saved_world_size} to {world_size} rank{'s' * (world_size > 1)}: {how}, global batch "
+        f"{batch.global_batch} kept ({batch.micro_batch}/rank), BatchNorm statistics averaged over the saved ranks"
+    )
