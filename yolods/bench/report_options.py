@@ -15,6 +15,9 @@ from yolods.bench.analysis import Line, series_label
 from yolods.bench.markdown import mib, table
 
 OPTIONS = ("activation checkpointing", "offload", "communication dtype")
+# The value a line is compared with, in order of preference: the default, or for the communication dtype an explicit
+# fp32 (what torch_autocast's fp32 gradients are sent in by default).
+COMPARED_WITH = {"activation checkpointing": (False,), "offload": (None,), "communication dtype": (None, "fp32")}
 
 
 def _offload(line: Line) -> str | None:
@@ -65,15 +68,16 @@ def option_pairs(lines: list[Line]) -> list[tuple[str, Line, Line]]:
             continue
         options = options_of(line)
         for option in OPTIONS:
-            if not options[option]:
+            if not options[option] or options[option] in COMPARED_WITH[option]:
                 continue
-            wanted = {**options, option: False if option == "activation checkpointing" else None}
-            without = next(
-                (o for o in lines if _identity(o) == _identity(line) and options_of(o) == wanted),
-                None,
-            )
-            if without is not None:
-                pairs.append((option, without, line))
+            candidates = [
+                other
+                for default in COMPARED_WITH[option]
+                for other in lines
+                if _identity(other) == _identity(line) and options_of(other) == {**options, option: default}
+            ]
+            if candidates:
+                pairs.append((option, candidates[0], line))
     return pairs
 
 
