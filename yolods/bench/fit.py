@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from yolods import dist
+from yolods.bench import provenance
 from yolods.bench.fit_child import ChildSpec, child_command
 from yolods.bench.markdown import table
 from yolods.bench.sweep import BenchConfig, expand
@@ -171,11 +172,13 @@ def fit_markdown(results: list[dict[str, Any]]) -> str:
         ]
         for result in results
     ]
+    first = results[0]
     lines = [
         "# Largest per-rank value that fits the memory budget",
         "",
-        f"Each point: a fresh job of {results[0]['num_ranks'] if results else '?'} rank(s), {FIT_WARMUP_STEPS} burn-in "
-        f"+ {FIT_STEPS} timed steps; peak per rank (CUDA: max allocated; CPU: peak resident set, libraries included).",
+        f"Each point: a fresh job of {first['num_ranks']} rank(s), {first['config']['warmup_steps']} burn-in + "
+        f"{first['config']['steps']} timed steps and one more for the model states; peak per rank (CUDA: max "
+        "allocated; CPU: peak resident set, libraries included). Step times are from so few steps: rough.",
         "",
         *table(["configuration", "largest that fits", "its peak / rank", "budget / rank"], summary),
     ]
@@ -209,10 +212,13 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1")
     axis = args.fit
-    args = argparse.Namespace(**{**vars(args), "engine": args.engine or ["deepspeed"]})
-    args.steps = FIT_STEPS if args.steps is None else args.steps
-    args.warmup_steps = FIT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
-    configs = [cfg for cfg in expand(args, world_size=args.nproc) if cfg.engine != "ultralytics"]
+    sweep = {
+        "engine": args.engine or ["deepspeed"],
+        "steps": FIT_STEPS if args.steps is None else args.steps,
+        "warmup_steps": FIT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps,
+    }
+    expanded = expand(argparse.Namespace(**{**vars(args), **sweep}), world_size=args.nproc)
+    configs = [cfg for cfg in expanded if cfg.engine != "ultralytics"]
     if any(cfg.input != "synthetic" for cfg in configs):
         raise ConfigError(
             "--fit measures synthetic input only (a loader's workers hold memory apart): drop --input real"
@@ -222,19 +228,23 @@ def run_fit(args: argparse.Namespace) -> int:
     budget = int(args.memory_budget_gib * GIB) if args.memory_budget_gib else None
     limit = args.fit_max or DEFAULT_LIMITS[axis]
     out_dir = Path(args.out or "runs/fit")
+    source = provenance.source_record()  # the yolods commit measured, and whether the tree was dirty
     results = []
     for cfg in configs:
         print(f"yolods.bench --fit {axis}: {cfg.label} on {args.nproc} rank(s)", flush=True)
+        load_avg_start = list(os.getloadavg())  # on a shared machine, how much else was running
         result = fit_configuration(
             cfg, axis=axis, limit=limit, nproc=args.nproc, budget_bytes=budget, say=lambda m: print(m, flush=True)
         )
-        result["load_avg"] = list(os.getloadavg())
-        results.append(result)
+        results.append(
+            {**result, "load_avg_start": load_avg_start, "load_avg_end": list(os.getloadavg()), "source": source}
+        )
         print(f"  largest {axis} that fits: {result['largest'] or 'nothing'}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "fit.jsonl").open("a") as file:
         for result in results:
             file.write(json.dumps(result, sort_keys=True) + "\n")
-    (out_dir / "fit.md").write_text(fit_markdown(results))
+    if results:
+        (out_dir / "fit.md").write_text(fit_markdown(results))
     print(f"yolods.bench: wrote {out_dir / 'fit.md'} and appended to {out_dir / 'fit.jsonl'}", flush=True)
     return 0
