@@ -206,7 +206,7 @@ def test_tune_on_two_ranks_writes_a_config_yolods_train_trains_with(tmp_path, sh
     out = tmp_path / "tune"
     completed = subprocess.run(
         [*torchrun_command(2), "-m", "yolods.bench", "--tune", *TINY, "--zero", "0,2", "--reduce-bucket-size", "2e6",
-         "--allgather-bucket-size", "2e6,2e7", "--micro-batch", "2,4", "--precision", "fp32", "--out", str(out)],
+         "--allgather-bucket-size", "2e6", "--micro-batch", "2,4", "--precision", "fp32", "--out", str(out)],
         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert_ok(completed)
@@ -273,6 +273,8 @@ def test_fit_and_tune_mistakes_are_one_line(capsys, monkeypatch):
     assert "fp16 on CPU" in capsys.readouterr().err
     assert main(["--tune", "--device", "cpu", "--deepspeed_config", str(DS_CONFIGS / "zero2_bf16.json")]) == 2
     assert "drop --deepspeed_config" in capsys.readouterr().err
+    assert main(["--tune", "--device", "cpu", "--input", "real"]) == 2
+    assert "drop --input real" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under a launcher, before the process group exists
     assert main(["--fit", "imgsz", "--device", "cpu", "--memory-budget-gib", "4"]) == 2
     assert "run it as one process" in capsys.readouterr().err

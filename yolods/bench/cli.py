@@ -105,7 +105,8 @@ def _run_sweep(
             continue
         append_line(out_dir, make_line({**measured, "repeat": repeat}, context=context))
         _say(
-            f"[{index}/{total}] {measured['label']}: {measured['imgs_per_s']:.1f} img/s "
+            # the measured label: a DeepSpeed JSON's stage is known only once it is resolved
+            f"[{index}/{total}] {measured.get('label', cfg.label)}: {measured['imgs_per_s']:.1f} img/s "
             f"({measured['imgs_per_s_per_rank']:.1f}/rank), median step "
             f"{measured['step_time_s']['median'] * 1e3:.0f} ms, peak {measured['peak_mem_bytes'] / 2**20:.0f} MiB"
         )

@@ -6,7 +6,7 @@
 
 Coordinate descent, one setting at a time from the best so far, each candidate measured by the bench's runner
 (runner.measure_training: built through yolods.build, the TrainStep yolods.train runs, burn-in then timed steps,
-synthetic input by default) on every rank of this job:
+synthetic input: one batch made on the device, so the loader's speed does not decide) on every rank of this job:
 
 1. ZeRO stage (--zero; default 0,1,2,3) at yolods' default buckets and the given micro batch and precision;
 2. reduce_bucket_size (--reduce-bucket-size; default 2e6,2e7,2e8 elements) at the best stage (none at ZeRO-0);
@@ -293,6 +293,8 @@ def base_config(args: argparse.Namespace, space: TuneSpace, *, world_size: int) 
         "warmup_steps": TUNE_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps,
     }
     configs = expand(argparse.Namespace(**{**vars(args), **overrides}), world_size=world_size)
+    if configs and configs[0].input != "synthetic":
+        raise ConfigError("--tune measures synthetic input (one batch on the device, no loader): drop --input real")
     if len(configs) != 1:
         raise ConfigError(
             "--tune searches one model, image size, input and setting of each other flag: give one value of each "
@@ -357,6 +359,8 @@ def train_command(cfg: BenchConfig, *, path: Path, world_size: int) -> str:
     ]
     if cfg.activation_checkpointing:
         flags.append("--activation_checkpointing")
+    if cfg.device == "cpu" and torch.cuda.is_available():
+        flags.append("--device cpu")  # yolods.train would pick the GPU
     return " ".join([launcher, *flags])
 
 
