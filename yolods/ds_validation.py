@@ -48,6 +48,7 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from deepspeed.utils import logger as ds_logger
 
 from yolods.config import GRADIENT_CLIP_NORM
+from yolods.ds_offload import offload_problem
 from yolods.errors import ConfigError
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -94,6 +95,7 @@ def validate_deepspeed_config(config: dict[str, Any], *, source: str) -> None:
             # DeepSpeed's own verdict before ours on unknown keys: it refuses removed ones ("amp", ...) itself.
             or _deepspeed_problem(config, keys=keys)
             or _first(_known_key_problem(key) for key in keys)
+            or offload_problem(config)  # what initialize refuses later, or ignores (yolods/ds_offload.py)
         )
     if problem:
         raise ConfigError(f"{source}: {problem}")

@@ -57,6 +57,8 @@ def series_key(line: Line) -> tuple:
         config.get("channels_last"),
         config.get("deepspeed_config"),
         config.get("ema", True),
+        config.get("activation_checkpointing", False),
+        config.get("communication_dtype"),
     )
 
 
@@ -94,9 +96,15 @@ def default_series(line: Line) -> bool:
     """Lines measured with the config's own bucket, overlap and memory-format settings (sweep variants plot
     elsewhere)."""
     config = line.get("config", {})
-    return all(
+    return not config.get("activation_checkpointing") and all(
         config.get(key) is None
-        for key in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "channels_last")
+        for key in (
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "overlap_comm",
+            "channels_last",
+            "communication_dtype",
+        )
     )
 
 
@@ -131,12 +139,15 @@ def _peer(line: Line, lines: list[Line], **fields: Any) -> Line | None:
         **fields,
     }
     config = line.get("config", {})
-    place = (config.get("device"), config.get("channels_last"))
+    place = (config.get("device"), config.get("channels_last"), config.get("activation_checkpointing", False))
     for other in lines:
         other_config = other.get("config", {})
-        if (other_config.get("device"), other_config.get("channels_last")) == place and all(
-            other.get(k) == v for k, v in wanted.items()
-        ):
+        other_place = (
+            other_config.get("device"),
+            other_config.get("channels_last"),
+            other_config.get("activation_checkpointing", False),
+        )
+        if other_place == place and all(other.get(k) == v for k, v in wanted.items()):
             return other
     return None
 

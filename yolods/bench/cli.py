@@ -5,6 +5,8 @@ torchrun --nproc_per_node 2 -m yolods.bench --zero 0,1,2,3              # append
 deepspeed --num_gpus 8 --module yolods.bench --model s --imgsz 640 --zero 2 --input synthetic,real
 deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module yolods.bench ...   # see benchmarks/README.md
 python -m yolods.bench.report benchmarks/results/local                  # report.md and PNG plots
+python -m yolods.bench --tune --model s --imgsz 640 --budget-min 5      # the fastest DeepSpeed config here (tune.py)
+python -m yolods.bench --fit micro-batch --memory-budget-gib 8 --nproc 2 --activation-checkpointing off,on  # fit.py
 """
 
 from __future__ import annotations
@@ -103,17 +105,35 @@ def _run_sweep(
             continue
         append_line(out_dir, make_line({**measured, "repeat": repeat}, context=context))
         _say(
-            f"[{index}/{total}] {cfg.label}: {measured['imgs_per_s']:.1f} img/s "
+            # the measured label: a DeepSpeed JSON's stage is known only once it is resolved
+            f"[{index}/{total}] {measured.get('label', cfg.label)}: {measured['imgs_per_s']:.1f} img/s "
             f"({measured['imgs_per_s_per_rank']:.1f}/rank), median step "
             f"{measured['step_time_s']['median'] * 1e3:.0f} ms, peak {measured['peak_mem_bytes'] / 2**20:.0f} MiB"
         )
     return failed
 
 
+def _run_mode(args) -> int:
+    """--tune (yolods/bench/tune.py) or --fit (yolods/bench/fit.py); a user mistake is one line and exit 2."""
+    from yolods.bench.fit import run_fit
+    from yolods.bench.tune import run_tune
+
+    try:
+        if args.tune and args.fit:
+            raise ConfigError("--tune and --fit are two modes: pass one")
+        return run_tune(args) if args.tune else run_fit(args)
+    except ConfigError as error:
+        if dist.is_main_process():
+            print(f"yolods.bench: error: {error}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep; returns the exit code (2 for a user mistake, reported in one line; 1 when --keep-going
-    skipped a configuration that failed)."""
+    """Run the sweep (or --tune, or --fit); returns the exit code (2 for a user mistake, reported in one line; 1
+    when --keep-going skipped a configuration that failed)."""
     args = build_parser().parse_args(argv)
+    if args.tune or args.fit:
+        return _run_mode(args)
     world_size = dist.get_world_size()
     try:
         configs = expand(args, world_size=world_size)
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     # latest run and the median of its repeats. Repeats go round the whole sweep, so load drifts hit every engine.
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     context["run_id"] = dist.broadcast_object(args.run_id or now)
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or "benchmarks/results/local")
     repeats = max(args.repeat, 1)
     _say(
         f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"

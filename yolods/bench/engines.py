@@ -11,6 +11,10 @@ warmup (nbs = global batch, warmup_epochs 0), so every timed step is a full opti
   has no signal handler).
 - `ddp`: `DDPStepper`, the baseline as a user of torch DistributedDataParallel and Ultralytics' trainer would
   write it, called like TrainStep so the same loop times both.
+
+`--activation-checkpointing on` wraps the trained model's blocks as `yolods.train --activation_checkpointing` does
+(after the EMA copy), in both engines; `--communication-dtype` reaches DeepSpeed's config through RunConfig, as the
+train flag does.
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from yolods.bench.sweep import BenchConfig
 from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, device_for, seed_run
 from yolods.config import GRADIENT_CLIP_NORM, SYNTHETIC, RunConfig, RunPlan, resolve_run
 from yolods.data import TrainData, preprocess_batch
-from yolods.model import build_ema, build_model, model_stride, training_memory_format
+from yolods.model import (
+    build_ema,
+    build_model,
+    enable_activation_checkpointing,
+    model_stride,
+    training_memory_format,
+)
 from yolods.preemption import StopRequest
 from yolods.step import TrainStep
 
@@ -54,6 +64,8 @@ def run_config(cfg: BenchConfig, *, data: str) -> RunConfig:
         precision=cfg.precision,
         deepspeed_config=cfg.deepspeed_config,
         device=cfg.device,
+        activation_checkpointing=cfg.activation_checkpointing,
+        communication_dtype=cfg.communication_dtype if cfg.engine == "deepspeed" else None,
         # nbs = global batch: accumulation 1; no warmup or mosaic schedule inside a few timed steps
         hyp={
             "optimizer": cfg.optimizer,
@@ -264,6 +276,8 @@ def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_ima
         plan, hyp, model, num_classes=num_classes, num_train_images=num_images, batches_per_epoch=batches_per_epoch
     )
     ema = build_ema(model) if cfg.ema else None  # before initialize: ZeRO-3 empties the parameters
+    if cfg.activation_checkpointing:  # after the EMA copy, as build_trainer: only the trained model recomputes
+        enable_activation_checkpointing(model)
     is_deepspeed = cfg.engine == "deepspeed"
     ds_config = plan.ds_config if is_deepspeed else None
     spec = comm_spec_for(model, zero_stage=plan.zero_stage if is_deepspeed else None, ds_config=ds_config, ema=cfg.ema)

@@ -68,11 +68,13 @@ def release_memory() -> None:
 
 @dataclass(frozen=True)
 class ModelStateBytes:
-    """Bytes of model states this rank holds."""
+    """Bytes of model states this rank holds; `in_host_memory` is the part of them in CPU memory (on a GPU run,
+    what ZeRO-Offload moved off the device; on a CPU run, all of it)."""
 
     params: int
     grads: int
     optimizer: int
+    in_host_memory: int = 0
 
     @property
     def total(self) -> int:
@@ -102,6 +104,7 @@ def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 class _StorageCounter:
     def __init__(self) -> None:
         self.seen: set[tuple[str, int]] = set()
+        self.in_host_memory = 0
 
     def add(self, tensor: torch.Tensor | None) -> int:
         """Bytes of `tensor`'s storage if not counted yet, else 0."""
@@ -112,6 +115,8 @@ class _StorageCounter:
         if key in self.seen:
             return 0
         self.seen.add(key)
+        if tensor.device.type == "cpu":
+            self.in_host_memory += storage.nbytes()
         return storage.nbytes()
 
 
@@ -146,4 +151,4 @@ def model_state_bytes(module: nn.Module, optimizer: Any) -> ModelStateBytes:
     base = optimizer if isinstance(optimizer, torch.optim.Optimizer) else getattr(optimizer, "optimizer", None)
     if isinstance(base, torch.optim.Optimizer):
         optimizer_bytes += sum(counter.add(tensor) for tensor in _tensors(base))
-    return ModelStateBytes(params=params, grads=grads, optimizer=optimizer_bytes)
+    return ModelStateBytes(params=params, grads=grads, optimizer=optimizer_bytes, in_host_memory=counter.in_host_memory)

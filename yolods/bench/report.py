@@ -40,6 +40,7 @@ from yolods.bench.analysis import (
 from yolods.bench.markdown import mib as _mib
 from yolods.bench.markdown import table
 from yolods.bench.projection import Cluster, Goal, Projection, efficiency_at, project_goal
+from yolods.bench.report_options import options_section
 from yolods.bench.report_projection import projection_section
 from yolods.bench.report_scaling import heldout_section, scaling_section
 from yolods.bench.results import RESULTS_FILE, read_lines
@@ -414,6 +415,7 @@ def write_report(
         *_results_section(lines),
         *_peak_memory_section(lines),
         *_peak_against_zero0_section(peak_against_zero0(lines)),
+        *options_section(lines),
         *scaling_section(lines, scaling, checks),
         *heldout_section(heldout),
         *_memory_section(memory_checks(lines)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from yolods.config import PRECISIONS, ConfigError, load_deepspeed_json, precisio
 ENGINES = ("deepspeed", "ddp", "ultralytics")
 INPUTS = ("synthetic", "real")
 # A CPU step at 640 px takes seconds; the CPU defaults keep a default sweep to minutes.
+FIT_AXES = ("micro-batch", "imgsz")
+SWEEP_STEPS = (20, 5)  # timed and burn-in steps per configuration, unless --steps / --warmup-steps say otherwise
 DEVICE_DEFAULTS = {"cpu": {"imgsz": 160, "micro_batch": 8}, "cuda": {"imgsz": 640, "micro_batch": 16}}
 
 
@@ -42,6 +45,8 @@ class BenchConfig:
     allgather_bucket_size: int | None = None
     overlap_comm: bool | None = None
     channels_last: bool | None = None
+    activation_checkpointing: bool = False  # yolods.train's --activation_checkpointing (DeepSpeed and DDP alike)
+    communication_dtype: str | None = None  # yolods.train's --communication_dtype (None: the gradients' own dtype)
     deepspeed_config: str | None = None
     data: str = "synthetic"
     steps: int = 20
@@ -64,18 +69,24 @@ class BenchConfig:
         engine = {"deepspeed": f"ZeRO-{self.zero_stage}", "ddp": "DDP", "ultralytics": "Ultralytics"}[self.engine]
         extras = []
         if self.reduce_bucket_size is not None:
-            extras.append(f"reduce-bucket {_count_label(self.reduce_bucket_size)}")
+            extras.append(f"reduce-bucket {count_label(self.reduce_bucket_size)}")
         if self.allgather_bucket_size is not None:
-            extras.append(f"gather-bucket {_count_label(self.allgather_bucket_size)}")
+            extras.append(f"gather-bucket {count_label(self.allgather_bucket_size)}")
         if self.overlap_comm is not None:
             extras.append("overlap" if self.overlap_comm else "no-overlap")
         if self.channels_last is not None:
             extras.append("NHWC" if self.channels_last else "NCHW")
+        if self.activation_checkpointing:
+            extras.append("act-ckpt")
+        if self.communication_dtype is not None:
+            extras.append(f"comm-{self.communication_dtype}")
+        if self.deepspeed_config:
+            extras.append(f"[{Path(self.deepspeed_config).stem}]")  # offload, say, which the stage alone hides
         model = self.model.removesuffix(".yaml")
         return " ".join([engine, self.precision, f"{model}@{self.imgsz}", f"mb{self.micro_batch}", self.input, *extras])
 
 
-def _count_label(count: int) -> str:
+def count_label(count: int) -> str:
     """2000000 -> '2M', 500000 -> '500K'."""
     for suffix, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
         if count >= scale and count % (scale // 10) == 0:
@@ -83,7 +94,7 @@ def _count_label(count: int) -> str:
     return str(count)
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+def _flag(parser: Any, name: str, **kwargs: Any) -> None:
     """A flag under both spellings: --warmup-steps (the issue's) and --warmup_steps (yolods.train's)."""
     stem = name.removeprefix("--")
     spellings = dict.fromkeys([name, "--" + stem.replace("_", "-"), "--" + stem.replace("-", "_")])
@@ -112,18 +123,42 @@ def build_parser() -> argparse.ArgumentParser:
         **sweep,
         help="LIST: on,off: NHWC memory format on CUDA (default on, as yolods.train; CPU always trains NCHW)",
     )
+    _flag(
+        parser,
+        "--activation-checkpointing",
+        **sweep,
+        help="LIST: off,on: yolods.train's --activation_checkpointing, for DeepSpeed and DDP (default off)",
+    )
+    _flag(
+        parser,
+        "--communication-dtype",
+        **sweep,
+        help="LIST: fp32,bf16,fp16: dtype of DeepSpeed's gradient reduction (default: the gradients' own)",
+    )
     _flag(parser, "--input", **sweep, help="LIST: synthetic (tensors on the device) and/or real (dataloader)")
     _flag(parser, "--engine", **sweep, help="LIST: deepspeed,ddp,ultralytics (default all three)")
     _flag(parser, "--deepspeed_config", **sweep, help="LIST: DeepSpeed JSONs (stage/precision from them)")
-    _flag(parser, "--steps", type=int, default=20, help="timed steps per configuration")
-    _flag(parser, "--warmup-steps", type=int, default=5, help="burn-in steps, not timed")
+    _flag(
+        parser, "--steps", type=int, help=f"timed steps per configuration (default {SWEEP_STEPS[0]}; --tune 6, --fit 2)"
+    )
+    _flag(
+        parser,
+        "--warmup-steps",
+        type=int,
+        help=f"burn-in steps, not timed (default {SWEEP_STEPS[1]}; --tune 2, --fit 1)",
+    )
     _flag(parser, "--repeat", type=int, default=1, help="measure the whole sweep this many times, interleaved")
     _flag(
         parser,
         "--run-id",
         help="group several invocations as one run: the report takes the median over a run's repeats (default: now)",
     )
-    _flag(parser, "--out", default="benchmarks/results/local", help="results directory (results.jsonl is appended)")
+    _flag(
+        parser,
+        "--out",
+        help="results directory (default benchmarks/results/local, where results.jsonl is appended; runs/tune with "
+        "--tune, runs/fit with --fit)",
+    )
     _flag(parser, "--data", default="synthetic", help="data.yaml for --input real (default: drawn shapes)")
     _flag(parser, "--workers", type=int, help="dataloader workers per rank (default 2 on CUDA, 0 on CPU)")
     _flag(parser, "--optimizer", default="AdamW", help="Ultralytics optimizer name; the ZeRO paper assumes Adam")
@@ -146,8 +181,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse to measure when yolods/ has uncommitted changes (for results you mean to commit)",
     )
+    add_mode_flags(parser)
     _flag(parser, "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return parser
+
+
+def add_mode_flags(parser: argparse.ArgumentParser) -> None:
+    """The two modes besides the sweep: --tune (yolods/bench/tune.py) and --fit (yolods/bench/fit.py)."""
+    modes = parser.add_argument_group("modes: --tune and --fit instead of the sweep")
+    modes.add_argument(
+        "--tune",
+        action="store_true",
+        help="search ZeRO stage, bucket sizes, micro batch and precision on this machine; write the fastest config",
+    )
+    modes.add_argument(
+        "--fit",
+        choices=FIT_AXES,
+        help="find the largest micro batch or imgsz per rank that fits --memory-budget-gib, one fresh job per point",
+    )
+    _flag(modes, "--budget-min", type=float, default=5.0, help="--tune: minutes to spend (default 5)")
+    _flag(
+        modes,
+        "--memory-budget-gib",
+        type=float,
+        help="memory per rank: --fit's limit (required on CPU; default on CUDA: the GPU's memory) and --tune's "
+        "ceiling for larger micro batches",
+    )
+    _flag(modes, "--nproc", type=int, default=1, help="--fit: ranks of each probe job on this node (default 1)")
+    _flag(modes, "--fit-max", type=int, help="--fit: largest value to try (default 512 images, or imgsz 2048)")
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -244,7 +305,9 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     drifts as little as possible between a figure and its baseline. Ultralytics runs last and only on one rank:
     its own multi-GPU mode spawns its own processes, which a launcher-started bench cannot host.
     """
-    if args.steps < 1 or args.warmup_steps < 0:
+    steps = SWEEP_STEPS[0] if args.steps is None else args.steps
+    warmup_steps = SWEEP_STEPS[1] if args.warmup_steps is None else args.warmup_steps
+    if steps < 1 or warmup_steps < 0:
         raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = DEVICE_DEFAULTS[device]
@@ -256,6 +319,10 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     stages = _stages(args, ds_configs=ds_configs)
     precisions, json_precisions = _precisions(args, device=device, ds_configs=ds_configs)
     layouts: list[bool | None] = [parse_switch(v, "--channels-last") for v in split_list(args.channels_last)] or [None]
+    checkpointing = [parse_switch(v, "--activation-checkpointing") for v in split_list(args.activation_checkpointing)]
+    comm_dtypes: list[str | None] = list(
+        _choices(split_list(args.communication_dtype), PRECISIONS, "--communication-dtype")
+    ) or [None]
     batch_pairs = _batch_pairs(args, world_size=world_size, default_micro_batch=defaults["micro_batch"])
     zero_variants = list(
         itertools.product(
@@ -264,11 +331,12 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
             [parse_count(v) for v in split_list(args.reduce_bucket_size)] or [None],
             [parse_count(v) for v in split_list(args.allgather_bucket_size)] or [None],
             [parse_switch(v) for v in split_list(args.overlap_comm)] or [None],
+            comm_dtypes,
         )
     )
     common = {
-        "steps": args.steps,
-        "warmup_steps": args.warmup_steps,
+        "steps": steps,
+        "warmup_steps": warmup_steps,
         "data": args.data,
         "workers": args.workers if args.workers is not None else (2 if device == "cuda" else 0),
         "seed": args.seed,
@@ -281,8 +349,8 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     configs: list[BenchConfig] = []
     ultralytics_configs: list[BenchConfig] = []
     # The memory format is outside the precision: a sweep cut short has every precision in the first layout.
-    for model, imgsz, (micro, global_batch), channels_last, precision, input_mode in itertools.product(
-        models, sizes, batch_pairs, layouts, precisions, inputs
+    for model, imgsz, (micro, global_batch), channels_last, recompute, precision, input_mode in itertools.product(
+        models, sizes, batch_pairs, layouts, checkpointing or [False], precisions, inputs
     ):
         base = BenchConfig(
             engine="ddp",
@@ -294,12 +362,13 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
             zero_stage=None,
             input=input_mode,
             channels_last=channels_last,
+            activation_checkpointing=recompute,
             **common,
         )
         if "ddp" in engines:
             configs.append(base)
         if "deepspeed" in engines:
-            for ds_config, stage, reduce_bucket, gather_bucket, overlap in zero_variants:
+            for ds_config, stage, reduce_bucket, gather_bucket, overlap, comm_dtype in zero_variants:
                 if json_precisions.get(ds_config) not in (None, precision):
                     continue  # that JSON runs at its own precision, measured in its own iteration
                 configs.append(
@@ -311,6 +380,7 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
                         reduce_bucket_size=reduce_bucket,
                         allgather_bucket_size=gather_bucket,
                         overlap_comm=overlap,
+                        communication_dtype=comm_dtype,
                         comms_logger=args.comms_logger,
                         wall_clock_breakdown=args.wall_clock_breakdown,
                     )
@@ -318,7 +388,8 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
         # The Ultralytics trainer always reads through its own dataloader: input 'real', once per real/synthetic pair.
         # On CPU it trains in fp32 only (its bf16 autocast requires CUDA, its AMP check turns fp16 off).
         if "ultralytics" in engines and world_size == 1 and (device == "cuda" or precision == "fp32"):
-            candidate = replace(base, engine="ultralytics", input="real")
+            # Ultralytics' trainer has no activation checkpointing: its one baseline stands for both settings
+            candidate = replace(base, engine="ultralytics", input="real", activation_checkpointing=False)
             if candidate not in ultralytics_configs:
                 ultralytics_configs.append(candidate)
     return configs + ultralytics_configs
