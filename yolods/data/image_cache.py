@@ -10,7 +10,8 @@ makes, so a run with `--cache ram` trains as Ultralytics' trainer does with cach
 cache='disk' is Ultralytics' too: a .npy of each decoded image beside it, kept across runs. Here rank 0 writes the
 missing or stale ones, then each other node's first rank the ones its node still lacks (images on node-local disks),
 and the other ranks only read: no two ranks write one file. Each file is written under a temporary name and renamed,
-so no job reads a .npy another job is halfway through writing. With it, training is the same as without a cache.
+so no job reads a .npy another job is halfway through writing. Training with it is the same as without a cache,
+except that with --workers 0 the random draws of Ultralytics' disk check (made here too) shift the augmentation.
 
     python -m yolods.train --data coco.yaml --cache ram     # one copy per node, in /dev/shm (YOLODS_CACHE_DIR)
     YOLODS_CACHE_PER_NODE=0 torchrun ... --cache ram         # Ultralytics' own per-rank cache, for comparison
