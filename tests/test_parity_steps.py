@@ -3,10 +3,10 @@
 Both trainers run the same short job in fresh processes (tests/step_trace.py records each): the same initial
 weights, the same images with the same augmentation in the same order, the same losses, lr and momentum at every
 micro-step and the same optimizer steps, and after each epoch the same parameters, BatchNorm statistics and EMA,
-hence the same validation metrics. Two jobs cover what can diverge: the warmup ramps (lr, momentum, accumulation),
+hence the same validation metrics. The jobs cover what can diverge: the warmup ramps (lr, momentum, accumulation),
 accumulation cycles carried over epoch ends, close_mosaic resetting Ultralytics' loader mid-run, a short last batch,
 loader workers whose random state and mosaic buffer live on across epochs, the optimizer `auto` rule (AdamW here)
-and SGD, gradient clipping, and YOLO26's per-epoch loss schedule.
+and SGD, gradient clipping, YOLO26's per-epoch loss schedule, and Ultralytics' RAM cache (yolods' shared per node).
 
 The bar is 1e-5 relative; on this CPU the runs agree in every bit. A negative control checks that the comparison
 sees a known divergence (yolods' optional optimizer step at each epoch's end).
@@ -35,6 +35,9 @@ JOBS = {
     "yolo26n-sgd-workers": (
         "--model yolo26n.yaml --batch 5 --workers 2 --hyp optimizer=SGD --hyp nbs=10 --hyp close_mosaic=2".split()
     ),
+    # Ultralytics' RAM cache against yolods' node-shared one: mosaic partners from the whole set, no buffer, and
+    # the random numbers its cache check draws (in this process: workers 0).
+    "yolov8n-cache-ram": "--model yolov8n.yaml --batch 8 --workers 0 --hyp nbs=24 --hyp close_mosaic=1 --hyp cache=ram".split(),
 }
 COMMON = ["--epochs", "3", "--imgsz", "96", "--seed", "0"]
 

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute backbone and neck activations in backward: less memory for a larger imgsz or batch",
     )
+    memory.add_argument(
+        "--cache",
+        choices=("ram", "disk"),
+        help="Ultralytics' image cache: ram holds the decoded images once per node (in /dev/shm, shared by its "
+        "ranks); disk keeps a .npy beside each image (default: none)",
+    )
 
     watch = parser.add_argument_group("logs and profiling")
     watch.add_argument("--verbose", action="store_true", help="DeepSpeed's messages and Ultralytics' layer table too")
@@ -273,6 +279,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
     if args.cos_lr:
         hyp["cos_lr"] = True
+    if args.cache is not None:
+        hyp["cache"] = args.cache
+    if "cache" in hyp:
+        from yolods.data.image_cache import cache_mode
+
+        cache_mode(hyp["cache"])  # --hyp cache=... takes Ultralytics' values; anything else is a mistake
     return RunConfig(
         model=args.model,
         data=args.data,
@@ -319,7 +331,7 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     """
     conflicts = []
     for name in sorted(given - set(CHANGEABLE_ON_RESUME)):
-        if name in HYP_FLAGS or name in ("hyp", "cos_lr"):
+        if name in HYP_FLAGS or name in ("hyp", "cos_lr", "cache"):
             continue  # compared key by key below
         field_name = "deepspeed_config" if name in ("deepspeed_config", "deepscale_config") else name
         if hasattr(saved, field_name) and getattr(flags, field_name) != getattr(saved, field_name):

@@ -67,6 +67,11 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def is_local_main_process() -> bool:
+    """True on the first rank of each node (LOCAL_RANK 0), which writes the node's own files."""
+    return get_local_rank() == 0
+
+
 def print_main(message: str) -> None:
     """Print once for the whole job (rank 0), to stderr."""
     if is_main_process():
@@ -189,6 +194,15 @@ def gather_objects(obj) -> list | None:
     return gathered
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank. A collective."""
+    if not (_initialized() and get_world_size() > 1):
+        return [obj]
+    gathered = [None] * get_world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def max_over_ranks(value: int) -> int:
     """The largest of every rank's `value`, on every rank (a stop request seen by one rank stops all)."""
     if not (_initialized() and get_world_size() > 1):
@@ -236,6 +250,7 @@ def release_cpu_allreduce_buffer() -> None:
 
 __all__ = [
     "LAUNCHER_VARIABLES",
+    "all_gather_objects",
     "all_reduce_mean_",
     "any_rank",
     "barrier",
@@ -247,6 +262,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_distributed",
+    "is_local_main_process",
     "is_main_process",
     "max_over_ranks",
     "print_main",

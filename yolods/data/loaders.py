@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from yolods import dist
+from yolods.data import image_cache
 from yolods.errors import ConfigError
 from yolods.fonts import local_fonts
 from yolods.preemption import ignore_stop_signals, signals_blocked
@@ -103,13 +104,16 @@ def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
 
 
 def _build_dataset(hyp: SimpleNamespace, data: dict[str, Any], *, split: str, batch: int, stride: int):
+    """Ultralytics' dataset of a split, with `hyp.cache` made once per node (see image_cache). A collective."""
     from ultralytics.data.build import build_yolo_dataset
 
     mode = "train" if split == "train" else "val"
-    return build_dataset_once(
-        lambda: build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride),
+    cache, settings = image_cache.cache_mode(hyp.cache), image_cache.dataset_settings(hyp)
+    dataset = build_dataset_once(
+        lambda: build_yolo_dataset(settings, data[split], batch, data, mode=mode, rect=mode == "val", stride=stride),
         images=f"{split} images {data[split]} (the data.yaml's '{split}:')",
     )
+    return image_cache.apply_cache(dataset, mode=cache, hyp=settings, split=split)
 
 
 # Ultralytics' build_dataloader seeds its loader's generator with this constant + RANK + seed (RANK -1 alone).
