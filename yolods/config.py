@@ -22,6 +22,7 @@ import torch
 
 from yolods.errors import ConfigError
 from yolods.hyp import is_ultralytics_setting, ultralytics_settings
+from yolods.large_batch import RULES
 
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,6 +87,8 @@ class RunConfig:
     verbose: bool = False
     activation_checkpointing: bool = False
     communication_dtype: str | None = None
+    large_batch_rule: str = "yolods"
+    sync_bn: bool = False
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -201,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the gradient reduction (DeepSpeed's communication_data_type; default: the gradients' own, fp32)",
     )
 
+    large = parser.add_argument_group("large global batch (above nbs)")
+    large.add_argument(
+        "--large_batch_rule",
+        choices=RULES,
+        default="yolods",
+        help="above nbs images per optimizer step: 'yolods' (default) scales Adam-type lr by sqrt(k), k = images "
+        "per step / nbs, and AdamW weight decay by sqrt(k); 'ultralytics' keeps Ultralytics' rule exactly",
+    )
+    large.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="BatchNorm statistics over all ranks (for small per-rank batches); no-op on 1 rank",
+    )
+
     memory = parser.add_argument_group("memory")
     memory.add_argument(
         "--activation_checkpointing",
@@ -292,6 +309,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         verbose=args.verbose,
         activation_checkpointing=args.activation_checkpointing,
         communication_dtype=args.communication_dtype,
+        large_batch_rule=args.large_batch_rule,
+        sync_bn=args.sync_bn,
         hyp=hyp,
     )
 
