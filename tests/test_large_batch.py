@@ -14,7 +14,7 @@ from torch import nn
 
 from yolods.build import build_optimizer_and_schedule
 from yolods.config import ConfigError, RunConfig, parse_args, resolve_run, resumed_config
-from yolods.large_batch import large_batch_factor, large_batch_recipe
+from yolods.large_batch import large_batch_factor, large_batch_recipe, recipe_for
 from yolods.model import build_model
 from yolods.sync_bn import RankSyncBatchNorm, convert_sync_batchnorm
 
@@ -36,8 +36,9 @@ def detector(shapes_data):
     )
 
 
-def built(shapes_data, detector, *flags, num_train_images=2048, world_size=1):
-    """(optimizer name, lr0, weight decay of the decayed weights, warmup batches) for a 1-rank run of `flags`."""
+def built(shapes_data, detector, *flags, num_train_images=2048, world_size=1, with_model=False):
+    """(optimizer name, lr0, weight decay of the decayed weights, warmup batches) for a 1-rank run of `flags`,
+    and with `with_model` the model after the recipe's BatchNorm momentum, as build_trainer sets it."""
     argv = ["--data", str(shapes_data), "--device", "cpu", "--epochs", "20", *flags]
     plan = resolve_run(parse_args(argv), world_size=world_size)
     batches_per_epoch = math.ceil(num_train_images / plan.batch.global_batch)
@@ -52,57 +53,92 @@ def built(shapes_data, detector, *flags, num_train_images=2048, world_size=1):
     groups = optimizer.param_groups
     lr = min(group["lr"] for group in groups)  # MuSGD boosts the head's lr x 3
     weight_decay = max(group["weight_decay"] for group in groups)  # BatchNorm weights and biases have none
-    return type(optimizer).__name__, lr, weight_decay, schedule.warmup_iterations
+    result = (type(optimizer).__name__, lr, weight_decay, schedule.warmup_iterations)
+    if not with_model:
+        return result
+    model = copy.deepcopy(detector)
+    recipe_for(plan, optimizer).scale_batchnorm(model)
+    return (*result, model)
+
+
+def batchnorm_momenta(model: nn.Module) -> set[float]:
+    return {round(m.momentum, 12) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_auto_adamw_lr_and_decay_scale_by_sqrt_k(shapes_data, detector, k):
-    """auto picks AdamW (few iterations) at every k; yolods: lr x sqrt(k), decay x sqrt(k); Ultralytics: lr x 1, decay x k."""
+def test_auto_adamw_lr_scales_by_k_and_decay_per_epoch_stays(shapes_data, detector, k):
+    """auto picks AdamW (few iterations) at every k. yolods: lr x k, the base weight decay (Ultralytics' x k, over
+    k times fewer steps of k times the lr, would decay k times more per epoch), BatchNorm momentum per k images.
+    Ultralytics: lr x 1, decay x k, momentum 0.03."""
     batch = ["--batch", str(NBS * k)]
-    name, lr, weight_decay, warmup = built(shapes_data, detector, *batch)
+    name, lr, weight_decay, warmup, model = built(shapes_data, detector, *batch, with_model=True)
     assert name == "AdamW"
-    assert lr == pytest.approx(LR_FIT * math.sqrt(k), rel=1e-12)
-    assert weight_decay == pytest.approx(WEIGHT_DECAY * math.sqrt(k), rel=1e-12)
+    assert lr == pytest.approx(LR_FIT * k, rel=1e-12)
+    assert weight_decay == pytest.approx(WEIGHT_DECAY, rel=1e-12)
+    assert batchnorm_momenta(model) == {round(1 - 0.97**k, 12)}
     assert warmup == 3 * math.ceil(2048 / (NBS * k))  # warmup_epochs x batches per epoch: 3 epochs at any k
-    ultralytics = built(shapes_data, detector, *batch, "--large_batch_rule", "ultralytics")
-    assert ultralytics == ("AdamW", LR_FIT, pytest.approx(WEIGHT_DECAY * k, rel=1e-12), warmup)
+    *ultralytics, model = built(shapes_data, detector, *batch, "--large_batch_rule", "ultralytics", with_model=True)
+    assert ultralytics == ["AdamW", LR_FIT, pytest.approx(WEIGHT_DECAY * k, rel=1e-12), warmup]
+    assert batchnorm_momenta(model) == {0.03}  # Ultralytics' BatchNorm momentum
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_sgd_keeps_ultralytics_rule(shapes_data, detector, k):
-    """The summed loss already scales SGD's step linearly with the batch; its weight decay x k keeps decay per epoch."""
+def test_clipped_sgd_scales_like_adamw(shapes_data, detector, k):
+    """Clipping at norm 10 (yolods' and Ultralytics' default) caps SGD's step whatever the summed loss's scale, so
+    SGD gets AdamW's rule; Ultralytics' rule is lr x 1, decay x k."""
     flags = ["--batch", str(NBS * k), "--optimizer", "SGD"]
-    for rule in ("yolods", "ultralytics"):
-        name, lr, weight_decay, _ = built(shapes_data, detector, *flags, "--large_batch_rule", rule)
-        assert (name, lr) == ("SGD", 0.01)
-        assert weight_decay == pytest.approx(WEIGHT_DECAY * k, rel=1e-12)
+    name, lr, weight_decay, _ = built(shapes_data, detector, *flags)
+    assert (name, lr) == ("SGD", pytest.approx(0.01 * k, rel=1e-12))
+    assert weight_decay == pytest.approx(WEIGHT_DECAY, rel=1e-12)
+    _, lr, weight_decay, _ = built(shapes_data, detector, *flags, "--large_batch_rule", "ultralytics")
+    assert (lr, weight_decay) == (0.01, pytest.approx(WEIGHT_DECAY * k, rel=1e-12))
 
 
-def test_auto_on_long_runs_keeps_its_sgd_family_choice(shapes_data, detector):
-    """Many iterations: auto picks MuSGD (SGD under ZeRO 1-3), whose SGD part keeps Ultralytics' linear scaling."""
+def test_unclipped_sgd_keeps_ultralytics_lr(shapes_data, detector, tmp_path):
+    """Without clipping the summed loss already scales SGD's step by k (the linear rule): only BatchNorm changes."""
+    unclipped = tmp_path / "unclipped.json"
+    unclipped.write_text('{"gradient_clipping": 0.0}')
+    flags = ["--batch", "512", "--optimizer", "SGD", "--deepspeed_config", str(unclipped)]
+    _, lr, weight_decay, _, model = built(shapes_data, detector, *flags, with_model=True)
+    assert (lr, weight_decay) == (0.01, pytest.approx(WEIGHT_DECAY * 8, rel=1e-12))
+    assert batchnorm_momenta(model) == {round(1 - 0.97**8, 12)}
+    _, lr, weight_decay, _ = built(shapes_data, detector, "--batch", "512", "--deepspeed_config", str(unclipped))
+    assert (lr, weight_decay) == (pytest.approx(LR_FIT * 8), pytest.approx(WEIGHT_DECAY))
+
+
+def test_auto_on_long_runs_keeps_its_choice(shapes_data, detector):
+    """Many iterations: auto picks MuSGD (SGD under ZeRO 1-3); clipped, so lr x k too."""
     name, lr, weight_decay, _ = built(shapes_data, detector, "--batch", "512", num_train_images=300_000)
-    assert (name, lr, weight_decay) == ("MuSGD", 0.01, pytest.approx(WEIGHT_DECAY * 8, rel=1e-12))
+    assert (name, lr, weight_decay) == ("MuSGD", pytest.approx(0.01 * 8), pytest.approx(WEIGHT_DECAY))
     name, lr, _, _ = built(shapes_data, detector, "--batch", "512", "--zero", "2", num_train_images=300_000)
-    assert (name, lr) == ("SGD", 0.01)
+    assert (name, lr) == ("SGD", pytest.approx(0.01 * 8))
 
 
 @pytest.mark.parametrize("batch", [8, 16, 42, 48, 64])
 def test_nothing_changes_at_or_below_nbs(shapes_data, detector, batch):
     """Ultralytics' accumulation to ~nbs (batch 42: 2 x 42 = 84 images per step) is Ultralytics' rule, not a large batch."""
     flags = ["--batch", str(batch)]
-    assert built(shapes_data, detector, *flags) == built(
-        shapes_data, detector, *flags, "--large_batch_rule", "ultralytics"
-    )
+    *yolods, model = built(shapes_data, detector, *flags, with_model=True)
+    assert yolods == list(built(shapes_data, detector, *flags, "--large_batch_rule", "ultralytics"))
+    assert batchnorm_momenta(model) == {0.03}
 
 
-def test_adaptive_optimizers_with_coupled_decay_keep_ultralytics_decay():
-    """Adam's L2 term joins the summed gradient before normalisation: its ratio to it, hence decay x k, is kept."""
-    adam = large_batch_recipe(rule="yolods", optimizer_name="Adam", images_per_step=256, nbs=NBS)
-    assert (adam.lr_scale, adam.weight_decay_scale) == (2.0, 1.0)
-    adamw = large_batch_recipe(rule="yolods", optimizer_name="AdamW", images_per_step=256, nbs=NBS)
-    assert (adamw.lr_scale, adamw.weight_decay_scale) == (2.0, 0.5)
+def test_unclipped_adam_keeps_ultralytics_decay():
+    """Unclipped, Adam's L2 term joins the summed gradient (x k) before normalisation: decay x k keeps its ratio."""
+    adam = large_batch_recipe(rule="yolods", optimizer_name="Adam", images_per_step=256, nbs=NBS, clipped=False)
+    assert (adam.lr_scale, adam.weight_decay_scale) == (4.0, 1.0)
+    adamw = large_batch_recipe(rule="yolods", optimizer_name="AdamW", images_per_step=256, nbs=NBS, clipped=False)
+    assert (adamw.lr_scale, adamw.weight_decay_scale) == (4.0, 0.25)
     off = large_batch_recipe(rule="ultralytics", optimizer_name="AdamW", images_per_step=256, nbs=NBS)
     assert not off.changes_anything
+
+
+def test_accumulated_forwards_keep_batchnorm_momentum():
+    """64 per forward x 8 accumulated: k = 8 for the optimizer, but each forward already holds nbs images."""
+    recipe = large_batch_recipe(
+        rule="yolods", optimizer_name="AdamW", images_per_step=512, nbs=NBS, forwards_per_step=8
+    )
+    assert (recipe.lr_scale, recipe.batchnorm_steps) == (8.0, 1.0)
 
 
 def test_accumulation_from_a_deepspeed_json_is_a_large_batch():
@@ -208,12 +244,15 @@ def test_two_synced_ranks_equal_one_batchnorm_over_the_whole_batch(tmp_path):
 def test_two_rank_sync_bn_run_saves_weights_ultralytics_loads(zero_stage, shapes_data, projects):
     """A 2-rank --sync_bn run trains to the end; best.pt holds plain BatchNorm2d and loads in ultralytics.YOLO."""
     name = f"sync_bn_zero{zero_stage}"
-    args = small_run_args(shapes_data, projects, name, "--zero", str(zero_stage), "--sync_bn", epochs=1)
+    # nbs 4 < batch 8: the large-batch recipe (k = 2) runs too, BatchNorm momentum included
+    args = small_run_args(shapes_data, projects, name, "--zero", str(zero_stage), "--sync_bn", "--nbs", "4", epochs=1)
     result = run_train(args, nproc=2)
     assert_ok(result)
-    assert "sync BN: 57 BatchNorm layers normalise over all 2 ranks' images" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "sync BN: 57 BatchNorm layers normalise over all 2 ranks' images" in log
+    assert "large batch: 8 images per optimizer step, nbs 4; rule yolods' at k = 2" in log
     from ultralytics import YOLO
 
     model = YOLO(str(projects / name / "weights" / "best.pt")).model
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+    assert norms and all(type(m) is nn.BatchNorm2d and m.momentum == 0.03 for m in norms)  # as Ultralytics saves

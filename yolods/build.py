@@ -145,7 +145,7 @@ def build_optimizer_and_schedule(
         weight_decay=weight_decay_for(hyp=hyp, global_batch=batch.global_batch, accumulate=batch.accumulate),
         zero_stage=plan.zero_stage,
     )
-    recipe_for(plan, optimizer).apply(optimizer)  # above nbs: yolods' large-batch lr/weight decay (large_batch.py)
+    recipe_for(plan, optimizer).scale_optimizer(optimizer)  # above nbs: yolods' large-batch rule (large_batch.py)
     schedule = Schedule(
         epochs=epochs,
         batches_per_epoch=batches_per_epoch,
@@ -228,7 +228,8 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)  # after the EMA copy: only the trained model recomputes
-    # after the optimizer groups and the EMA copy, which keep plain BatchNorm (so do the saved weights)
+    # after the optimizer groups and the EMA copy, which keep Ultralytics' BatchNorm (so do the saved weights)
+    recipe_for(plan, optimizer).scale_batchnorm(model)
     synced_norms = convert_sync_batchnorm(model) if cfg.sync_bn else None
     step = build_train_step(
         model,
