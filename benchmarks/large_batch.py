@@ -133,6 +133,8 @@ def run_one(
         "load_avg_start": round(load_start[0], 2),
         "run_dir": str(run_dir),
         "rule_line": next((line.strip() for line in log_text.splitlines() if RULE_LINE in line), None),
+        "git_commit": code["git_commit"],
+        "dirty": bool(code["uncommitted_changes"]),  # the yolods copy this run imported differs from the commit
         "settings": settings,
         "code": code,
     }
@@ -200,6 +202,8 @@ def summarise(rows: list[dict[str, Any]], records: dict[str, list[dict[str, Any]
                 "optimizer_steps": done[0]["optimizer_steps"] if done else None,
                 "wall_s_mean": statistics.fmean(r["wall_s"] for r in done) if done else None,
                 "rule_line": done[0]["rule_line"] if done else None,
+                "git_commits": sorted({r["git_commit"] for r in records[row["name"]]}),
+                "dirty": any(r["dirty"] for r in records[row["name"]]),
             }
         )
     reference = min(summaries, key=lambda s: s["batch"])  # the smallest batch (64 = nbs by default)
@@ -270,8 +274,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| batch | k | rule | seeds | final mAP50-95 | x batch "
         + str(report["reference_batch"])
         + " | optimizer steps "
-        "| epochs to target | wall s to target | wall s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| epochs to target | wall s to target | wall s/run | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         spread = f"{_fmt(s['final_map_mean'])} ± {_fmt(s['final_map_std'])} ({_fmt(s['final_map_min'])}-{_fmt(s['final_map_max'])})"
@@ -280,7 +284,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {s['batch']} | {s['k']:g} | {s['rule']} | {','.join(map(str, s['seeds']))}{failed} | {spread} | "
             f"{_fmt(s['ratio_to_reference'], 3)} | {s['optimizer_steps']} | {reached} | "
-            f"{_fmt(s['time_to_target_s_mean'], 0)} | {_fmt(s['wall_s_mean'], 0)} |"
+            f"{_fmt(s['time_to_target_s_mean'], 0)} | {_fmt(s['wall_s_mean'], 0)} | "
+            f"{','.join(s['git_commits'])}{' (dirty)' if s['dirty'] else ''} |"
         )
     lines += ["", "## Issue 18's goal on this table", "", *(report["verdicts"] or ["- (no batch above nbs)"])]
     lines += ["", "## What each rule set (rank 0's start line, first seed)", ""]

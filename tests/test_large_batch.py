@@ -67,9 +67,9 @@ def batchnorm_momenta(model: nn.Module) -> set[float]:
 
 @pytest.mark.parametrize("k", [1, 4, 8])
 def test_auto_adamw_lr_scales_by_k_and_decay_per_epoch_stays(shapes_data, detector, k):
-    """auto picks AdamW (few iterations) at every k. yolods: lr x k, the base weight decay (Ultralytics' x k, over
-    k times fewer steps of k times the lr, would decay k times more per epoch), BatchNorm momentum per k images.
-    Ultralytics: lr x 1, decay x k, momentum 0.03."""
+    """auto picks AdamW (few iterations) at every k. yolods: lr x k (linear rule), the base weight decay
+    (Ultralytics' x k, over k times fewer steps of k times the lr, would decay k times more per epoch), BatchNorm
+    momentum per k images. Ultralytics: lr x 1, decay x k, momentum 0.03."""
     batch = ["--batch", str(NBS * k)]
     name, lr, weight_decay, warmup, model = built(shapes_data, detector, *batch, with_model=True)
     assert name == "AdamW"
@@ -83,13 +83,13 @@ def test_auto_adamw_lr_scales_by_k_and_decay_per_epoch_stays(shapes_data, detect
 
 
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_clipped_sgd_scales_like_adamw(shapes_data, detector, k):
-    """Clipping at norm 10 (yolods' and Ultralytics' default) caps SGD's step whatever the summed loss's scale, so
-    SGD gets AdamW's rule; Ultralytics' rule is lr x 1, decay x k."""
+def test_clipped_sgd_scales_by_sqrt_k(shapes_data, detector, k):
+    """Clipping at norm 10 (yolods' and Ultralytics' default) fixes SGD's step size whatever the summed loss's
+    scale: yolods lr x sqrt(k), decay x sqrt(k) (decay per epoch as at nbs); Ultralytics lr x 1, decay x k."""
     flags = ["--batch", str(NBS * k), "--optimizer", "SGD"]
     name, lr, weight_decay, _ = built(shapes_data, detector, *flags)
-    assert (name, lr) == ("SGD", pytest.approx(0.01 * k, rel=1e-12))
-    assert weight_decay == pytest.approx(WEIGHT_DECAY, rel=1e-12)
+    assert (name, lr) == ("SGD", pytest.approx(0.01 * math.sqrt(k), rel=1e-12))
+    assert weight_decay == pytest.approx(WEIGHT_DECAY * math.sqrt(k), rel=1e-12)
     _, lr, weight_decay, _ = built(shapes_data, detector, *flags, "--large_batch_rule", "ultralytics")
     assert (lr, weight_decay) == (0.01, pytest.approx(WEIGHT_DECAY * k, rel=1e-12))
 
@@ -107,11 +107,12 @@ def test_unclipped_sgd_keeps_ultralytics_lr(shapes_data, detector, tmp_path):
 
 
 def test_auto_on_long_runs_keeps_its_choice(shapes_data, detector):
-    """Many iterations: auto picks MuSGD (SGD under ZeRO 1-3); clipped, so lr x k too."""
+    """Many iterations: auto picks MuSGD (SGD under ZeRO 1-3), clipped SGD steps: lr x sqrt(k)."""
+    sqrt_k = math.sqrt(8)
     name, lr, weight_decay, _ = built(shapes_data, detector, "--batch", "512", num_train_images=300_000)
-    assert (name, lr, weight_decay) == ("MuSGD", pytest.approx(0.01 * 8), pytest.approx(WEIGHT_DECAY))
+    assert (name, lr, weight_decay) == ("MuSGD", pytest.approx(0.01 * sqrt_k), pytest.approx(WEIGHT_DECAY * sqrt_k))
     name, lr, _, _ = built(shapes_data, detector, "--batch", "512", "--zero", "2", num_train_images=300_000)
-    assert (name, lr) == ("SGD", pytest.approx(0.01 * 8))
+    assert (name, lr) == ("SGD", pytest.approx(0.01 * sqrt_k))
 
 
 @pytest.mark.parametrize("batch", [8, 16, 42, 48, 64])

@@ -7,29 +7,35 @@ images, so the gradient grows with the images per optimizer step, and unclipped 
 batch (the linear scaling rule, built in). But the gradient is clipped to norm 10 (Ultralytics' max_norm, yolods'
 default `gradient_clipping`), and the summed gradient's norm is 10^2-10^4 (measured here, yolov8n from scratch on
 the drawn shapes at imgsz 64: ~1500 at the start and ~180 after 10 epochs at 16 images per step, 1900-12000 at
-128): every step is clipped, so SGD's
-step has a fixed size, as Adam-type optimizers' have by normalisation. At k times the batch every optimizer
-then takes k times fewer steps of the same size, and the model under-trains.
+128): every step is clipped, so SGD's step has a fixed size, as Adam-type optimizers' have by normalisation. At k
+times the batch every optimizer then takes k times fewer steps of the same size, and the model under-trains.
 
 yolods' rule (the default) changes nothing unless the images per optimizer step exceed `nbs` beyond what
 Ultralytics' own rounding to `nbs` gives; then, with k = images per optimizer step / nbs:
 
-- Clipped gradient (the default), every optimizer: lr x k, the linear scaling rule (Goyal et al. 2017 for SGD,
-  YOLOX's lr = 0.01 x batch / 64, DeiT's and MAE's for AdamW), which gives a fixed-size-step optimizer back the
-  distance per epoch it has at nbs, and the base weight_decay instead of Ultralytics' x k: the decay shrinks the
-  weights by about lr x wd per step (SGD adds it after the clip, AdamW decouples it), so lr x wd x steps per
-  epoch, the decay per epoch, stays as at nbs. Measured here (yolov8n from scratch, 1024 drawn-shapes images at
-  imgsz 64, nbs 16, batch 128 = 8 x nbs, 10 epochs = 80 steps, auto AdamW, one seed): final mAP50-95 0.000 with
-  Ultralytics' rule, 0.062 with lr x sqrt(k) (the square-root rule of Malladi et al. 2022 for Adam), 0.181 with
-  lr x k.
-- Unclipped (`gradient_clipping: 0` in a DeepSpeed JSON; fp16 under ZeRO 1-3): SGD and MuSGD keep Ultralytics'
-  lr and weight decay (the summed loss is the linear rule); AdamW as above; Adam, Adamax, NAdam, RAdam, RMSprop
-  lr x k with Ultralytics' weight_decay x k, as their L2 term joins the summed gradient before the normalisation.
+- Adam-type (AdamW, which `auto` picks for up to 10,000 iterations; Adam, Adamax, NAdam, RAdam, RMSprop): lr x k,
+  the linear scaling rule (DeiT's and MAE's for AdamW; Goyal et al. 2017 and YOLOX's lr = 0.01 x batch / 64 for
+  SGD), which gives a fixed-size-step optimizer back the distance per epoch it has at nbs. The square-root rule
+  usual for Adam (Malladi et al. 2022) reached a third of its mAP below.
+- SGD, MuSGD with a clipped gradient (the default): lr x sqrt(k), the square-root rule (Hoffer et al. 2017).
+  Ultralytics' SGD lr0 0.01 is already large: x k made the run unstable for 4 of its 10 epochs below.
+- Without clipping (`gradient_clipping: 0` in a DeepSpeed JSON; fp16 under ZeRO 1-3) SGD and MuSGD keep
+  Ultralytics' lr and weight decay: their summed loss is the linear rule.
+- Weight decay x k / lr scale instead of Ultralytics' x k: decay shrinks the weights by about lr x wd per step
+  (SGD adds it after the clip, AdamW decouples it, Adam's L2 joins a clipped gradient of fixed size), so this
+  keeps lr x wd x steps per epoch, the decay per epoch, as at nbs (AdamW: the base value; SGD: x sqrt(k)). Adam-type
+  with coupled L2 and no clipping keeps Ultralytics' x k, which keeps the L2 term's ratio to the summed gradient.
 - BatchNorm momentum m -> 1 - (1 - m)^(global batch / nbs): the running statistics move once per forward, so at a
   k times larger forward they would average over k times more images (epochs) and lag behind weights that move
-  k times further per step.
+  further per step; the EMA copy and the saved weights keep Ultralytics' m.
 - Warmup: Ultralytics' `warmup_epochs` x batches per epoch, already measured in epochs (in samples), with its
   bias-lr and momentum ramps; kept as is.
+
+Measured here (yolov8n from scratch, 1024 drawn-shapes images at imgsz 64, nbs 16, batch 128 = 8 x nbs, 10 epochs
+= 80 optimizer steps, one seed, final mAP50-95): AdamW 0.000 with Ultralytics' rule, 0.062 with lr and decay
+x sqrt(k), 0.181 with lr and decay x k, 0.353 with this recipe (lr x k, base decay, BatchNorm momentum); SGD 0.166
+with lr and decay x sqrt(k), 0.141 with lr and decay x k. benchmarks/large_batch.py measures it at nbs 64 with
+seeds (README: Large global batch).
 
 `--large_batch_rule ultralytics` restores Ultralytics' rule exactly. The recipe is a pure function of the run's
 settings, so a resumed run derives the same one (the flag cannot change on resume).
@@ -43,6 +49,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,17 +129,20 @@ def large_batch_recipe(
         return recipe
     # BatchNorm's running statistics move once per forward: k / forwards times fewer per epoch than at nbs.
     recipe = dataclasses.replace(recipe, batchnorm_steps=factor / forwards_per_step)
-    # Ultralytics' weight decay is x k; with the lr x k, the base value keeps lr x wd x steps per epoch (the decay
-    # per epoch) as at nbs.
-    fixed_size_step = dataclasses.replace(recipe, lr_scale=factor, weight_decay_scale=1 / factor)
-    if clipped:
-        return dataclasses.replace(fixed_size_step, reason="clipped gradient: fixed-size steps")
-    if optimizer_name in DECOUPLED_DECAY_OPTIMIZERS:
-        return dataclasses.replace(fixed_size_step, reason="scale-invariant steps")
     if optimizer_name in ADAPTIVE_OPTIMIZERS:
-        # coupled L2 joins the summed gradient (x k) before the normalisation: Ultralytics' x k keeps its ratio
-        return dataclasses.replace(recipe, lr_scale=factor, reason="scale-invariant steps, L2 in the gradient")
-    return dataclasses.replace(recipe, reason="unclipped summed loss: linear lr scaling built in")
+        lr_scale, reason = factor, "Adam-type: linear rule"
+    elif clipped:  # SGD, MuSGD: the clip fixes the step's size
+        lr_scale, reason = math.sqrt(factor), "clipped SGD: square-root rule"
+    else:
+        return dataclasses.replace(recipe, reason="unclipped SGD: its summed loss is the linear rule")
+    # Ultralytics' weight decay is x k. Decay shrinks the weights by about lr x wd per step (SGD adds it after the
+    # clip, AdamW decouples it; Adam's L2 joins a clipped gradient of fixed size), so x k / lr_scale keeps
+    # lr x wd x steps per epoch, the decay per epoch, as at nbs.
+    weight_decay_scale = 1 / lr_scale
+    if not clipped and optimizer_name not in DECOUPLED_DECAY_OPTIMIZERS:
+        # L2 joins the summed gradient (x k) before the normalisation: Ultralytics' x k keeps its ratio to it
+        weight_decay_scale, reason = 1.0, f"{reason}, L2 in the unclipped gradient"
+    return dataclasses.replace(recipe, lr_scale=lr_scale, weight_decay_scale=weight_decay_scale, reason=reason)
 
 
 def recipe_for(plan, optimizer: torch.optim.Optimizer) -> LargeBatchRecipe:
@@ -173,5 +183,5 @@ def describe(plan, optimizer: torch.optim.Optimizer, *, warmup_batches: int, bat
     return (
         f"large batch: {images} images per optimizer step, nbs {nbs}; rule {applied}; "
         f"{recipe.optimizer_name} lr0 {lr0:.6g}, weight_decay {weight_decay:.6g}, "
-        f"warmup {warmup_batches} batches ({warmup_epochs:.3g} epochs)"
+        f"warmup {warmup_batches} batches ({warmup_epochs:.3g} epoch{'s' * (warmup_epochs != 1)})"
     )
