@@ -274,5 +274,5 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         )
     )
     if synced_norms is not None:
-        logger.info(describe_sync_bn(synced_norms))
+        logger.info(describe_sync_bn(synced_norms, device=device))
     return trainer

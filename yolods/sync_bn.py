@@ -128,10 +128,10 @@ def _synced_copy(norm: nn.modules.batchnorm._BatchNorm) -> RankSyncBatchNorm:
     return synced
 
 
-def describe_sync_bn(replaced: int) -> str:
+def describe_sync_bn(replaced: int, *, device: torch.device) -> str:
     """The start-of-run line for `--sync_bn`."""
     world_size = dist.get_world_size()
     if not replaced:
         return f"sync BN: off on {world_size} rank{'s' * (world_size > 1)} (nothing to synchronise)"
-    backend = "torch SyncBatchNorm" if torch.cuda.is_available() else "all-reduce (CPU)"
+    backend = "all-reduce BatchNorm on CPU" if device.type == "cpu" else "torch SyncBatchNorm"
     return f"sync BN: {replaced} BatchNorm layers normalise over all {world_size} ranks' images ({backend})"
