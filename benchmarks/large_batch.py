@@ -11,7 +11,8 @@ epochs, from a copy of `yolods/` taken at the start (benchmarks/parity.py's snap
 change nothing. A batch at or below nbs is run once per seed: there both rules are Ultralytics'. A batch above nbs
 is run under `--large_batch_rule ultralytics` and `yolods`. By default the whole global batch is one forward per
 rank, as Ultralytics' `batch=B`; `--micro-batch M` reaches it by accumulation instead (a DeepSpeed JSON with
-train_micro_batch_size_per_gpu=M and gradient_accumulation_steps, which yolods' rule counts as the same k).
+train_micro_batch_size_per_gpu=M and gradient_accumulation_steps, which yolods' rule counts as the same k; the
+warmup then ramps the accumulation from 1, as Ultralytics does below nbs, so warmup takes more, smaller steps).
 
 Writes OUT_DIR/large_batch.json (every run: command, per-epoch mAP and time, optimizer steps, the rule's start
 line, git commit and dirty tree), large_batch.md (final mAP50-95 mean and spread, per-epoch mAP, optimizer steps,

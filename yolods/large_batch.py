@@ -170,9 +170,11 @@ def describe(plan, optimizer: torch.optim.Optimizer, *, warmup_batches: int, bat
     if recipe.factor <= 1.0:
         applied = f"Ultralytics' (at most ~nbs {nbs} images per optimizer step)"
     elif recipe.changes_anything:
+        steps = recipe.batchnorm_steps
+        momentum = f"1 - (1 - m)^{steps:.3g}" if steps != 1.0 else "m (nbs images per forward)"
         applied = (
             f"yolods' at k = {recipe.factor:g} ({recipe.reason}): lr x {recipe.lr_scale:.3g}, weight decay x "
-            f"{recipe.factor * recipe.weight_decay_scale:.3g}, BatchNorm momentum m -> 1 - (1 - m)^{recipe.batchnorm_steps:.3g} "
+            f"{recipe.factor * recipe.weight_decay_scale:.3g}, BatchNorm momentum {momentum} "
             f"(Ultralytics' rule: lr x 1, weight decay x {recipe.factor:g}, m)"
         )
     elif recipe.rule == "yolods":
