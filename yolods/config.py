@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--large_batch_rule",
         choices=RULES,
         default="yolods",
-        help="above nbs images per optimizer step: 'yolods' (default) scales Adam-type lr by sqrt(k), k = images "
-        "per step / nbs, and AdamW weight decay by sqrt(k); 'ultralytics' keeps Ultralytics' rule exactly",
+        help="above nbs images per optimizer step (k = images / nbs): 'yolods' (default) scales Adam-type lr by k, "
+        "clipped SGD lr by sqrt(k), weight decay to keep decay per epoch, BatchNorm momentum per image (README: "
+        "Large global batch); 'ultralytics' keeps Ultralytics' rule exactly",
     )
     large.add_argument(
         "--sync_bn",
