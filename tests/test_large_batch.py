@@ -189,7 +189,9 @@ def _sync_bn_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch_dist.init_process_group("gloo", rank=rank, world_size=world_size)
     batch, probe, norm = _equivalence_case()
     model = nn.Sequential(norm)
+    plain_keys = list(model.state_dict())
     assert convert_sync_batchnorm(model) == 1 and isinstance(model[0], RankSyncBatchNorm)
+    assert list(model.state_dict()) == plain_keys  # checkpoints load with or without --sync_bn
     start = sum(SHARDS[:rank])
     shard = batch[start : start + SHARDS[rank]].clone().requires_grad_()
     output = model(shard)

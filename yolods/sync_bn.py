@@ -9,8 +9,8 @@ buffers and state-dict names of the originals, so DeepSpeed checkpoints load wit
 On one rank there is nothing to synchronise: the model is left as it is.
 
 Examples:
-    >>> convert_sync_batchnorm(model)  # under a process group of 2+ ranks
-    52
+    >>> convert_sync_batchnorm(model)  # yolov8n, under a process group of 2+ ranks
+    57
 """
 
 from __future__ import annotations
