@@ -19,6 +19,8 @@ from yolods.config import RunPlan, place_monitor_outputs, resolved_precision
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.engine import Trainer
 from yolods.hyp import with_data
+from yolods.large_batch import describe as describe_large_batch
+from yolods.large_batch import recipe_for
 from yolods.metrics import RunLogger
 from yolods.model import (
     build_ema,
@@ -35,6 +37,7 @@ from yolods.preemption import StopRequest
 from yolods.profiling import StepProfiler
 from yolods.schedule import Schedule
 from yolods.step import TrainStep
+from yolods.sync_bn import convert_sync_batchnorm, describe_sync_bn
 from yolods.validation import EpochValidator
 
 
@@ -151,6 +154,7 @@ def build_optimizer_and_schedule(
         weight_decay=weight_decay_for(hyp=hyp, global_batch=batch.global_batch, accumulate=batch.accumulate),
         zero_stage=plan.zero_stage,
     )
+    recipe_for(plan, optimizer).scale_optimizer(optimizer)  # above nbs: yolods' large-batch rule (large_batch.py)
     schedule = Schedule(
         epochs=epochs,
         batches_per_epoch=batches_per_epoch,
@@ -258,6 +262,9 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
     ema = build_ema(model)  # before initialize: ZeRO-3 empties the parameters
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)  # after the EMA copy: only the trained model recomputes
+    # after the optimizer groups and the EMA copy, which keep Ultralytics' BatchNorm (so do the saved weights)
+    recipe_for(plan, optimizer).scale_batchnorm(model)
+    synced_norms = convert_sync_batchnorm(model) if cfg.sync_bn else None
     step = build_train_step(
         model,
         optimizer,
@@ -294,4 +301,14 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         f"{batch.global_batch} ({batch.micro_batch}/rank) x accumulate {schedule.accumulate}, "
         f"{type(optimizer).__name__}(lr0={train_hyp.lr0:g}), {train_data.num_images} train images, run dir {run_dir}"
     )
+    logger.info(
+        describe_large_batch(
+            plan,
+            optimizer,
+            warmup_batches=schedule.warmup_iterations,
+            batches_per_epoch=schedule.batches_per_epoch,
+        )
+    )
+    if synced_norms is not None:
+        logger.info(describe_sync_bn(synced_norms, device=device))
     return trainer

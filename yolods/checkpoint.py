@@ -164,6 +164,7 @@ def save_run_config(run_dir: Path, cfg: RunConfig) -> None:
 def load_run_config(run_dir: Path) -> RunConfig:
     """The configuration a run started with; resuming continues it unchanged."""
     saved = yaml.safe_load((run_dir / "args.yaml").read_text())
+    saved.setdefault("large_batch_rule", "ultralytics")  # runs saved before the flag existed had Ultralytics' rule
     return RunConfig(**{**saved, "resume": str(run_dir)})
 
 

@@ -22,6 +22,7 @@ import torch
 
 from yolods.errors import ConfigError
 from yolods.hyp import is_ultralytics_setting, ultralytics_settings
+from yolods.large_batch import RULES
 
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -87,6 +88,8 @@ class RunConfig:
     activation_checkpointing: bool = False
     communication_dtype: str | None = None
     step_at_epoch_end: bool = False
+    large_batch_rule: str = "yolods"
+    sync_bn: bool = False
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -207,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the gradient reduction (DeepSpeed's communication_data_type; default: the gradients' own, fp32)",
     )
 
+    large = parser.add_argument_group("large global batch (above nbs)")
+    large.add_argument(
+        "--large_batch_rule",
+        choices=RULES,
+        default="yolods",
+        help="above nbs images per optimizer step (k = images / nbs): 'yolods' (default) scales Adam-type lr by k, "
+        "clipped SGD lr by sqrt(k), weight decay to keep decay per epoch, BatchNorm momentum per image (README: "
+        "Large global batch); 'ultralytics' keeps Ultralytics' rule exactly",
+    )
+    large.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="BatchNorm statistics over all ranks (for small per-rank batches); no-op on 1 rank",
+    )
+
     memory = parser.add_argument_group("memory")
     memory.add_argument(
         "--activation_checkpointing",
@@ -311,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         activation_checkpointing=args.activation_checkpointing,
         communication_dtype=args.communication_dtype,
         step_at_epoch_end=args.step_at_epoch_end,
+        large_batch_rule=args.large_batch_rule,
+        sync_bn=args.sync_bn,
         hyp=hyp,
     )
 
