@@ -37,7 +37,7 @@ def assert_weights_load_and_validate(weights: Path, data_yaml: Path, *, num_clas
     assert len(predictions) == 1
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 3])
+@pytest.mark.parametrize("zero_stage", [0, 3])  # ZeRO-2: the bf16 configs below; ZeRO-1 shares its optimizer
 def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
     name = f"zero{zero_stage}"
     shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))

@@ -43,12 +43,8 @@ def step_difference(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Te
     return max(float((x - y).abs().max()) for x, y in zip(a["after"], b["after"])) / moved
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])  # ZeRO-1 shares ZeRO-2's optimizer (stage_1_and_2.py)
-def test_two_ranks_equal_one_rank_accumulating(zero_stage, shapes_data, tmp_path):
-    """2 ranks x micro 8 = 1 rank x micro 8 x 2 accumulated: same micro-batches, so BatchNorm sees the same."""
-    two_ranks = step_parameters(shapes_data, tmp_path / "two.pt", ranks=2, micro=8, zero=zero_stage)
-    one_rank = step_parameters(shapes_data, tmp_path / "one.pt", ranks=1, micro=8, zero=zero_stage)
-    assert step_difference(two_ranks, one_rank) < 1e-5
+# 2 ranks x micro 8 against 1 rank accumulating 2 x 8: one step in test_one_sgd_step_equals_the_ultralytics_update
+# (both equal Ultralytics' update), whole runs in test_two_ranks_follow_the_one_rank_run_step_by_step.
 
 
 def test_two_ranks_match_one_rank_with_the_whole_batch(shapes_data, tmp_path):
@@ -148,7 +144,7 @@ def one_rank_accumulating(shapes_data, tmp_path_factory):
 FOLLOW_TOLERANCE = {0: {"loss": 1e-6, "params": 1e-6}, 1: {"loss": 1e-3, "params": 1e-2}}
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])  # ZeRO-1 runs ZeRO-2's optimizer (stage_1_and_2.py)
 def test_two_ranks_follow_the_one_rank_run_step_by_step(zero_stage, one_rank_accumulating, shapes_data, tmp_path):
     """Each 2 x 8 global batch holds the images of two consecutive 1-rank micro-batches of 8; after every step the
     losses (mean over ranks) and after every epoch the parameters and the EMA agree to FOLLOW_TOLERANCE.
