@@ -16,7 +16,8 @@ The bar: a yolods row passes when the 95% confidence interval (Student t over se
 in final mAP50-95 lies within +-0.01. Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
 passes, 1 when a row does not, 2 when a run failed.
 
-Row names: `ultralytics`, or `zero{0,1,2,3}-{N}rank-{fp32,bf16,fp16}` for yolods.
+Row names: `ultralytics`, or `zero{0,1,2,3}-{N}rank-{fp32,bf16,fp16}` for yolods, optionally followed by
+`-comm{fp32,bf16,fp16}` (`--communication_dtype`) and `-syncbn` (`--sync_bn`), e.g. `zero2-2rank-fp32-commbf16`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ MIN_TOLERANCE = 0.01  # the bar: the 95% CI of the mean paired difference within
 # Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96 is within 4%).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
 T_975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-ROW_PATTERN = re.compile(r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)$")
+ROW_PATTERN = re.compile(
+    r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)"
+    r"(?:-comm(?P<communication_dtype>fp32|bf16|fp16))?(?P<sync_bn>-syncbn)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,17 @@ class Row:
     zero: int | None = None
     ranks: int = 1
     precision: str = "fp32"
+    communication_dtype: str | None = None  # yolods' --communication_dtype (the gradient reduction's dtype)
+    sync_bn: bool = False  # yolods' --sync_bn
 
     @property
     def label(self) -> str:
         if self.trainer == "ultralytics":
             return "Ultralytics (reference)"
-        return f"yolods ZeRO-{self.zero}, {self.ranks} rank{'s' if self.ranks > 1 else ''}, {self.precision}"
+        label = f"yolods ZeRO-{self.zero}, {self.ranks} rank{'s' if self.ranks > 1 else ''}, {self.precision}"
+        if self.communication_dtype:
+            label += f", gradients reduced in {self.communication_dtype}"
+        return label + (", SyncBN" if self.sync_bn else "")
 
 
 def parse_row(name: str) -> Row:
@@ -88,13 +97,18 @@ def parse_row(name: str) -> Row:
         return Row(name=name, trainer="ultralytics")
     match = ROW_PATTERN.match(name)
     if not match:
-        raise ValueError(f"--rows: {name!r} is not 'ultralytics' or zero{{0-3}}-{{N}}rank-{{fp32,bf16,fp16}}")
+        raise ValueError(
+            f"--rows: {name!r} is not 'ultralytics' or zero{{0-3}}-{{N}}rank-{{fp32,bf16,fp16}}"
+            "[-comm{fp32,bf16,fp16}][-syncbn]"
+        )
     return Row(
         name=name,
         trainer="yolods",
         zero=int(match["zero"]),
         ranks=int(match["ranks"]),
         precision=match["precision"],
+        communication_dtype=match["communication_dtype"],
+        sync_bn=bool(match["sync_bn"]),
     )
 
 
@@ -229,6 +243,10 @@ def yolods_command(row: Row, *, settings: dict[str, Any], seed: int, run_dir: Pa
         run_dir.name,
         "--exist_ok",
     ]
+    if row.communication_dtype:
+        args += ["--communication_dtype", row.communication_dtype]
+    if row.sync_bn:
+        args.append("--sync_bn")
     for key, value in {"plots": False, **settings["hyp"]}.items():  # no results.png: the reference draws no plots
         args += ["--hyp", f"{key}={value}"]
     if row.ranks == 1:

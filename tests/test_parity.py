@@ -24,12 +24,20 @@ def parity():
     sys.modules.pop("parity", None)
 
 
+SETTINGS = {"model": "yolov8n.yaml", "data": "d.yaml", "epochs": 1, "imgsz": 64, "batch": 4, "workers": 0}
+SETTINGS |= {"device": "cpu", "hyp": {}, "threads": 1}
+
+
 def test_row_names(parity):
     assert parity.parse_row("ultralytics").trainer == "ultralytics"
     row = parity.parse_row("zero3-2rank-bf16")
     assert (row.trainer, row.zero, row.ranks, row.precision) == ("yolods", 3, 2, "bf16")
     assert row.label == "yolods ZeRO-3, 2 ranks, bf16"
-    for bad in ("zero4-2rank-fp32", "zero2-0rank-fp32", "zero2-2rank-fp64", "ddp"):
+    row = parity.parse_row("zero2-2rank-fp32-commbf16-syncbn")
+    assert (row.communication_dtype, row.sync_bn) == ("bf16", True)
+    command = parity.yolods_command(row, settings=SETTINGS, seed=0, run_dir=Path("runs/x"))
+    assert command[command.index("--communication_dtype") + 1] == "bf16" and "--sync_bn" in command
+    for bad in ("zero4-2rank-fp32", "zero2-0rank-fp32", "zero2-2rank-fp64", "zero2-2rank-fp32-commfp64", "ddp"):
         with pytest.raises(ValueError, match="--rows"):
             parity.parse_row(bad)
 
