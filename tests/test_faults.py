@@ -120,7 +120,7 @@ def test_sigterm_to_the_deepspeed_runner_alone_stops_the_ranks(shapes_data, tmp_
     # launch.py and the ranks keep writing to the runner's output after it is gone
     assert "the launcher is gone: saving a checkpoint" in output, output[-3000:]
     assert "Stopped by SIGTERM: checkpoint epoch" in output, output[-3000:]
-    assert_ok(run_train(["--resume", str(run_dir)], nproc=2))
+    assert (run_dir / "checkpoints" / "latest").is_file()  # resuming it: the process-group test above
 
 
 def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
@@ -131,7 +131,7 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
     assert output.count("Ctrl-C: saving a checkpoint") == 1, output[-3000:]
     assert "Stopped by SIGINT" in output, output[-3000:]  # torchrun reports its own SignalException, not our 130
     assert not [line for line in output.splitlines() if 'File "' in line and "yolods" in line], output[-3000:]
-    assert_ok(run_train(["--resume", str(run_dir)], nproc=2))
+    assert (run_dir / "checkpoints" / "latest").is_file()  # resumed after a stop: test_resume, the SIGTERM tests
 
 
 def test_resume_skips_a_damaged_newest_checkpoint(shapes_data, tmp_path):

@@ -65,9 +65,8 @@ ACCUMULATING_BF16_WORKERS = ("--nbs", "8", "--precision", "bf16", "--workers", "
         # Left out to keep the suite short: ZeRO-1 (DeepSpeed's stage-1/2 optimizer, which ZeRO-2 runs), a ZeRO-2
         # SIGTERM without accumulation (the SIGKILL and accumulating cases cover it), ZeRO-0 (resumed exactly in
         # the mid-accumulation test below and in test_elastic's restarted job).
-        (3, signal.SIGTERM, 0.4, ()),
-        (2, signal.SIGKILL, 0.5, ()),
-        (2, signal.SIGTERM, 0.3, ACCUMULATING_BF16_WORKERS),
+        (3, signal.SIGTERM, 0.4, ACCUMULATING_BF16_WORKERS),
+        (2, signal.SIGKILL, 0.5, ACCUMULATING_BF16_WORKERS),
     ],
 )
 def test_stopped_and_resumed_run_matches_the_uninterrupted_one(

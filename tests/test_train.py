@@ -37,7 +37,7 @@ def assert_weights_load_and_validate(weights: Path, data_yaml: Path, *, num_clas
     assert len(predictions) == 1
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])  # ZeRO-2: the bf16 configs below; ZeRO-1 shares its optimizer
+@pytest.mark.parametrize("zero_stage", [0])  # ZeRO-2 and 3: the bf16 configs below; ZeRO-1 shares ZeRO-2's optimizer
 def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
     name = f"zero{zero_stage}"
     shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
@@ -49,8 +49,6 @@ def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
     assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero_stage
     assert_weights_load_and_validate(run_dir / "weights" / "best.pt", shapes_data, num_classes=3)
-    if zero_stage == 3:
-        assert_ema_followed_the_partitioned_model(run_dir)
 
 
 def assert_ema_followed_the_partitioned_model(run_dir: Path) -> None:
@@ -98,6 +96,8 @@ def test_bf16_autocast_configs_train(config, shapes_data, projects):
     assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
     assert json.loads((projects / name / "ds_config.json").read_text())["torch_autocast"]["dtype"] == "bfloat16"
     assert_weights_load_and_validate(projects / name / "weights" / "best.pt", shapes_data, num_classes=3)
+    if config.startswith("zero3"):
+        assert_ema_followed_the_partitioned_model(projects / name)
 
 
 def test_deepspeed_bf16_section_runs(shapes_data, projects, tmp_path):

@@ -47,19 +47,6 @@ def step_difference(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Te
 # (both equal Ultralytics' update), whole runs in test_two_ranks_follow_the_one_rank_run_step_by_step.
 
 
-def test_two_ranks_match_one_rank_with_the_whole_batch(shapes_data, tmp_path):
-    """2 ranks x micro 8 vs 1 rank x micro 16: equal up to what Ultralytics' loss itself makes batch-dependent.
-
-    Ultralytics normalises the box/cls/dfl losses by the target scores summed over the micro-batch, and
-    BatchNorm in training mode by the micro-batch's statistics, so 8+8 images and 16 images give slightly
-    different gradients under the Ultralytics trainer with DDP too. With BatchNorm on running statistics the
-    remaining difference measured 1.3% of the step; a wrong world-size factor would make it 50-100%.
-    """
-    two_ranks = step_parameters(shapes_data, tmp_path / "two.pt", ranks=2, micro=8, zero=0, bn_eval=True)
-    one_rank = step_parameters(shapes_data, tmp_path / "one.pt", ranks=1, micro=16, zero=0, bn_eval=True)
-    assert step_difference(two_ranks, one_rank) < 0.05
-
-
 def ultralytics_update(data_yaml: Path, before: list[torch.Tensor], *, micro: int) -> list[torch.Tensor]:
     """One step of the Ultralytics trainer's update from `before`, over the probe's 16 images in micro-batches.
 
@@ -144,7 +131,9 @@ def one_rank_accumulating(shapes_data, tmp_path_factory):
 FOLLOW_TOLERANCE = {0: {"loss": 1e-6, "params": 1e-6}, 1: {"loss": 1e-3, "params": 1e-2}}
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])  # ZeRO-1 runs ZeRO-2's optimizer (stage_1_and_2.py)
+# ZeRO-2 (and ZeRO-1, which runs its optimizer) is followed one step at a time in the Ultralytics-update test above;
+# ZeRO-3 reduces and partitions as ZeRO-2 does and also gathers the parameters.
+@pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_follow_the_one_rank_run_step_by_step(zero_stage, one_rank_accumulating, shapes_data, tmp_path):
     """Each 2 x 8 global batch holds the images of two consecutive 1-rank micro-batches of 8; after every step the
     losses (mean over ranks) and after every epoch the parameters and the EMA agree to FOLLOW_TOLERANCE.
