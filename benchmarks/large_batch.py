@@ -35,7 +35,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from parity import MAP50_95_COLUMN, environment, free_port, mean_std, read_results_csv, run_env, snapshot_yolods
+from parity import (
+    MAP50_95_COLUMN,
+    environment,
+    free_port,
+    mean_std,
+    read_results_csv,
+    resolve_benchmark_data,
+    run_env,
+    snapshot_yolods,
+)
 
 from yolods.bench.environment import source_state
 
@@ -391,17 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     from parity import parse_hyp
 
     work_dir = args.work_dir.resolve()
-    if args.data:
-        data_yaml, data_description = str(Path(args.data).resolve()), f"`{args.data}`"
-    else:
-        from yolods.data.synthetic import make_synthetic_dataset
-
-        root = work_dir / f"shapes-{args.num_train}-{args.num_val}-{args.imgsz}"
-        data_yaml = str(make_synthetic_dataset(root, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz))
-        data_description = (
-            f"the drawn-shapes set ({args.num_train} train / {args.num_val} val images, 3 classes, `python -m "
-            f"yolods.data.synthetic OUT --num-train {args.num_train} --num-val {args.num_val} --imgsz {args.imgsz}`)"
-        )
+    data_yaml, data_description = resolve_benchmark_data(args, work_dir)
     settings = {
         "model": args.model,
         "data": data_yaml,

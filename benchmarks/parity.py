@@ -567,6 +567,23 @@ def parse_hyp(pairs: list[str]) -> dict[str, Any]:
     return hyp
 
 
+def resolve_benchmark_data(args: argparse.Namespace, work_dir: Path) -> tuple[str, str]:
+    """The data.yaml a benchmark trains on and its description for the report: `--data` as given, else the
+    drawn-shapes set generated (once, seed 0) under `work_dir` from --num-train, --num-val and --imgsz."""
+    if args.data:
+        return str(Path(args.data).resolve()), f"`{args.data}`"
+    from yolods.data.synthetic import make_synthetic_dataset
+
+    root = work_dir / f"shapes-{args.num_train}-{args.num_val}-{args.imgsz}"
+    data_yaml = make_synthetic_dataset(root, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=0)
+    description = (
+        f"the drawn-shapes set ({args.num_train} train / {args.num_val} val images, 3 classes, "
+        f"`python -m yolods.data.synthetic OUT --num-train {args.num_train} --num-val {args.num_val} "
+        f"--imgsz {args.imgsz} --seed 0`)"
+    )
+    return str(data_yaml), description
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.render:
@@ -579,20 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: error: {error}", file=sys.stderr)
         return 2
     work_dir = args.work_dir.resolve()
-    if args.data:
-        data_yaml, data_description = str(Path(args.data).resolve()), f"`{args.data}`"
-    else:
-        from yolods.data.synthetic import make_synthetic_dataset
-
-        synthetic = work_dir / f"shapes-{args.num_train}-{args.num_val}-{args.imgsz}"
-        data_yaml = str(
-            make_synthetic_dataset(synthetic, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=0)
-        )
-        data_description = (
-            f"the synthetic shapes set ({args.num_train} train / {args.num_val} val images, 3 classes, "
-            f"`python -m yolods.data.synthetic OUT --num-train {args.num_train} --num-val {args.num_val} "
-            f"--imgsz {args.imgsz} --seed 0`)"
-        )
+    data_yaml, data_description = resolve_benchmark_data(args, work_dir)
     settings = {
         "model": args.model,
         "data": data_yaml,

@@ -39,9 +39,26 @@ def engine_name(line: Line) -> str:
     return {"deepspeed": f"ZeRO-{line['zero_stage']}", "ddp": "DDP", "ultralytics": "Ultralytics"}[line["engine"]]
 
 
-def series_key(line: Line) -> tuple:
-    """A configuration apart from where it ran: lines of one series differ only in ranks and nodes."""
-    config = line.get("config", {})
+# The config entries that set a series apart, with the value a line written before the entry existed stands for.
+SERIES_CONFIG_DEFAULTS = {
+    "device": None,
+    "reduce_bucket_size": None,
+    "allgather_bucket_size": None,
+    "overlap_comm": None,
+    "channels_last": None,
+    "deepspeed_config": None,
+    "ema": True,
+    "activation_checkpointing": False,
+    "communication_dtype": None,
+}
+
+
+def series_key(line: Line, *, leave_out: tuple[str, ...] = ()) -> tuple:
+    """A configuration apart from where it ran: lines of one series differ only in ranks and nodes.
+
+    `leave_out` names config entries not to tell apart (the report's option pairs compare across them).
+    """
+    config = line.get("config") or {}
     return (
         line["engine"],
         line["zero_stage"],
@@ -50,15 +67,7 @@ def series_key(line: Line) -> tuple:
         line["imgsz"],
         line["micro_batch"],
         line["input"],
-        config.get("device"),
-        config.get("reduce_bucket_size"),
-        config.get("allgather_bucket_size"),
-        config.get("overlap_comm"),
-        config.get("channels_last"),
-        config.get("deepspeed_config"),
-        config.get("ema", True),
-        config.get("activation_checkpointing", False),
-        config.get("communication_dtype"),
+        *(config.get(key, default) for key, default in SERIES_CONFIG_DEFAULTS.items() if key not in leave_out),
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from yolods.bench.analysis import Line, series_label
+from yolods.bench.analysis import Line, series_key, series_label
 from yolods.bench.markdown import mib, table
 
 OPTIONS = ("activation checkpointing", "offload", "communication dtype")
@@ -43,21 +43,8 @@ def options_of(line: Line) -> dict[str, Any]:
 
 def _identity(line: Line) -> tuple:
     """Everything that must match between a line and its comparison, apart from the options and the JSON's name."""
-    config = line.get("config") or {}
-    return (
-        line["engine"],
-        line["zero_stage"],
-        line["precision"],
-        line["model"],
-        line["imgsz"],
-        line["micro_batch"],
-        line["input"],
-        line["world_size"],
-        line["num_nodes"],
-        *(config.get(key) for key in ("device", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm")),
-        config.get("channels_last"),
-        config.get("ema", True),
-    )
+    options = ("deepspeed_config", "activation_checkpointing", "communication_dtype")
+    return (*series_key(line, leave_out=options), line["world_size"], line["num_nodes"])
 
 
 def option_pairs(lines: list[Line]) -> list[tuple[str, Line, Line]]:
