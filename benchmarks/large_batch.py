@@ -131,7 +131,12 @@ def run_one(
     load_start = os.getloadavg()
     started = time.perf_counter()
     with log_path.open("w") as log:
-        returncode = subprocess_run(command, cwd=code["run_cwd"], env=run_env(code), log=log)
+        returncode = subprocess_run(
+            command,
+            cwd=code["run_cwd"],
+            env=run_env(code, threads=max(1, (os.cpu_count() or 1) // settings["ranks"])),
+            log=log,
+        )
     wall_s = time.perf_counter() - started
     log_text = log_path.read_text(errors="replace")
     record: dict[str, Any] = {
