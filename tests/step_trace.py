@@ -177,7 +177,8 @@ def run_yolods(args: argparse.Namespace, hyp: dict[str, Any]) -> Trace | None:
     def traced_end_epoch(epoch, train_losses):
         trace.epochs.append({"model": whole_model_state()})  # before end_epoch averages BatchNorm statistics
         metrics = end_epoch(epoch, train_losses)
-        trace.epochs[-1]["ema"] = float_state(trainer.ema.ema)  # as validated: statistics averaged over ranks
+        with trainer.ema.gathered() as ema_model:  # ZeRO-3 keeps slices: every rank assembles the whole EMA
+            trace.epochs[-1]["ema"] = float_state(ema_model)  # as validated: statistics averaged over ranks
         trace.metrics(metrics)
         return metrics
 

@@ -76,13 +76,10 @@ def test_zero0_reduces_after_backward_without_overlap():
     )
 
 
-def test_zero3_gathers_parameters_per_module_and_again_for_the_ema():
-    spec = cm.CommSpec(
-        zero_stage=3, num_params=PSI, stage3_gather_calls=120, ema_gather_calls=40, ema_gather_elements=PSI
-    )
+def test_zero3_gathers_parameters_per_module_and_the_partitioned_ema_adds_no_collective():
+    spec = cm.CommSpec(zero_stage=3, num_params=PSI, stage3_gather_calls=120)
     collectives = cm.step_collectives(spec)
-    gathers = [c for c in collectives if c.op == cm.ALL_GATHER]
-    assert [c.calls for c in gathers] == [120, 40]
+    assert [c.calls for c in collectives if c.op == cm.ALL_GATHER] == [120]
     assert any(c.op == cm.REDUCE_SCATTER for c in collectives)
 
 
@@ -435,10 +432,11 @@ def test_projection_never_exceeds_100_percent_though_zero_does_less_work_per_ran
     assert one_node.efficiency < 1.0
 
 
-def test_the_ema_runs_in_full_on_every_rank_while_zero_partitions_the_update():
+def test_the_ema_runs_in_full_on_every_rank_below_zero3_while_zero_partitions_the_update():
     compute = cm.ComputeTimes(forward_s=0.1, backward_s=0.2, optimizer_s=0.04, ema_s=0.02)
     assert compute.total_s == pytest.approx(0.36)
     assert compute.on_ranks(cm.CommSpec(zero_stage=2, num_params=PSI), 4) == pytest.approx(0.3 + 0.01 + 0.02)
+    assert compute.on_ranks(cm.CommSpec(zero_stage=3, num_params=PSI), 4) == pytest.approx(0.3 + 0.01 + 0.005)
     assert compute.on_ranks(cm.CommSpec(zero_stage=None, num_params=PSI), 4) == pytest.approx(0.36)
 
 
@@ -654,6 +652,8 @@ def test_bench_on_one_and_two_ranks_then_report(tmp_path):
     zero2 = next(line for line in lines if line["engine"] == "deepspeed" and line["world_size"] == 2)
     assert zero2["zero_stage"] == 2 and zero2["interconnect"]["probe"]["backend"] == "gloo"
     assert zero2["model_state_bytes"]["grads"] < zero2["model_state_bytes"]["params"]  # partitioned gradients
+    whole_ema = 4 * zero2["num_params"]  # fp32 on every rank below ZeRO-3 (tests/test_world_size.py: 4P/N at 3)
+    assert whole_ema <= zero2["model_state_bytes"]["ema"] < 1.05 * whole_ema and zero2["ema_update_s"] > 0
     assert "all_gather_into_tensor" in zero2["comm"]["logged_per_step"]
     _run([sys.executable, "-m", "yolods.bench.report", str(out)], timeout=120)
     report = (out / "report.md").read_text()

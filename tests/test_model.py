@@ -9,7 +9,8 @@ import torch
 
 import yolods  # noqa: F401  (offline environment before Ultralytics is imported)
 from yolods.config import ConfigError, RunConfig, hyperparameters
-from yolods.model import build_ema, build_model, build_optimizer, export_snapshot, untie_shared_modules
+from yolods.ema import build_ema
+from yolods.model import build_model, build_optimizer, export_snapshot, untie_shared_modules
 
 NAMES = {0: "rectangle", 1: "ellipse", 2: "triangle"}
 

@@ -1,7 +1,8 @@
 """One optimizer step of yolods' Trainer on fixed images, for the world-size invariance test.
 
 Run under torchrun with 1 or 2 ranks: the 16 images are split as micro-batches over (micro-step, rank) in a
-fixed order, every rank steps through the Trainer's `TrainStep`, and rank 0 saves the parameters after the step.
+fixed order, every rank steps through the Trainer's `TrainStep`, and rank 0 saves the parameters before and after
+the step, the EMA after its one update, and the bytes its EMA holds between epochs.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/world_size_probe.py DATA.yaml OUT.pt --micro 8 --zero 2
 """
@@ -97,8 +98,11 @@ def main() -> None:
     assert trainer.engine.global_steps == 1, trainer.engine.global_steps
 
     after = gathered_parameters(trainer.engine.module, zero_stage=args.zero)
+    with trainer.ema.gathered() as ema_model:  # ZeRO-3: assembled from the ranks' slices
+        ema = [p.detach().clone() for p in ema_model.parameters()]
+    ema_bytes = sum(t.numel() * t.element_size() for t in trainer.ema.held_tensors())  # between epochs
     if dist.is_main_process():
-        torch.save({"before": before, "after": after}, args.out)
+        torch.save({"before": before, "after": after, "ema": ema, "ema_bytes": ema_bytes}, args.out)
     trainer.close()
 
 

@@ -17,13 +17,13 @@ from yolods import dist
 from yolods.checkpoint import Checkpointer, SavePeriod
 from yolods.config import RunPlan, place_monitor_outputs, resolved_precision
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
+from yolods.ema import build_ema
 from yolods.engine import Trainer
 from yolods.hyp import with_data
 from yolods.large_batch import describe as describe_large_batch
 from yolods.large_batch import recipe_for
 from yolods.metrics import RunLogger
 from yolods.model import (
-    build_ema,
     build_model,
     build_optimizer,
     enable_activation_checkpointing,
@@ -215,6 +215,8 @@ def build_train_step(
         # Averaging gradients over one rank is the identity, but DeepSpeed would still flatten, all-reduce and
         # copy them back at every optimizer step (60 ms of a yolov8n step on this CPU).
         engine.enable_backward_allreduce = False
+    if ema is not None and engine.zero_optimization_stage() == 3:
+        ema.partition_like(engine.module, device=device)  # each rank averages its own slices, with no gather
     return TrainStep(
         engine,
         ema=ema,

@@ -211,7 +211,11 @@ class Trainer:
         # DeepSpeed broadcasts buffers once, at initialize; each rank's BatchNorm then tracks its own shard.
         # Averaging them (model and EMA) makes every rank validate and save the same network.
         dist.all_reduce_mean_(floating_buffers(self.engine.module) + floating_buffers(self.ema.ema))
-        metrics = self.validator(self.ema.ema, epoch=epoch, epochs=self.epochs)
+        with self.ema.gathered() as ema_model:  # ZeRO-3: assembled from the ranks' slices for this epoch end
+            return self._validate_and_save(epoch, ema_model, train_losses)
+
+    def _validate_and_save(self, epoch: int, ema_model: torch.nn.Module, train_losses: list[float]) -> dict[str, Any]:
+        metrics = self.validator(ema_model, epoch=epoch, epochs=self.epochs)
         fitness = dist.broadcast_object(metrics.get("fitness") if metrics else None)
         self.state.epoch = epoch + 1
         self.state.fitness_history.append(fitness)
@@ -226,7 +230,7 @@ class Trainer:
             }
             self.logger.log_epoch(epoch, values)
             weights = ultralytics_weights(
-                self.ema.ema,
+                ema_model,
                 epoch=epoch,
                 best_fitness=self.state.best_fitness,
                 updates=self.ema.updates,
@@ -270,7 +274,7 @@ class Trainer:
                 **self.step.state_dict(),
                 "ema_updates": self.ema.updates,
             },
-            "ema": self.ema.ema.state_dict(),
+            "ema": self.ema.state_dict(),  # whole (ZeRO-3: gathered), so any number of ranks can resume it
         }
 
     def rank_state_dict(self, loss_sums: torch.Tensor | None, *, data_state: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +300,7 @@ class Trainer:
             fitness_history=list(saved["fitness_history"]),
         )
         self.step.load_state_dict(saved)
-        self.ema.ema.load_state_dict(client_state["ema"])
+        self.ema.load_state_dict(client_state["ema"])
         self.ema.updates = saved["ema_updates"]
         with torch.no_grad():
             for target, value in zip(floating_buffers(self.engine.module), rank_state["module_buffers"]):

@@ -356,52 +356,6 @@ def retie_default_activations(model: nn.Module) -> int:
     return retied
 
 
-def build_ema(model: nn.Module):
-    """Ultralytics' ModelEMA, made safe for DeepSpeed; build it before `deepspeed.initialize`.
-
-    ZeRO-3 empties parameters at initialize, so the copy must be taken before. Returns an EMA whose `update`
-    takes the DeepSpeed engine's module and the ZeRO stage.
-    """
-    from ultralytics.utils.torch_utils import ModelEMA
-
-    class DeepSpeedModelEMA(ModelEMA):
-        def __init__(self, model: nn.Module):
-            super().__init__(model)
-            self._pairs_hold = False  # whether the cached pairs are the module's own tensors for good
-
-        def update(self, module: nn.Module, zero_stage: int = 0) -> None:
-            if zero_stage == 3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                    self._update_from(module, cache=False)
-            elif self._pairs_hold:
-                super().update(module)  # Ultralytics' own path: the pairs it cached
-            else:
-                self._update_from(module, cache=zero_stage == 0)
-
-        def _update_from(self, module: nn.Module, *, cache: bool) -> None:
-            # ModelEMA caches (ema, model) tensor pairs on its first update. DeepSpeed moves parameter storage
-            # (ZeRO flattening, ZeRO-3 gathering), so cached pairs go stale silently: rebuild them every update,
-            # except at ZeRO-0, whose module keeps its tensors, when they need no cast. A bf16/fp16 DeepSpeed
-            # section leaves module tensors in half precision; the EMA stays fp32.
-            model_state = module.state_dict()
-            ema_tensors, model_tensors = [], []
-            for name, tensor in self.ema.state_dict().items():
-                if tensor.dtype.is_floating_point:
-                    ema_tensors.append(tensor)
-                    model_tensors.append(model_state[name].detach().to(tensor.dtype))
-            self._pairs = ema_tensors, model_tensors
-            self._pairs_hold = cache and all(
-                model_state[name].dtype == tensor.dtype
-                for name, tensor in self.ema.state_dict().items()
-                if tensor.dtype.is_floating_point
-            )
-            super().update(module)
-
-    return DeepSpeedModelEMA(model)
-
-
 def advance_loss_schedule(model: nn.Module, *, completed_epochs: int) -> None:
     """Ultralytics' per-epoch loss schedule after `completed_epochs` epochs (its `criterion.update()`).
 

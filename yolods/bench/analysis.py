@@ -25,8 +25,8 @@ from yolods.bench.comm_model import (
 
 Line = dict[str, Any]
 ENGINE_ORDER = ("DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "Ultralytics")
-# The EMA update's share of the measured optimizer phase (clipping + optimizer step + EMA), which ZeRO 1-3 do not
-# partition. CPU: measured here (one thread, AdamW, ModelEMA.update against clip_grad_norm_ + step, 10 calls
+# The EMA update's share of the measured optimizer phase (clipping + optimizer step + EMA), for lines written before
+# the bench measured the update itself (`ema_update_s`). CPU: measured here (one thread, AdamW, ModelEMA.update against clip_grad_norm_ + step, 10 calls
 # each): 1.8 of 17.4 ms for yolov8n, 6.3 of 56.0 ms for yolov8s. CUDA: ASSUMED, as in projection.py's split.
 EMA_SHARE_OF_OPTIMIZER = {"cpu": 0.10, "cuda": 0.5}
 
@@ -295,16 +295,22 @@ class TwoRankCheck:
 
 def compute_times(line: Line) -> ComputeTimes | None:
     """The line's mean phases as the model's compute; its optimizer phase split into the partitionable update
-    and the EMA by EMA_SHARE_OF_OPTIMIZER for the line's device."""
+    and the EMA: by the EMA update the line measured (`ema_update_s`), or for lines without it by
+    EMA_SHARE_OF_OPTIMIZER for the line's device."""
     breakdown = line.get("breakdown_s")
     if not breakdown:
         return None
-    ema_share = EMA_SHARE_OF_OPTIMIZER.get(line.get("config", {}).get("device"), EMA_SHARE_OF_OPTIMIZER["cuda"])
+    measured = line.get("ema_update_s")
+    if measured is not None:
+        ema_s = min(measured, breakdown["optimizer"])
+    else:
+        share = EMA_SHARE_OF_OPTIMIZER.get(line.get("config", {}).get("device"), EMA_SHARE_OF_OPTIMIZER["cuda"])
+        ema_s = breakdown["optimizer"] * share
     return ComputeTimes(
         forward_s=breakdown["forward"],
         backward_s=breakdown["backward"],
-        optimizer_s=breakdown["optimizer"] * (1 - ema_share),
-        ema_s=breakdown["optimizer"] * ema_share,
+        optimizer_s=breakdown["optimizer"] - ema_s,
+        ema_s=ema_s,
         data_s=breakdown["data_wait"],
     )
 
@@ -430,6 +436,8 @@ class MemoryCheck:
     deepspeed_formula: float
     paper_fp32: float
     paper_mixed: float
+    ema_formula: float  # fp32: 4 bytes per parameter, / N at ZeRO-3 (yolods.ema partitions it like the parameters)
+    ema_update_s: float | None = None
 
 
 def memory_checks(lines: list[Line]) -> list[MemoryCheck]:
@@ -456,6 +464,8 @@ def memory_checks(lines: list[Line]) -> list[MemoryCheck]:
                 paper_mixed=zero_model_state_bytes(
                     stage=stage, num_params=num_params, num_ranks=ranks, state=PAPER_MIXED_ADAM
                 ),
+                ema_formula=4 * num_params / (ranks if stage == 3 else 1),
+                ema_update_s=line.get("ema_update_s"),
             )
         )
     return checks

@@ -17,11 +17,12 @@ read off DeepSpeed 0.19.8's stage_1_and_2.py / stage3.py and torch DDP):
                              persistent small ones refreshed after the step (prefetched, overlaps forward)
                 reduce-scatter Psi*g in reduce_bucket_size buckets during backward
                 all-reduce   8 B    gradient norm
-                all-gather   yolods' EMA update gathers the partitioned parameters again after each step
+                (yolods' EMA averages each rank's own slices: nothing per step; one all-gather per epoch)
     yolods      all-reduce   8 B    TrainStep's per-step stop agreement (StopRequest.agreed), every ZeRO stage
 
 Compute: forward and backward are the same on every rank (weak scaling); ZeRO 1-3 update only their 1/N
-partition of the optimizer states, while the EMA update (yolods' ModelEMA, full on every rank) does not shrink.
+partition of the optimizer states; the EMA update (Ultralytics' ModelEMA) runs in full on every rank at ZeRO 0-2
+and on 1/N of the parameters at ZeRO-3 (yolods.ema).
 
 Scaling efficiency is the step's compute over the step: 1 - exposed communication / step, never above 1. Against
 N x one GPU's img/s instead, ZeRO 1-3 read above 100% on a fast link (their per-rank optimizer work shrinks with
@@ -161,8 +162,6 @@ class CommSpec:
     multi_rank_bucket_allreduce: bool = True
     stage3_gather_calls: int = 1  # modules holding parameters: ZeRO-3 fetches each one's together
     stage3_regather_in_backward: bool = False  # only models above stage3_max_live_parameters
-    ema_gather_calls: int = 0  # ZeRO-3 + EMA: one call per partitioned (non-persistent) parameter
-    ema_gather_elements: int = 0
     stop_agreement: bool = False  # yolods' TrainStep: one tiny all-reduce after every step
 
 
@@ -204,9 +203,6 @@ def _engine_collectives(spec: CommSpec) -> list[Collective]:
         ]
         if spec.stage3_regather_in_backward:
             collectives.append(Collective(ALL_GATHER, params, gathers, "backward", True))
-        if spec.ema_gather_calls:
-            ema_bytes = spec.ema_gather_elements * spec.param_bytes
-            collectives.append(Collective(ALL_GATHER, ema_bytes, spec.ema_gather_calls, "after_step", False))
         return collectives
     raise ValueError(f"zero_stage {spec.zero_stage} is not 0, 1, 2, 3 or None (DDP)")
 
@@ -221,7 +217,7 @@ class ComputeTimes:
     """Per-step compute of one rank alone (no communication): the model's calibration.
 
     `optimizer_s` is the update ZeRO 1-3 partition (gradient clipping and the optimizer step); `ema_s` the EMA
-    update, which every rank repeats in full at every stage.
+    update, which every rank repeats in full at stages 0-2 and on its own slices only at ZeRO-3 (yolods.ema).
     """
 
     forward_s: float
@@ -235,9 +231,11 @@ class ComputeTimes:
         return self.data_s + self.forward_s + self.backward_s + self.optimizer_s + self.ema_s
 
     def on_ranks(self, spec: CommSpec, num_ranks: int) -> float:
-        """Seconds of compute per rank and step on `num_ranks` ranks (ZeRO 1-3 update 1/N of the states)."""
+        """Seconds of compute per rank and step on `num_ranks` ranks (ZeRO 1-3 update 1/N of the states, ZeRO-3
+        also 1/N of the EMA)."""
         optimizer_s = self.optimizer_s / num_ranks if spec.zero_stage else self.optimizer_s
-        return self.data_s + self.forward_s + self.backward_s + optimizer_s + self.ema_s
+        ema_s = self.ema_s / num_ranks if spec.zero_stage == 3 else self.ema_s
+        return self.data_s + self.forward_s + self.backward_s + optimizer_s + ema_s
 
 
 @dataclass(frozen=True)
@@ -261,7 +259,7 @@ def estimate_step(
 ) -> StepEstimate:
     """Step time on `num_ranks` ranks: one rank's compute plus the communication compute cannot hide.
 
-    ZeRO 1-3 update only their 1/N partition, so the optimizer time (not the EMA's) shrinks with N. `op_links` gives a link per
+    ZeRO 1-3 update only their 1/N partition, so the optimizer time (the EMA's only at ZeRO-3) shrinks with N. `op_links` gives a link per
     collective where they differ (gloo's all-gather is much slower per byte than its all-reduce). `can_overlap`
     False models a backend without side streams (DeepSpeed on CPU), where overlap_comm changes nothing.
     """

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,8 +38,8 @@ from yolods.bench.sweep import BenchConfig
 from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, device_for, seed_run
 from yolods.config import GRADIENT_CLIP_NORM, SYNTHETIC, RunConfig, RunPlan, resolve_run
 from yolods.data import TrainData, preprocess_batch
+from yolods.ema import build_ema
 from yolods.model import (
-    build_ema,
     build_model,
     enable_activation_checkpointing,
     model_stride,
@@ -110,16 +112,14 @@ def _with_sweep_settings(ds_config: dict[str, Any], cfg: BenchConfig) -> dict[st
     return ds_config
 
 
-def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[str, Any] | None, ema: bool) -> CommSpec:
+def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[str, Any] | None) -> CommSpec:
     """The communication model's inputs for this model and configuration (read before ZeRO-3 partitions it)."""
     num_params = sum(param.numel() for param in model.parameters() if param.requires_grad)
     if zero_stage is None or ds_config is None:
         return CommSpec(zero_stage=None, num_params=num_params)
     zero = ds_config.get("zero_optimization", {})
     # DeepSpeed's own defaults where the config is silent (deepspeed/runtime/zero/config.py)
-    threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
     max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
-    large = [param for param in model.parameters() if param.numel() > threshold]
     param_bytes = 2 if any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16")) else 4
     comm_dtype = str(ds_config.get("communication_data_type", "")).lower()
     grad_bytes = 2 if comm_dtype in ("bf16", "bfloat16", "fp16", "float16") else param_bytes
@@ -134,8 +134,6 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
         multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)),
         stage3_gather_calls=sum(1 for module in model.modules() if any(True for _ in module.parameters(recurse=False))),
         stage3_regather_in_backward=num_params > max_live,
-        ema_gather_calls=len(large) if ema and zero_stage == 3 else 0,
-        ema_gather_elements=sum(param.numel() for param in large) if ema and zero_stage == 3 else 0,
         stop_agreement=True,  # TrainStep's StopRequest.agreed(), which the DDP baseline does not issue
     )
 
@@ -241,9 +239,27 @@ class BenchEngine:
 
     def model_states(self) -> ModelStateBytes:
         """Model-state bytes this rank holds now (call it between backward and the optimizer step)."""
+        ema_tensors = self.step.ema.held_tensors() if self.step.ema is not None else ()
         if isinstance(self.step, TrainStep):
-            return model_state_bytes(self.step.engine.module, self.step.engine.optimizer)
-        return model_state_bytes(self.step.model.module, self.step.optimizer)
+            return model_state_bytes(self.step.engine.module, self.step.engine.optimizer, ema_tensors=ema_tensors)
+        return model_state_bytes(self.step.model.module, self.step.optimizer, ema_tensors=ema_tensors)
+
+    def ema_update_s(self, repeats: int = 5) -> float | None:
+        """Median seconds of one EMA update as the step runs it (at ZeRO-3: this rank's slices); None without EMA."""
+        if self.step.ema is None:
+            return None
+        is_deepspeed = isinstance(self.step, TrainStep)
+        module = self.step.engine.module if is_deepspeed else self.step.model.module
+        zero_stage = self.step.zero_stage if is_deepspeed else 0
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seconds = []
+        for _ in range(repeats):
+            sync()
+            started = time.perf_counter()
+            self.step.ema.update(module, zero_stage=zero_stage)
+            sync()
+            seconds.append(time.perf_counter() - started)
+        return statistics.median(seconds)
 
     def close(self) -> None:
         if isinstance(self.step, TrainStep):
@@ -280,7 +296,7 @@ def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_ima
         enable_activation_checkpointing(model)
     is_deepspeed = cfg.engine == "deepspeed"
     ds_config = plan.ds_config if is_deepspeed else None
-    spec = comm_spec_for(model, zero_stage=plan.zero_stage if is_deepspeed else None, ds_config=ds_config, ema=cfg.ema)
+    spec = comm_spec_for(model, zero_stage=plan.zero_stage if is_deepspeed else None, ds_config=ds_config)
     num_params = sum(param.numel() for param in model.parameters())
     step: TrainStep | DDPStepper
     timers = None

@@ -2,7 +2,8 @@
 
 Model states are what ZeRO partitions: parameters, gradients and optimizer states. They are counted by walking
 the tensors the module and the (DeepSpeed or torch) optimizer hold, each storage once, so views into DeepSpeed's
-flat buffers are not counted twice.
+flat buffers are not counted twice. The EMA of the weights is counted beside them (not in `total`, which is what
+the ZeRO paper's formula covers): 4 bytes per parameter at ZeRO 0-2, 4 / N at ZeRO-3, which partitions it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes
 import gc
 import re
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class ModelStateBytes:
     grads: int
     optimizer: int
     in_host_memory: int = 0
+    ema: int = 0  # the EMA's slices (ZeRO-3) or whole copy, with its BatchNorm buffers; not in `total`
 
     @property
     def total(self) -> int:
@@ -126,13 +128,16 @@ def _holds_grads(attribute: str) -> bool:
     return "grad" in lowered or "ipg" in lowered
 
 
-def model_state_bytes(module: nn.Module, optimizer: Any) -> ModelStateBytes:
+def model_state_bytes(
+    module: nn.Module, optimizer: Any, *, ema_tensors: Iterable[torch.Tensor] = ()
+) -> ModelStateBytes:
     """Parameters, gradients and optimizer states this rank holds; call it between backward and step.
 
     Parameters: the module's (under ZeRO-3 the local partition `ds_tensor`, plus any gathered or persistent full
     copy). Gradients: `.grad` plus the optimizer wrapper's gradient buffers (attributes named *grad* or *ipg*,
     DeepSpeed's reduction buckets). Optimizer states: every other tensor the optimizer or its wrapper holds
-    (ZeRO's fp32 master partitions, the torch optimizer's moments).
+    (ZeRO's fp32 master partitions, the torch optimizer's moments). `ema_tensors`: what the EMA holds
+    (yolods.ema's `held_tensors()`).
     """
     counter = _StorageCounter()
     params = sum(
@@ -151,4 +156,7 @@ def model_state_bytes(module: nn.Module, optimizer: Any) -> ModelStateBytes:
     base = optimizer if isinstance(optimizer, torch.optim.Optimizer) else getattr(optimizer, "optimizer", None)
     if isinstance(base, torch.optim.Optimizer):
         optimizer_bytes += sum(counter.add(tensor) for tensor in _tensors(base))
-    return ModelStateBytes(params=params, grads=grads, optimizer=optimizer_bytes, in_host_memory=counter.in_host_memory)
+    ema = sum(counter.add(tensor) for tensor in ema_tensors)
+    return ModelStateBytes(
+        params=params, grads=grads, optimizer=optimizer_bytes, in_host_memory=counter.in_host_memory, ema=ema
+    )

@@ -79,10 +79,10 @@ def goal_model_specs(goal: Goal) -> dict[str, CommSpec]:
     from yolods.config import default_deepspeed_config
 
     model = DetectionModel(goal.model, nc=goal.num_classes, verbose=False)  # only its structure is read
-    specs = {"DDP": comm_spec_for(model, zero_stage=None, ds_config=None, ema=True)}
+    specs = {"DDP": comm_spec_for(model, zero_stage=None, ds_config=None)}
     for stage in range(4):
         ds_config = default_deepspeed_config(zero_stage=stage, precision="bf16")
-        specs[f"ZeRO-{stage}"] = comm_spec_for(model, zero_stage=stage, ds_config=ds_config, ema=True)
+        specs[f"ZeRO-{stage}"] = comm_spec_for(model, zero_stage=stage, ds_config=ds_config)
     # What-ifs, not defaults: DeepSpeed's `communication_data_type: "bf16"` halves the gradient bytes
     for stage in (0, 2):
         specs[f"ZeRO-{stage} + bf16 grad comm"] = replace(specs[f"ZeRO-{stage}"], grad_bytes=2)

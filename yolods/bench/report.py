@@ -327,6 +327,9 @@ def _memory_section(checks: list[MemoryCheck]) -> list[str]:
         "8P + 8P/N, stage 2 4P + 12P/N, stage 3 16P/N. DeepSpeed 0.19.8 as implemented adds an fp32 master partition",
         "(+4P/N) even for fp32 parameters, and at stage 1 has reduced the gradients into the partition by the end of",
         "backward (stage 1 then holds what stage 2 holds). Communication buckets are not model states and not counted.",
+        "The EMA of the weights (fp32, 4P) is counted apart: ZeRO-3 partitions it like the parameters (4P/N, yolods.ema),",
+        "with no per-step communication; its update time is the median of 5 updates after the timed steps (`-`: no EMA",
+        "or a line measured before the bench recorded it).",
         "",
     ]
     if not checks:
@@ -341,6 +344,7 @@ def _memory_section(checks: list[MemoryCheck]) -> list[str]:
             f"{check.measured['total'] / check.deepspeed_formula - 1:+.1%}",
             _mib(check.paper_fp32),
             _mib(check.paper_mixed),
+            _ema_cells(check),
         ]
         for check in checks
     ]
@@ -353,8 +357,17 @@ def _memory_section(checks: list[MemoryCheck]) -> list[str]:
         "measured vs formula",
         "paper fp32 MiB",
         "paper mixed MiB",
+        "EMA MiB (vs 4P or 4P/N), update ms",
     ]
     return [*out, *table(header, rows), ""]
+
+
+def _ema_cells(check: MemoryCheck) -> str:
+    measured = check.measured.get("ema")
+    if not measured:
+        return "-"
+    update = "-" if check.ema_update_s is None else f"{check.ema_update_s * 1000:.1f}"
+    return f"{_mib(measured)} ({measured / check.ema_formula - 1:+.1%}), {update}"
 
 
 class DirtyResultsError(ValueError):

@@ -108,6 +108,7 @@ def _measure_this_rank(
     )
     ds_breakdown = timers.per_step(steps=cfg.steps) if timers else None
     states = _model_states_mid_step(bench, next(batches), iteration=next(iterations))
+    ema_update_s = bench.ema_update_s()  # after the timed window: these extra updates change no figure above
     logged = None
     if cfg.comms_logger and cfg.engine == "deepspeed":
         logged = logged_comm_per_step(
@@ -119,6 +120,7 @@ def _measure_this_rank(
         "window_s": window_s,
         "peak_mem_bytes": peak.peak_bytes(),
         "model_state_bytes": states.as_dict(),
+        "ema_update_s": ema_update_s,
         "ds_wall_clock_breakdown_s": ds_breakdown,
         "comm_logged": logged,
     }
@@ -194,6 +196,7 @@ def _merge(
         "peak_mem_source": peak_source,
         "model_state_bytes": {key: max(states[key] for states in states_per_rank) for key in states_per_rank[0]},
         "model_state_bytes_per_rank": states_per_rank,
+        "ema_update_s": max((rank["ema_update_s"] for rank in per_rank), default=None) if cfg.ema else None,
         "num_params": num_params,
         "comm": comm,
         "config": {**cfg.as_dict(), "resolved_deepspeed_config": ds_config, "train_settings": train_settings},
