@@ -32,8 +32,8 @@ def _floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def build_ema(model: nn.Module):
     """Ultralytics' ModelEMA, made safe for DeepSpeed; build it before `deepspeed.initialize`.
 
-    ZeRO-3 empties parameters at initialize, so the copy must be taken before. Returns an EMA whose `update`
-    takes the DeepSpeed engine's module and the ZeRO stage.
+    ZeRO-3 empties parameters at initialize, so the copy must be taken before, and `partition_like` called after
+    (yolods.build does both). Returns an EMA whose `update` takes the DeepSpeed engine's module and the ZeRO stage.
     """
     from ultralytics.utils.torch_utils import ModelEMA
 
@@ -45,14 +45,9 @@ def build_ema(model: nn.Module):
             self._gathered_depth = 0
 
         def update(self, module: nn.Module, zero_stage: int = 0) -> None:
-            if self._partition is not None:
+            if self._partition is not None:  # ZeRO-3
                 self._pairs = self._partition.pairs(module)
                 super().update(module)  # Ultralytics' lerp, on this rank's slices and the (whole) buffers
-            elif zero_stage == 3:  # never partitioned (`partition_like` not called): average gathered parameters
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                    self._update_from(module, cache=False)
             elif self._pairs_hold:
                 super().update(module)  # Ultralytics' own path: the pairs it cached
             else:
@@ -123,7 +118,7 @@ class _Partition:
         self.device = device
         self.ema_params = dict(ema.named_parameters())
         trained = dict(module.named_parameters())
-        self.names = [name for name in self.ema_params if trained[name].dtype.is_floating_point]
+        self.names = list(self.ema_params)
         self.group = trained[self.names[0]].ds_process_group
         self.world_size = torch_dist.get_world_size(self.group)
         rank = torch_dist.get_rank(self.group)
