@@ -2,6 +2,7 @@
 # The committed CPU figures (benchmarks/results/cpu/): this repository's 2-core machine, gloo, 1 and 2 ranks.
 #
 #   bash benchmarks/cpu_sweep.sh            # ~35 min on 2 cores; OUT=... RUN_ID=... to override
+#   ONLY=stages REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the ZeRO-stage comparison alone (~12 min)
 #
 # One rank = one core (OMP_NUM_THREADS=1), so the ideal 2-rank throughput is twice the 1-rank one. The 1-rank and
 # 2-rank invocations alternate under one --run-id, so drifts in machine load fall on both; the report takes the
@@ -20,10 +21,13 @@ one() { "$PYTHON" -m yolods.bench "${common[@]}" "$@"; }
 two() { "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m yolods.bench "${common[@]}" "$@"; }
 
 # ZeRO stages against DDP (and Ultralytics at 1 rank), synthetic and real input: the main comparison
-for _ in 1 2 3; do
+for _ in $(seq "${REPEATS:-3}"); do
   one --imgsz 160 --steps 20 --warmup-steps 5 --zero 0,1,2,3 --input synthetic,real
   two --imgsz 160 --steps 20 --warmup-steps 5 --zero 0,1,2,3 --input synthetic,real --comms-logger
 done
+if [[ ${ONLY:-} == stages ]]; then
+  exec "$PYTHON" -m yolods.bench.report "$OUT" --require-clean
+fi
 # precision
 for _ in 1 2; do
   one --imgsz 160 --steps 20 --warmup-steps 5 --zero 0,2 --precision bf16 --engine deepspeed,ddp
