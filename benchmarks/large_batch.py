@@ -2,7 +2,9 @@
 
     python benchmarks/large_batch.py      # the table: 2048 drawn-shapes images, imgsz 96, yolov8n from scratch,
                                           # 20 epochs, 1 process, batch 64/256/512 x 2 rules x 2 seeds: 10 runs,
-                                          # ~3-4 h on a quiet 2-core CPU (batch 64 is the slowest row), ~8 h loaded
+                                          # ~1.5 h on a 2-core CPU (estimated from the run below)
+    python benchmarks/large_batch.py --imgsz 64 --num-val 256 --out-dir benchmarks/results/large_batch  # 37 min:
+                                          # the committed table (results/large_batch/large_batch.md)
     python benchmarks/large_batch.py --num-train 128 --num-val 32 --epochs 2 --batches 16,64 --nbs 16 --seeds 1  # smoke
     python benchmarks/large_batch.py --data coco.yaml --device cuda --ranks 8 --imgsz 640 --epochs 100 \\
         --batches 64,256,512 --out-dir benchmarks/results/coco
