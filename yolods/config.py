@@ -52,7 +52,8 @@ REAL_DATA_DEFAULTS = {"epochs": 100, "imgsz": 640}  # Ultralytics' defaults
 GRADIENT_CLIP_NORM = 10.0  # Ultralytics' clip_grad_norm_ max_norm; DeepSpeed's default of 1.0 slows YOLO training
 BUCKET_ELEMENTS = 2_000_000  # 8 MB of fp32 grads: yolov8n splits into 2 buckets, yolo11m into ~10
 STAGE3_PREFETCH_ELEMENTS = 2_000_000
-STAGE3_PERSISTENCE_THRESHOLD = 10_000  # BatchNorm and bias vectors stay whole: gathering them costs more than they hold
+# 0: nothing stays whole. Whole ("persistent") parameters are re-gathered one call each after every step.
+STAGE3_PERSISTENCE_THRESHOLD = 0
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ read off DeepSpeed 0.19.8's stage_1_and_2.py / stage3.py and torch DDP):
                 all-gather   Psi*p  of updated parameters after the optimizer step (never overlapped)
                 all-reduce   8 B    gradient norm for clipping
     ZeRO-3      all-gather   Psi*p  once per step, one call per module holding parameters: fetched in forward,
-                             kept for backward (a YOLO is far below stage3_max_live_parameters), and the
-                             persistent small ones refreshed after the step (prefetched, overlaps forward)
+                             kept for backward (a YOLO is far below stage3_max_live_parameters; prefetched,
+                             overlaps forward). Parameters below stage3_param_persistence_threshold would be
+                             re-gathered one call each after the step; yolods' threshold is 0
                 reduce-scatter Psi*g in reduce_bucket_size buckets during backward
                 all-reduce   8 B    gradient norm
                 (yolods' EMA averages each rank's own slices: nothing per step; one all-gather per epoch)
