@@ -81,15 +81,16 @@ def test_auto_optimizer_avoids_muon_under_zero(model, hyp):
 
 def test_ema_follows_parameters_in_other_dtypes_and_new_storage(model):
     ema = build_ema(model)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.data = parameter.data + 1.0  # new storage, as DeepSpeed's flattening gives
-    half = model.to(torch.bfloat16)
-    ema.update(half)
     first_ema = next(ema.ema.parameters())
-    first_model = next(half.parameters())
+    for shift in (1.0, 2.0):  # new storage before each update, as DeepSpeed's flattening and steps give
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.data = parameter.data + shift
+        half = model.to(torch.bfloat16)
+        ema.update(half)
+        # decay ~0 over the first updates: the EMA sits at the current weights, not the ones of its first update
+        assert torch.allclose(first_ema, next(half.parameters()).float(), atol=0.05)
     assert first_ema.dtype == torch.float32
-    assert torch.allclose(first_ema, first_model.float(), atol=0.05)  # decay ~0 on the first update
 
 
 def test_saved_weights_have_ultralytics_structure(model):

@@ -9,7 +9,7 @@ for validation and saving, once per epoch or checkpoint (`gathered`).
 
     >>> ema = build_ema(model)  # before deepspeed.initialize: ZeRO-3 empties the parameters
     >>> ema.partition_like(engine.module, device=engine.device)  # ZeRO-3 only, after initialize
-    >>> ema.update(engine.module, zero_stage=3)  # after every optimizer step: no communication
+    >>> ema.update(engine.module)  # after every optimizer step: no communication
     >>> with ema.gathered() as ema_model:  # every rank enters together
     ...     metrics = validator(ema_model)
 """
@@ -33,37 +33,38 @@ def build_ema(model: nn.Module):
     """Ultralytics' ModelEMA, made safe for DeepSpeed; build it before `deepspeed.initialize`.
 
     ZeRO-3 empties parameters at initialize, so the copy must be taken before, and `partition_like` called after
-    (yolods.build does both). Returns an EMA whose `update` takes the DeepSpeed engine's module and the ZeRO stage.
+    (yolods.build does both). Returns an EMA whose `update` takes the DeepSpeed engine's module.
     """
     from ultralytics.utils.torch_utils import ModelEMA
 
     class DeepSpeedModelEMA(ModelEMA):
         def __init__(self, model: nn.Module):
             super().__init__(model)
-            self._pairs_hold = False  # whether the cached pairs are the module's own tensors for good
             self._partition: _Partition | None = None
             self._gathered_depth = 0
+            self._bound: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-        def update(self, module: nn.Module, zero_stage: int = 0) -> None:
-            if self._partition is not None:  # ZeRO-3
-                self._pairs = self._partition.pairs(module)
-                super().update(module)  # Ultralytics' lerp, on this rank's slices and the (whole) buffers
-            elif self._pairs_hold:
-                super().update(module)  # Ultralytics' own path: the pairs it cached
-            else:
-                self._update_from(module, cache=zero_stage == 0)
+        def update(self, module: nn.Module) -> None:
+            """Ultralytics' update (a lerp of every floating tensor, `ModelEMA.update`) from `module` as it is now.
 
-        def _update_from(self, module: nn.Module, *, cache: bool) -> None:
-            # ModelEMA caches (ema, model) tensor pairs on its first update. DeepSpeed moves parameter storage
-            # (ZeRO flattening), so cached pairs go stale silently: rebuild them every update, except at ZeRO-0,
-            # whose module keeps its tensors, when they need no cast. A bf16/fp16 DeepSpeed section leaves module
-            # tensors in half precision; the EMA stays fp32.
-            model_state = module.state_dict()
-            ema_state = _floating_state(self.ema)
-            sources = [model_state[name].detach().to(tensor.dtype) for name, tensor in ema_state.items()]
-            self._pairs = list(ema_state.values()), sources
-            self._pairs_hold = cache and all(model_state[name].dtype == t.dtype for name, t in ema_state.items())
+            ModelEMA caches the module's tensors on its first update, but DeepSpeed reassigns `param.data` into its
+            flat buffers (and to half precision under a bf16/fp16 section), so cached tensors would go stale
+            silently. The module's Parameter and buffer objects are bound instead and read afresh every update
+            (ZeRO-3: each parameter's `ds_tensor`, this rank's slice), cast to the EMA's fp32 where they differ.
+            """
+            if self._bound is None or self._bound[0] is not module:
+                targets, sources = self._partition.bind(module) if self._partition else self._bind(module)
+                self._bound = module, targets, sources
+            _, targets, sources = self._bound
+            current = [getattr(source, "ds_tensor", source).detach() for source in sources]
+            self._pairs = targets, [value.to(target.dtype) for value, target in zip(current, targets)]
             super().update(module)
+
+        def _bind(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            """(EMA tensors, the module's Parameter and buffer objects) by state_dict name."""
+            tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            ema_state = _floating_state(self.ema)
+            return list(ema_state.values()), [tensors[name] for name in ema_state]
 
         def partition_like(self, module: nn.Module, *, device: torch.device) -> None:
             """ZeRO-3: keep only this rank's slice of each EMA parameter, laid out as `module`'s `ds_tensor`s,
@@ -137,15 +138,14 @@ class _Partition:
         self.buffer_names = [name for name in _floating_state(ema) if name not in self.ema_params]
         self.release()
 
-    def pairs(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(EMA tensors, module tensors) for ModelEMA's lerp: slices against `ds_tensor`, buffers against buffers."""
+    def bind(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA tensors, the module's Parameters and buffers): slices against parameters (read through their
+        `ds_tensor`), whole buffers against buffers."""
         trained = dict(module.named_parameters())
         buffers = dict(module.named_buffers())
         ema_buffers = dict(self.ema.named_buffers())
-        sources = [trained[name].ds_tensor.detach().float() for name in self.names]  # a no-op copy in fp32
-        targets = [self.slices[name] for name in self.names]
-        targets += [ema_buffers[name] for name in self.buffer_names]
-        sources += [buffers[name].detach().to(ema_buffers[name].dtype) for name in self.buffer_names]
+        targets = [self.slices[name] for name in self.names] + [ema_buffers[name] for name in self.buffer_names]
+        sources = [trained[name] for name in self.names] + [buffers[name] for name in self.buffer_names]
         return targets, sources
 
     def assemble(self) -> None:

@@ -101,7 +101,7 @@ class TrainStep:
         if is_boundary:
             self.last_optimizer_iteration = iteration
             if self.ema is not None:  # the bench can time steps without it
-                self.ema.update(self.engine.module, zero_stage=self.zero_stage)
+                self.ema.update(self.engine.module)
         losses = torch.stack([loss_items[name].detach().float().cpu() for name in self.loss_names])  # .cpu() syncs
         stop = self.stop_request.agreed()  # a collective at every step, so all ranks stop at the same one
         self._phase_done("optimizer")

@@ -248,15 +248,13 @@ class BenchEngine:
         """Median seconds of one EMA update as the step runs it (at ZeRO-3: this rank's slices); None without EMA."""
         if self.step.ema is None:
             return None
-        is_deepspeed = isinstance(self.step, TrainStep)
-        module = self.step.engine.module if is_deepspeed else self.step.model.module
-        zero_stage = self.step.zero_stage if is_deepspeed else 0
+        module = self.step.engine.module if isinstance(self.step, TrainStep) else self.step.model.module
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         seconds = []
         for _ in range(repeats):
             sync()
             started = time.perf_counter()
-            self.step.ema.update(module, zero_stage=zero_stage)
+            self.step.ema.update(module)
             sync()
             seconds.append(time.perf_counter() - started)
         return statistics.median(seconds)
