@@ -201,7 +201,8 @@ def assert_continues_like(rows: list[dict[str, str]], reference: list[dict[str, 
 def test_a_run_moves_from_2_ranks_to_1_and_back(zero_stage, reference, shapes_data, tmp_path):
     """Stopped during epoch 2 on 2 ranks, resumed on 1, stopped during epoch 3, finished on 2 again.
 
-    At ZeRO-2 each stopped checkpoint is also loaded on the other number of ranks and compared bit for bit.
+    At ZeRO-2 the checkpoint saved on 2 ranks is also loaded on 1 and compared bit for bit (1 -> 2 bit for bit:
+    test_zero3_checkpoint_moves_between_rank_counts).
     """
     run_dir = tmp_path / "moved"
     args = job_args(shapes_data, tmp_path, "moved", zero_stage)
@@ -211,8 +212,6 @@ def test_a_run_moves_from_2_ranks_to_1_and_back(zero_stage, reference, shapes_da
     resume = ["--resume", str(run_dir)]
     on1 = stop_after_epochs(train_command(resume, nproc=1), run_dir, epochs=2, log=tmp_path / "on1.log")
     assert resharded_line(on1).split(":")[0].endswith("from 2 to 1 rank"), resharded_line(on1)
-    if zero_stage:
-        assert_resharding_is_exact(run_dir, tmp_path, saved_ranks=1, zero_stage=zero_stage)
     back_on2 = run_train(resume, nproc=2)
     assert_ok(back_on2)
     assert "from 1 to 2 ranks" in resharded_line(back_on2.stdout + back_on2.stderr)

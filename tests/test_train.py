@@ -91,7 +91,8 @@ def test_zero2_run_outputs(zero2_run, shapes_data):
 def test_bf16_autocast_configs_train(config, shapes_data, projects):
     name = config.removesuffix(".json")
     config_path = Path(__file__).parents[1] / "ds_configs" / config
-    assert_ok(run_train(small_run_args(shapes_data, projects, name, "--deepspeed_config", str(config_path)), nproc=2))
+    args = small_run_args(shapes_data, projects, name, "--deepspeed_config", str(config_path), epochs=2)
+    assert_ok(run_train(args, nproc=2))
     rows = read_results(projects / name)
     assert total_train_loss(rows[-1]) < total_train_loss(rows[0])
     assert json.loads((projects / name / "ds_config.json").read_text())["torch_autocast"]["dtype"] == "bfloat16"
