@@ -122,19 +122,17 @@ class _Partition:
         self.names = list(self.ema_params)
         self.group = trained[self.names[0]].ds_process_group
         self.world_size = torch_dist.get_world_size(self.group)
-        rank = torch_dist.get_rank(self.group)
+        self.rank = torch_dist.get_rank(self.group)
         self.shapes = {name: self.ema_params[name].shape for name in self.names}
-        self.slices: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name in self.names:
-                local = trained[name].ds_tensor
-                size = local.numel()
-                flat = self.ema_params[name].detach().reshape(-1).float()
-                piece = flat[rank * size : (rank + 1) * size]
-                # fp32 on the device ZeRO keeps the slice (the CPU under offload_param); padding stays zero
-                shard = torch.zeros(size, dtype=torch.float32, device=local.device)
-                shard[: piece.numel()].copy_(piece)
-                self.slices[name] = shard
+        # fp32, on the device ZeRO keeps the parameter's slice (the CPU under offload_param)
+        self.slices = {
+            name: torch.zeros(
+                trained[name].ds_tensor.numel(), dtype=torch.float32, device=trained[name].ds_tensor.device
+            )
+            for name in self.names
+        }
+        for name in self.names:
+            self._fill(name, self.ema_params[name])
         self.buffer_names = [name for name in _floating_state(ema) if name not in self.ema_params]
         self.release()
 
@@ -169,17 +167,18 @@ class _Partition:
             param = self.ema_params[name]
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
-    def load(self, state: dict[str, Any]) -> None:
-        import torch.distributed as torch_dist
-
-        rank = torch_dist.get_rank(self.group)
+    def _fill(self, name: str, whole: torch.Tensor) -> None:
+        """This rank's slice of the whole parameter `whole` into `self.slices[name]`; padding past its end is 0."""
+        shard = self.slices[name]
+        piece = whole.detach().reshape(-1)[self.rank * shard.numel() : (self.rank + 1) * shard.numel()]
         with torch.no_grad():
-            for name in self.names:
-                shard = self.slices[name]
-                size = shard.numel()
-                piece = state[name].reshape(-1)[rank * size : (rank + 1) * size]
-                shard.zero_()
-                shard[: piece.numel()].copy_(piece)
+            shard.zero_()
+            shard[: piece.numel()].copy_(piece)
+
+    def load(self, state: dict[str, Any]) -> None:
+        for name in self.names:
+            self._fill(name, state[name])
+        with torch.no_grad():
             ema_buffers = dict(self.ema.named_buffers())
             for name, buffer in ema_buffers.items():
                 if name in state:

@@ -26,8 +26,9 @@ from yolods.bench.comm_model import (
 Line = dict[str, Any]
 ENGINE_ORDER = ("DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "Ultralytics")
 # The EMA update's share of the measured optimizer phase (clipping + optimizer step + EMA), for lines written before
-# the bench measured the update itself (`ema_update_s`). CPU: measured here (one thread, AdamW, ModelEMA.update against clip_grad_norm_ + step, 10 calls
-# each): 1.8 of 17.4 ms for yolov8n, 6.3 of 56.0 ms for yolov8s. CUDA: ASSUMED, as in projection.py's split.
+# the bench measured the update itself (`ema_update_s`). CPU: measured here (one thread, AdamW, ModelEMA.update
+# against clip_grad_norm_ + step, 10 calls each): 1.8 of 17.4 ms for yolov8n, 6.3 of 56.0 ms for yolov8s. CUDA:
+# ASSUMED, as in projection.py's split.
 EMA_SHARE_OF_OPTIMIZER = {"cpu": 0.10, "cuda": 0.5}
 
 

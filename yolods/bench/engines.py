@@ -33,6 +33,7 @@ from torch import nn
 from yolods import dist
 from yolods.bench.comm_model import CommSpec
 from yolods.bench.inputs import shapes_num_classes
+from yolods.bench.measure import synchronizer
 from yolods.bench.memory import ModelStateBytes, model_state_bytes
 from yolods.bench.sweep import BenchConfig
 from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, device_for, seed_run
@@ -249,7 +250,7 @@ class BenchEngine:
         if self.step.ema is None:
             return None
         module = self.step.engine.module if isinstance(self.step, TrainStep) else self.step.model.module
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync = synchronizer(self.device)
         seconds = []
         for _ in range(repeats):
             sync()

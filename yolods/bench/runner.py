@@ -196,7 +196,7 @@ def _merge(
         "peak_mem_source": peak_source,
         "model_state_bytes": {key: max(states[key] for states in states_per_rank) for key in states_per_rank[0]},
         "model_state_bytes_per_rank": states_per_rank,
-        "ema_update_s": max((rank["ema_update_s"] for rank in per_rank), default=None) if cfg.ema else None,
+        "ema_update_s": max(rank["ema_update_s"] for rank in per_rank) if cfg.ema else None,
         "num_params": num_params,
         "comm": comm,
         "config": {**cfg.as_dict(), "resolved_deepspeed_config": ds_config, "train_settings": train_settings},
