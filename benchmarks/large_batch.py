@@ -12,7 +12,8 @@
 Every (batch, rule, seed) is a fresh `yolods.train` process (torchrun with --ranks > 1) at the same model, data and
 epochs, from a copy of `yolods/` taken at the start (benchmarks/parity.py's snapshot), so commits made meanwhile
 change nothing. A batch at or below nbs is run once per seed: there both rules are Ultralytics'. A batch above nbs
-is run under `--large_batch_rule ultralytics` and `yolods`. By default the whole global batch is one forward per
+is run under `--large_batch_rule ultralytics` and `yolods` (and any ablation `--rules` names, such as
+`lr+batchnorm`: yolods' rule without its weight-decay part). By default the whole global batch is one forward per
 rank, as Ultralytics' `batch=B`; `--micro-batch M` reaches it by accumulation instead (a DeepSpeed JSON with
 train_micro_batch_size_per_gpu=M and gradient_accumulation_steps, which yolods' rule counts as the same k; the
 warmup then ramps the accumulation from 1, as Ultralytics does below nbs, so warmup takes more, smaller steps).
@@ -342,12 +343,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     batches = sorted({s["batch"] for s in report["rows"]})
     colours = dict(zip(batches, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    styles = {"both": "-", "yolods": "-", "ultralytics": "--"}
+    styles = {"both": "-", "yolods": "-", "ultralytics": "--"}  # ablations (parts of yolods' rule): dotted
     for s in report["rows"]:
         if s["map_per_epoch"]:
             epochs = range(1, len(s["map_per_epoch"]) + 1)
             label = f"batch {s['batch']}" + ("" if s["rule"] == "both" else f", {s['rule']} rule")
-            axes.plot(epochs, s["map_per_epoch"], styles[s["rule"]], color=colours[s["batch"]], label=label, marker=".")
+            style = styles.get(s["rule"], ":")
+            axes.plot(epochs, s["map_per_epoch"], style, color=colours[s["batch"]], label=label, marker=".")
     if report["target_map"]:
         axes.axhline(report["target_map"], color="grey", linewidth=0.8, linestyle=":", label="target")
     axes.set(xlabel="epoch", ylabel="mAP50-95 (mean over seeds)", title="Same epochs, larger global batch")
@@ -371,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--imgsz", type=int, default=96)
     parser.add_argument("--batches", default="64,256,512", help="GLOBAL batches, comma-separated")
-    parser.add_argument("--rules", default="ultralytics,yolods", help="rules for the batches above nbs")
+    parser.add_argument(
+        "--rules",
+        default="ultralytics,yolods",
+        help="rules for the batches above nbs; parts of yolods' rule such as lr+batchnorm are ablations",
+    )
     parser.add_argument("--nbs", type=int, default=64, help="Ultralytics' nominal batch size")
     parser.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per row")
     parser.add_argument("--ranks", type=int, default=1, help="processes per run (torchrun above 1)")
@@ -391,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _known_rule(rule: str) -> bool:
+    from yolods.large_batch import rule_parts
+
+    try:
+        rule_parts(rule)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir
@@ -401,8 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    if any(batch % args.ranks for batch in batches) or any(rule not in ("ultralytics", "yolods") for rule in rules):
-        print("large_batch: error: every batch must split over --ranks; rules are ultralytics, yolods", file=sys.stderr)
+    if any(batch % args.ranks for batch in batches) or not all(map(_known_rule, rules)):
+        print(
+            "large_batch: error: every batch must split over --ranks; rules are ultralytics, yolods or parts of "
+            "yolods' joined by '+' (lr+decay+batchnorm)",
+            file=sys.stderr,
+        )
         return 2
     from parity import parse_hyp
 

@@ -134,6 +134,18 @@ def test_unclipped_adam_keeps_ultralytics_decay():
     assert not off.changes_anything
 
 
+def test_an_ablation_applies_only_the_parts_it_names():
+    """`--large_batch_rule lr+batchnorm` (benchmarks/large_batch.py's ablation rows): no decay part, so x k decay."""
+    recipe = large_batch_recipe(rule="lr+batchnorm", optimizer_name="AdamW", images_per_step=512, nbs=NBS)
+    assert (recipe.lr_scale, recipe.weight_decay_scale, recipe.batchnorm_steps) == (8.0, 1.0, 8.0)
+    recipe = large_batch_recipe(rule="lr+decay", optimizer_name="SGD", images_per_step=512, nbs=NBS)
+    assert (recipe.lr_scale, recipe.weight_decay_scale, recipe.batchnorm_steps) == (math.sqrt(8), 1 / math.sqrt(8), 1.0)
+    recipe = large_batch_recipe(rule="decay+batchnorm", optimizer_name="AdamW", images_per_step=512, nbs=NBS)
+    assert (recipe.lr_scale, recipe.weight_decay_scale, recipe.batchnorm_steps) == (1.0, 1.0, 8.0)
+    with pytest.raises(SystemExit):
+        parse_args(["--large_batch_rule", "lr+momentum"])
+
+
 def test_accumulated_forwards_keep_batchnorm_momentum():
     """64 per forward x 8 accumulated: k = 8 for the optimizer, but each forward already holds nbs images."""
     recipe = large_batch_recipe(

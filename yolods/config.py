@@ -22,7 +22,7 @@ import torch
 
 from yolods.errors import ConfigError
 from yolods.hyp import is_ultralytics_setting, ultralytics_settings
-from yolods.large_batch import RULES
+from yolods.large_batch import rule_parts
 
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -112,6 +112,14 @@ HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the 
     "patience": int,
     "fraction": float,
 }
+
+
+def _large_batch_rule(value: str) -> str:
+    try:
+        rule_parts(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     large = parser.add_argument_group("large global batch (above nbs)")
     large.add_argument(
         "--large_batch_rule",
-        choices=RULES,
+        type=_large_batch_rule,
         default="yolods",
         help="above nbs images per optimizer step (k = images / nbs): 'yolods' (default) scales Adam-type lr by k, "
         "clipped SGD lr by sqrt(k), weight decay to keep decay per epoch, BatchNorm momentum per image (README: "
-        "Large global batch); 'ultralytics' keeps Ultralytics' rule exactly",
+        "Large global batch); 'ultralytics' keeps Ultralytics' rule exactly; for ablations, the parts of yolods' "
+        "rule to apply: lr, decay, batchnorm joined by '+'",
     )
     large.add_argument(
         "--sync_bn",

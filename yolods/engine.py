@@ -251,10 +251,8 @@ class Trainer:
         return metrics or {}
 
     def _log_stop(self, tag: str) -> None:
-        received = self.step.stop_request.received
-        self.logger.info(
-            f"\nStopped by {getattr(received, 'name', 'a signal to another rank')}: checkpoint {tag} saved; continue with --resume {self.run_dir}"
-        )
+        cause = self.step.stop_request.cause or "another rank's stop request"
+        self.logger.info(f"\nStopped by {cause}: checkpoint {tag} saved; continue with --resume {self.run_dir}")
 
     def _should_stop(self, epoch: int) -> bool:
         stop = epoch + 1 < self.epochs and patience_exhausted(self.state.fitness_history, self.hyp.patience)

@@ -80,8 +80,12 @@ class JobWatchdog:
     def _watch(self) -> None:
         while not self._stopped.wait(POLL_S):
             if _launcher_gone() and self.stop_request.received is None:
-                dist.print_main("yolods: the launcher is gone: saving a checkpoint at the next step")
-                self.stop_request.request(signal.SIGTERM)
+                # every rank that notices says so: rank 0 may be stopped by a peer's notice before its own poll
+                print(
+                    f"yolods: rank {dist.get_rank()}: the launcher is gone: saving a checkpoint at the next step",
+                    flush=True,
+                )
+                self.stop_request.request(signal.SIGTERM, cause="the launcher's exit")
             failed_rank = _failed_rank(self.store)
             if failed_rank is not None and not self._stopped.is_set():
                 _leave(f"yolods: rank {dist.get_rank()}: stopping, {failed_rank}")

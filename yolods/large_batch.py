@@ -37,8 +37,10 @@ x sqrt(k), 0.181 with lr and decay x k, 0.353 with this recipe (lr x k, base dec
 with lr and decay x sqrt(k), 0.141 with lr and decay x k. benchmarks/large_batch.py measures it at nbs 64 with
 seeds (README: Large global batch).
 
-`--large_batch_rule ultralytics` restores Ultralytics' rule exactly. The recipe is a pure function of the run's
-settings, so a resumed run derives the same one (the flag cannot change on resume).
+`--large_batch_rule ultralytics` restores Ultralytics' rule exactly. For ablations the flag also takes the parts of
+yolods' rule to apply, joined by '+': `lr` (the lr rule), `decay` (weight decay x k / the lr part's scale instead of
+x k; alone it changes nothing), `batchnorm` (the momentum rule); `yolods` is `lr+decay+batchnorm`. The recipe is a
+pure function of the run's settings, so a resumed run derives the same one (the flag cannot change on resume).
 
 Examples:
     >>> recipe = large_batch_recipe(rule="yolods", optimizer_name="AdamW", images_per_step=512, nbs=64)
@@ -56,6 +58,7 @@ import torch
 from torch import nn
 
 RULES = ("yolods", "ultralytics")
+PARTS = ("lr", "decay", "batchnorm")  # what yolods' rule changes; a '+'-joined subset is an ablation of it
 # Optimizers whose step is (close to) invariant to the gradient's scale, as Ultralytics builds them.
 ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop")
 # Of those, the ones whose weight decay is decoupled from the gradient (p -= lr x wd x p).
@@ -99,6 +102,27 @@ class LargeBatchRecipe:
                 norm.momentum = 1 - (1 - norm.momentum) ** self.batchnorm_steps
 
 
+def rule_parts(rule: str) -> frozenset[str]:
+    """The parts of yolods' rule that a `--large_batch_rule` value applies: 'yolods' all, 'ultralytics' none.
+
+    Examples:
+        >>> sorted(rule_parts("lr+batchnorm"))
+        ['batchnorm', 'lr']
+    """
+    if rule == "yolods":
+        return frozenset(PARTS)
+    if rule == "ultralytics":
+        return frozenset()
+    parts = rule.split("+")
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"large batch rule {rule!r}: expected {' or '.join(RULES)}, or parts of yolods' rule joined by '+' "
+            f"({'+'.join(PARTS)})"
+        )
+    return frozenset(parts)
+
+
 def large_batch_factor(*, global_batch: int, accumulate: int, nbs: int) -> float:
     """k = images per optimizer step / nbs, or 1.0 where Ultralytics' rule itself sets the step to about nbs.
 
@@ -121,14 +145,16 @@ def large_batch_recipe(
     should come through `large_batch_factor` (see `recipe_for`), which keeps Ultralytics' accumulation to nbs out.
     `forwards_per_step`: accumulated micro-batches per optimizer step; each forward updates BatchNorm's statistics.
     """
-    if rule not in RULES:
-        raise ValueError(f"large batch rule {rule!r}: expected one of {RULES}")
+    parts = rule_parts(rule)
     factor = max(images_per_step / nbs, 1.0)
     recipe = LargeBatchRecipe(rule=rule, optimizer_name=optimizer_name, factor=factor)
-    if rule == "ultralytics" or factor <= 1.0:
+    if not parts or factor <= 1.0:
         return recipe
-    # BatchNorm's running statistics move once per forward: k / forwards times fewer per epoch than at nbs.
-    recipe = dataclasses.replace(recipe, batchnorm_steps=factor / forwards_per_step)
+    if "batchnorm" in parts:
+        # BatchNorm's running statistics move once per forward: k / forwards times fewer per epoch than at nbs.
+        recipe = dataclasses.replace(recipe, batchnorm_steps=factor / forwards_per_step)
+    if "lr" not in parts:
+        return dataclasses.replace(recipe, reason="without its lr part")  # decay follows the lr part's scale
     if optimizer_name in ADAPTIVE_OPTIMIZERS:
         lr_scale, reason = factor, "Adam-type: linear rule"
     elif clipped:  # SGD, MuSGD: the clip fixes the step's size
@@ -138,7 +164,7 @@ def large_batch_recipe(
     # Ultralytics' weight decay is x k. Decay shrinks the weights by about lr x wd per step (SGD adds it after the
     # clip, AdamW decouples it; Adam's L2 joins a clipped gradient of fixed size), so x k / lr_scale keeps
     # lr x wd x steps per epoch, the decay per epoch, as at nbs.
-    weight_decay_scale = 1 / lr_scale
+    weight_decay_scale = 1 / lr_scale if "decay" in parts else 1.0
     if not clipped and optimizer_name not in DECOUPLED_DECAY_OPTIMIZERS:
         # L2 joins the summed gradient (x k) before the normalisation: Ultralytics' x k keeps its ratio to it
         weight_decay_scale, reason = 1.0, f"{reason}, L2 in the unclipped gradient"
@@ -172,8 +198,9 @@ def describe(plan, optimizer: torch.optim.Optimizer, *, warmup_batches: int, bat
     elif recipe.changes_anything:
         steps = recipe.batchnorm_steps
         momentum = f"1 - (1 - m)^{steps:.3g}" if steps != 1.0 else "m (nbs images per forward)"
+        which = "" if recipe.rule == "yolods" else f" ({recipe.rule} only)"
         applied = (
-            f"yolods' at k = {recipe.factor:g} ({recipe.reason}): lr x {recipe.lr_scale:.3g}, weight decay x "
+            f"yolods'{which} at k = {recipe.factor:g} ({recipe.reason}): lr x {recipe.lr_scale:.3g}, weight decay x "
             f"{recipe.factor * recipe.weight_decay_scale:.3g}, BatchNorm momentum {momentum} "
             f"(Ultralytics' rule: lr x 1, weight decay x {recipe.factor:g}, m)"
         )

@@ -45,6 +45,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.cause: str | None = None  # what this rank was stopped by, for the closing message
         self.agreed_exit_code = EXIT_CODE
 
     def install(self) -> StopRequest:
@@ -58,13 +59,14 @@ class StopRequest:
             os._exit(exit_code_for(signal.SIGINT))
         if self.received is None:
             self.received = signal.Signals(signum)
+            self.cause = self.received.name
             if signum == signal.SIGINT and dist.is_main_process():
                 print("\nyolods: Ctrl-C: saving a checkpoint at the next step (Ctrl-C again quits at once)", flush=True)
 
-    def request(self, signum: signal.Signals) -> None:
-        """Ask for a stop as if `signum` had arrived (the launcher watchdog uses it)."""
+    def request(self, signum: signal.Signals, cause: str) -> None:
+        """Ask for a stop as if `signum` had arrived, for `cause` (the launcher watchdog uses it)."""
         if self.received is None:
-            self.received = signum
+            self.received, self.cause = signum, cause
 
     def agreed(self) -> bool:
         """True on every rank if any rank was asked to stop; a collective (one tiny all-reduce)."""
