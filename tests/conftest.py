@@ -71,13 +71,20 @@ def run_train(
     return run_module("yolods.train", args, nproc=nproc, cwd=cwd, timeout=timeout)
 
 
-def small_run_args(data_yaml: Path, project: Path, name: str, *extra: str, epochs: int = 3) -> list[str]:
+# results.png costs a finished job ~2 s (matplotlib); tests that read it pass plots=True (tests/test_metrics.py).
+NO_PLOTS = ("--hyp", "plots=False")
+
+
+def small_run_args(
+    data_yaml: Path, project: Path, name: str, *extra: str, epochs: int = 3, plots: bool = False
+) -> list[str]:
     """A short job on the small shapes set: 32 images, batch 8, imgsz 128, an optimizer step per batch.
 
     (At Ultralytics' nbs of 64 the accumulation would ramp up to 8 batches and leave 3 epochs of 4 batches with 2
     optimizer steps in all, too few to see a loss fall.)
     """
     return [
+        *(() if plots else NO_PLOTS),
         "--data",
         str(data_yaml),
         "--epochs",
@@ -106,6 +113,7 @@ def stoppable_job_args(
     `extra` flags come last and win (argparse keeps the last value).
     """
     return [
+        *NO_PLOTS,
         "--data",
         str(data_yaml),
         "--epochs",
@@ -153,7 +161,8 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="session")
 def zero2_run(shapes_data, projects) -> Path:
     """A finished 2-rank ZeRO-2 fp32 run with a few profiled steps (read by several tests)."""
-    result = run_train(small_run_args(shapes_data, projects, "zero2", "--zero", "2", "--profile", "1,1,1"), nproc=2)
+    args = small_run_args(shapes_data, projects, "zero2", "--zero", "2", "--profile", "1,1,1", plots=True)
+    result = run_train(args, nproc=2)
     assert_ok(result)
     (projects / "zero2" / "train.log").write_text(result.stdout + result.stderr)
     return projects / "zero2"

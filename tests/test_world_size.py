@@ -119,6 +119,7 @@ def test_one_sgd_step_equals_the_ultralytics_update(ranks, zero_stage, shapes_da
 FOLLOW_JOB = ["--epochs", "2", "--imgsz", "64", "--workers", "0", "--hyp", "optimizer=SGD", "--hyp", "nbs=16"]
 FOLLOW_JOB += ["--hyp", "warmup_epochs=0", "--hyp", "close_mosaic=0", "--hyp", "mosaic=0", "--hyp", "fliplr=0"]
 FOLLOW_JOB += ["--hyp", "hsv_h=0", "--hyp", "hsv_s=0", "--hyp", "hsv_v=0", "--hyp", "translate=0", "--hyp", "scale=0"]
+FOLLOW_JOB += ["--hyp", "plots=False"]  # results.png: ~2 s a job, read by tests/test_metrics.py only
 
 
 def relative(value, reference) -> float:

@@ -35,7 +35,9 @@ Measured here (yolov8n from scratch, 1024 drawn-shapes images at imgsz 64, nbs 1
 = 80 optimizer steps, one seed, final mAP50-95): AdamW 0.000 with Ultralytics' rule, 0.062 with lr and decay
 x sqrt(k), 0.181 with lr and decay x k, 0.353 with this recipe (lr x k, base decay, BatchNorm momentum); SGD 0.166
 with lr and decay x sqrt(k), 0.141 with lr and decay x k. benchmarks/large_batch.py measures it at nbs 64 with
-seeds (README: Large global batch).
+seeds (README: Large global batch); its ablation at batch 512 (AdamW, 2 seeds, benchmarks/results/
+large_batch_ablation): the whole recipe 0.393, without BatchNorm momentum 0.260, without the lr rule 0.279, without
+the decay rule 0.390 (neutral over 20 epochs; kept for the decay per epoch), Ultralytics' rule 0.004.
 
 `--large_batch_rule ultralytics` restores Ultralytics' rule exactly. For ablations the flag also takes the parts of
 yolods' rule to apply, joined by '+': `lr` (the lr rule), `decay` (weight decay x k / the lr part's scale instead of

@@ -72,7 +72,8 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
     for label, path in (("best.pt", weights / "best.pt"), ("last.pt", weights / "last.pt")):
         if path.exists():
             lines.append(f"{label:<12} {path}")
-    lines.append(f"{'results':<12} {run_dir / 'results.csv'}, results.png")
+    plotted = ", results.png" if (run_dir / "results.png").exists() else ""  # none under --hyp plots=False
+    lines.append(f"{'results':<12} {run_dir / 'results.csv'}{plotted}")
     if facts.latest_checkpoint:
         lines.append(f"{'checkpoint':<12} {run_dir / 'checkpoints' / facts.latest_checkpoint}")
     lines.append("Next:")
