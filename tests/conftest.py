@@ -168,6 +168,28 @@ def zero2_run(shapes_data, projects) -> Path:
     return projects / "zero2"
 
 
+def shipped_config_args(config: str, data_yaml: Path, project: Path, *extra: str) -> list[str]:
+    """2 epochs of the small job under one of ds_configs/*.json; the run is named after the config."""
+    path = REPO / "ds_configs" / config
+    return small_run_args(
+        data_yaml, project, config.removesuffix(".json"), "--deepspeed_config", str(path), *extra, epochs=2
+    )
+
+
+@pytest.fixture(scope="session")
+def shipped_config_run(shapes_data, projects):
+    """A finished 2-rank run per shipped config, trained on first use (test_train and test_memory read them)."""
+    runs: dict[str, Path] = {}
+
+    def run(config: str) -> Path:
+        if config not in runs:
+            assert_ok(run_train(shipped_config_args(config, shapes_data, projects), nproc=2))
+            runs[config] = projects / config.removesuffix(".json")
+        return runs[config]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def inference_assets(tmp_path_factory):
     """Weights in Ultralytics' format, 9 val images of mixed shapes with labels it scores on, and a video."""

@@ -4,8 +4,10 @@ a 2-rank training run whose weights load in Ultralytics)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,3 +272,31 @@ def test_two_rank_sync_bn_run_saves_weights_ultralytics_loads(zero_stage, shapes
     model = YOLO(str(projects / name / "weights" / "best.pt")).model
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(type(m) is nn.BatchNorm2d and m.momentum == 0.03 for m in norms)  # as Ultralytics saves
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/large_batch.py's verdicts
+
+
+def test_the_benchmarks_goal_is_checked_only_against_a_row_at_nbs(monkeypatch):
+    """A sweep at batch 512 alone (a warmup or ablation sweep) has no batch-64 row to hold it to 0.95x of."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("large_batch")
+
+    def verdicts(batches: list[int], finals: dict[str, float]) -> list[str]:
+        rows = bench.plan_rows(batches, nbs=NBS, rules=["ultralytics", "yolods"])
+        records = {
+            row["name"]: [
+                {"seed": 0, "returncode": 0, "final_map": finals[row["name"]], "optimizer_steps": 1, "wall_s": 1.0}
+                | {"epochs": [{"epoch": 1, "mAP50-95": finals[row["name"]], "time_s": 1.0}], "rule_line": ""}
+                | {"git_commit": "abc1234", "dirty": False}
+            ]
+            for row in rows
+        }
+        summaries, reference, _ = bench.summarise(rows, records, target_fraction=0.9)
+        return bench.verdicts(summaries, nbs=NBS, reference_batch=reference["batch"])
+
+    alone = verdicts([512], {"b512-ultralytics": 0.1, "b512-yolods": 0.4})
+    assert alone == ["- batch 512: yolods 0.4000 vs Ultralytics' rule 0.1000 (+0.3000): not below"]
+    with_nbs = verdicts([64, 512], {"b64-both": 0.5, "b512-ultralytics": 0.1, "b512-yolods": 0.4})
+    assert with_nbs[-1] == "- batch 512 (8 x nbs): 0.800 x the batch-64 mAP50-95 (goal 0.95): **not reached**"

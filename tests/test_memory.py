@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-from conftest import assert_ok, run_train, small_run_args
+from conftest import assert_ok, run_train, shipped_config_args
 
 pytestmark = pytest.mark.multirank
 
@@ -15,11 +15,12 @@ def results(run_dir) -> list[dict[str, str]]:
         return [{key: value for key, value in row.items() if key != "time"} for row in csv.DictReader(file)]
 
 
-def test_activation_checkpointing_trains_exactly_as_without(shapes_data, tmp_path):
-    """ZeRO-3 (parameters gathered again for the recomputation), bf16 autocast, EMA and validation: every digit."""
-    flags = ("--zero", "3", "--precision", "bf16", "--nbs", "8")
-    runs = {}
-    for name, extra in (("plain", ()), ("checkpointed", ("--activation_checkpointing",))):
-        assert_ok(run_train(small_run_args(shapes_data, tmp_path, name, *flags, *extra, epochs=1), nproc=2))
-        runs[name] = results(tmp_path / name)
-    assert runs["checkpointed"] == runs["plain"]
+def test_activation_checkpointing_trains_exactly_as_without(shipped_config_run, shapes_data, tmp_path):
+    """ZeRO-3 (parameters gathered again for the recomputation), bf16 autocast, EMA and validation: every digit.
+
+    Against the shipped ZeRO-3 bf16 config's run (test_train reads it too), with the same flags plus checkpointing.
+    """
+    plain = shipped_config_run("zero3_bf16.json")
+    args = shipped_config_args("zero3_bf16.json", shapes_data, tmp_path, "--activation_checkpointing")
+    assert_ok(run_train(args, nproc=2))
+    assert results(tmp_path / "zero3_bf16") == results(plain)
