@@ -406,16 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_rule(rule: str) -> bool:
-    from yolods.large_batch import rule_parts
-
-    try:
-        rule_parts(rule)
-    except ValueError:
-        return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out_dir
@@ -426,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    if any(batch % args.ranks for batch in batches) or not all(map(_known_rule, rules)):
+    if any(batch % args.ranks for batch in batches):
         print(
-            "large_batch: error: every batch must split over --ranks; rules are ultralytics, yolods or parts of "
-            "yolods' joined by '+' (lr+decay+batchnorm)",
-            file=sys.stderr,
+            f"large_batch: error: every batch in {args.batches} must split over --ranks {args.ranks}", file=sys.stderr
         )
+        return 2
+    from yolods.large_batch import rule_parts
+
+    try:
+        for rule in rules:
+            rule_parts(rule)  # what --large_batch_rule accepts; names the bad rule
+    except ValueError as error:
+        print(f"large_batch: error: --rules: {error}", file=sys.stderr)
         return 2
     from parity import parse_hyp
 

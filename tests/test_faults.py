@@ -122,9 +122,8 @@ def test_sigterm_to_the_deepspeed_runner_alone_stops_the_ranks(shapes_data, tmp_
     # launch.py and the ranks keep writing to the runner's output after it is gone
     assert "the launcher is gone: saving a checkpoint" in output, output[-3000:]
     # rank 0 names the launcher, or (when rank 1 noticed first) its peer's request
-    assert re.search(r"Stopped by (the launcher's exit|another rank's stop request): checkpoint epoch", output), output[
-        -3000:
-    ]
+    stopped = r"Stopped by (the launcher's exit|another rank's stop request): checkpoint epoch"
+    assert re.search(stopped, output), output[-3000:]
     assert (run_dir / "checkpoints" / "latest").is_file()  # resuming it: the process-group test above
 
 
