@@ -175,8 +175,35 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     """`deepspeed.initialize` on the model and Ultralytics' optimizer; returns the engine."""
     import deepspeed
 
+    if ds_config["zero_optimization"]["stage"] > 0:
+        fuse_for_flat_partitions(optimizer)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+# torch optimizers with a fused kernel on both CPU and CUDA (Ultralytics' SGD, Adam and AdamW)
+FUSABLE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def fuse_for_flat_partitions(optimizer: torch.optim.Optimizer) -> None:
+    """Switch Ultralytics' optimizer to torch's fused kernel, for ZeRO 1-3, which step it on flat partitions.
+
+    ZeRO 1-3 hand the optimizer one flat fp32 partition per group instead of the model's 184-355 tensors. torch's
+    default on CPU is its per-tensor loop, which makes about ten passes over each tensor and allocates a temporary
+    the size of each: over an 11M-element partition (yolov8s on 1 rank) AdamW took 71 ms a step and SGD 59 ms on
+    this CPU, against 7 ms and 5 ms fused (and 24 ms / 15 ms for the per-tensor loop over the model's own tensors,
+    which is what DDP and Ultralytics run). ZeRO-0 steps the model's tensors and keeps Ultralytics' optimizer as it
+    is, so a 1-rank run stays step-exact with Ultralytics'; fused differs from the loop only in rounding (ulps).
+    Other optimizers (RMSProp, NAdam, ...) have no fused kernel and are left as they are.
+    """
+    if type(optimizer) not in FUSABLE_OPTIMIZERS or optimizer.state:
+        return  # fused is chosen per group before the first step creates the state
+    # Set on the groups (which hold every hyperparameter): AdamW's constructor cannot be handed Adam's defaults.
+    for group in [*optimizer.param_groups, optimizer.defaults]:
+        if group.get("differentiable"):
+            return
+    for group in [*optimizer.param_groups, optimizer.defaults]:
+        group["foreach"], group["fused"] = False, True
 
 
 def _module_holds_unscaled_fp32_grads(ds_config: dict[str, Any]) -> bool:
