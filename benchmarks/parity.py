@@ -10,7 +10,10 @@ yolods.bench.ultralytics_child` with the network refused), and `python -m yolods
 yolods.train` (N ranks) at the same GLOBAL batch, every row with the same seeds 0..N-1. Seeds are paired: with
 the same seed yolods at 1 rank draws what the Ultralytics trainer draws (weights, data order, augmentation) and
 reproduces its run (fp32, `--workers 0`, the same torch thread count: `--threads`), so each seed gives a paired
-difference, free of the seed-to-seed spread; at N ranks the same images make each global batch.
+difference, free of the seed-to-seed spread; at N ranks the same images make each global batch. An N-rank run
+draws each rank's augmentation from its own stream, so it is not paired with the 1-process run beyond its data
+order and initial weights; ZeRO 1-3 rows at N ranks are therefore also paired with the ZeRO-0 row at N ranks,
+which shares their images and augmentation streams.
 
 The bar: a yolods row passes when the 95% confidence interval (Student t over seeds) of its mean paired difference
 in final mAP50-95 lies within +-0.01. Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
@@ -404,7 +407,38 @@ def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list
         summary["bar"] = (
             judge(summary["paired"]) if not summary["failed_seeds"] else judge({"mean": None, "ci95": None})
         )
+        summary["relative_diff"] = (
+            summary["paired"]["mean"] / reference["mAP50-95_mean"]
+            if summary["paired"]["mean"] is not None and reference["mAP50-95_mean"]
+            else None
+        )
+        # Against ZeRO-0 at the same ranks: the same images per rank and the same augmentation streams, so the
+        # difference is ZeRO's own arithmetic, apart from what data parallelism changes (per-rank BatchNorm
+        # batches, per-rank augmentation), which the ZeRO-0 row's difference to Ultralytics shows.
+        base = same_ranks_zero0(summary, summaries)
+        summary["paired_vs_zero0"] = (
+            paired_difference(by_seed(summary, final_map), by_seed(base, final_map)) if base else None
+        )
     return summaries
+
+
+def same_ranks_zero0(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The plain ZeRO-0 row at `summary`'s ranks and precision, for a multi-rank ZeRO 1-3 row (else None)."""
+    if summary["ranks"] < 2 or summary["zero"] == 0:
+        return None
+    return next(
+        (
+            other
+            for other in summaries
+            if other["trainer"] == "yolods"
+            and other["zero"] == 0
+            and other["ranks"] == summary["ranks"]
+            and other["precision"] == summary["precision"]
+            and not other["communication_dtype"]
+            and other["sync_bn"] == summary["sync_bn"]
+        ),
+        None,
+    )
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -454,6 +488,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         else:
             verdict = "**pass**" if s["bar"]["passed"] else "**FAIL**"
             diff = f"{s['bar']['diff']:+.4f}" if s["bar"]["diff"] is not None else "n/a"
+            if s.get("relative_diff") is not None:
+                diff += f" ({s['relative_diff']:+.1%})"
             if s["bar"].get("ci95"):
                 diff += " [{:+.4f}, {:+.4f}]".format(*s["bar"]["ci95"])
             identical = f"{paired['exact']}/{len(paired['diffs'])}" if paired else "n/a"
@@ -463,6 +499,30 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(s['mAP50-95_mean'])} ± {_fmt(s['mAP50-95_std'])} | {per_seed} | {diff} | {identical} | {verdict} "
             f"| {_fmt(s['wall_s_mean'], 0)} | {_fmt(ratio, 2) if ratio is not None else ''} | {_fmt(s['load_avg_start_mean'], 1)} |"
         )
+    against_zero0 = [s for s in summaries if s.get("paired_vs_zero0")]
+    if against_zero0:
+        lines += [
+            "",
+            "## Multi-rank ZeRO 1-3 against ZeRO-0 at the same ranks",
+            "",
+            "Paired by seed against yolods' ZeRO-0 row at the same ranks and precision: both see the same images on "
+            "each rank and draw the same augmentation, so this difference is ZeRO's own arithmetic (partitioned "
+            "gradient reduction, DeepSpeed's gradient norm, the fused optimizer kernel). What data parallelism "
+            "itself changes against one process (BatchNorm over each rank's images, each rank's augmentation "
+            "stream) is the ZeRO-0 row's difference to Ultralytics above.",
+            "",
+            "| row | against | paired Δ mAP50-95 [95% CI] | per-seed Δ |",
+            "|---|---|---|---|",
+        ]
+        for s in against_zero0:
+            paired = s["paired_vs_zero0"]
+            base = same_ranks_zero0(s, summaries)
+            diff = f"{paired['mean']:+.4f}" if paired["mean"] is not None else "n/a"
+            if paired["ci95"]:
+                diff += " [{:+.4f}, {:+.4f}]".format(*paired["ci95"])
+            lines.append(
+                f"| {s['label']} | {base['label']} | {diff} | {', '.join(f'{d:+.4f}' for d in paired['diffs'])} |"
+            )
     num_epochs = max((len(s["per_epoch_mean"][LOSS_COLUMNS[0]]) for s in summaries), default=0)
     header = "| epoch | " + " | ".join(s["name"] for s in summaries) + " |"
     rule = "|---" * (len(summaries) + 1) + "|"

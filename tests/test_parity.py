@@ -62,6 +62,35 @@ def test_paired_difference_and_the_equivalence_bar(parity):
     assert parity.mean_std([0.2]) == (0.2, 0.0)
 
 
+def test_multi_rank_zero_rows_are_also_paired_with_zero0_at_the_same_ranks(parity):
+    """ZeRO 1-3 at N ranks get a second paired difference, against ZeRO-0 at N ranks (same images and
+    augmentation per rank); every yolods row gets its difference to Ultralytics relative to Ultralytics' mean."""
+
+    def runs(values):
+        epoch = {column: 1.0 for column in (*parity.LOSS_COLUMNS, parity.MAP50_95_COLUMN)}
+        return [
+            {"seed": seed, "returncode": 0, "final": {"mAP50": 0.5, "mAP50-95": value}, "epochs": [epoch],
+             "load_avg_start": [1.0, 1.0, 1.0], "wall_s": 10.0}
+            for seed, value in enumerate(values)
+        ]  # fmt: skip
+
+    rows = [
+        parity.parse_row(name) for name in ("ultralytics", "zero0-2rank-fp32", "zero2-2rank-fp32", "zero2-1rank-fp32")
+    ]
+    records = {
+        "ultralytics": runs([0.40, 0.30]),
+        "zero0-2rank-fp32": runs([0.30, 0.32]),
+        "zero2-2rank-fp32": runs([0.31, 0.30]),
+        "zero2-1rank-fp32": runs([0.40, 0.30]),
+    }
+    summaries = {s["name"]: s for s in parity.summarise(rows, records)}
+    assert summaries["zero2-2rank-fp32"]["paired_vs_zero0"]["diffs"] == [0.01, -0.02]
+    assert summaries["zero2-2rank-fp32"]["paired"]["diffs"] == [-0.09, 0.0]
+    assert summaries["zero2-2rank-fp32"]["relative_diff"] == pytest.approx(-0.045 / 0.35)
+    assert summaries["zero0-2rank-fp32"]["paired_vs_zero0"] is None  # the base itself
+    assert summaries["zero2-1rank-fp32"]["paired_vs_zero0"] is None  # one rank: no data-parallel counterpart
+
+
 @pytest.mark.timeout(150)
 def test_tiny_parity_run_writes_markdown_and_json(tmp_path):
     """Ultralytics and a 1-rank yolods row, 1 seed, 1 epoch, 16 images: the whole pipeline through both command
