@@ -12,8 +12,8 @@ the same seed yolods at 1 rank draws what the Ultralytics trainer draws (weights
 reproduces its run (fp32, `--workers 0`, the same torch thread count: `--threads`), so each seed gives a paired
 difference, free of the seed-to-seed spread; at N ranks the same images make each global batch. An N-rank run
 draws each rank's augmentation from its own stream, so it is not paired with the 1-process run beyond its data
-order and initial weights; ZeRO 1-3 rows at N ranks are therefore also paired with the ZeRO-0 row at N ranks,
-which shares their images and augmentation streams.
+order and initial weights; other rows at N ranks are therefore also paired with the plain ZeRO-0 row at N ranks,
+which shares their images and augmentation streams (as do `-syncbn` and `-comm` rows).
 
 The bar: a yolods row passes when the 95% confidence interval (Student t over seeds) of its mean paired difference
 in final mAP50-95 lies within +-0.01. Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
@@ -412,9 +412,9 @@ def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list
             if summary["paired"]["mean"] is not None and reference["mAP50-95_mean"]
             else None
         )
-        # Against ZeRO-0 at the same ranks: the same images per rank and the same augmentation streams, so the
-        # difference is ZeRO's own arithmetic, apart from what data parallelism changes (per-rank BatchNorm
-        # batches, per-rank augmentation), which the ZeRO-0 row's difference to Ultralytics shows.
+        # Against plain ZeRO-0 at the same ranks: the same images per rank and the same augmentation streams, so
+        # the difference is the row's own (ZeRO's arithmetic, --sync_bn, the reduction dtype), apart from what data
+        # parallelism changes (per-rank BatchNorm batches and augmentation), which ZeRO-0's difference shows.
         base = same_ranks_zero0(summary, summaries)
         summary["paired_vs_zero0"] = (
             paired_difference(by_seed(summary, final_map), by_seed(base, final_map)) if base else None
@@ -423,10 +423,11 @@ def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list
 
 
 def same_ranks_zero0(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The plain ZeRO-0 row at `summary`'s ranks and precision, for a multi-rank ZeRO 1-3 row (else None)."""
-    if summary["ranks"] < 2 or summary["zero"] == 0:
+    """The plain ZeRO-0 row (no --sync_bn, no --communication_dtype) at `summary`'s ranks and precision, for a
+    multi-rank yolods row other than itself (else None)."""
+    if summary["trainer"] != "yolods" or summary["ranks"] < 2:
         return None
-    return next(
+    base = next(
         (
             other
             for other in summaries
@@ -435,10 +436,11 @@ def same_ranks_zero0(summary: dict[str, Any], summaries: list[dict[str, Any]]) -
             and other["ranks"] == summary["ranks"]
             and other["precision"] == summary["precision"]
             and not other["communication_dtype"]
-            and other["sync_bn"] == summary["sync_bn"]
+            and not other["sync_bn"]
         ),
         None,
     )
+    return None if base is None or base["name"] == summary["name"] else base
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -503,13 +505,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     if against_zero0:
         lines += [
             "",
-            "## Multi-rank ZeRO 1-3 against ZeRO-0 at the same ranks",
+            "## Multi-rank rows against plain ZeRO-0 at the same ranks",
             "",
-            "Paired by seed against yolods' ZeRO-0 row at the same ranks and precision: both see the same images on "
-            "each rank and draw the same augmentation, so this difference is ZeRO's own arithmetic (partitioned "
-            "gradient reduction, DeepSpeed's gradient norm, the fused optimizer kernel). What data parallelism "
-            "itself changes against one process (BatchNorm over each rank's images, each rank's augmentation "
-            "stream) is the ZeRO-0 row's difference to Ultralytics above.",
+            "Paired by seed against yolods' plain ZeRO-0 row at the same ranks and precision: both see the same "
+            "images on each rank and draw the same augmentation, so this difference is the row's own setting: "
+            "ZeRO 1-3's arithmetic (partitioned gradient reduction, DeepSpeed's gradient norm, the fused optimizer "
+            "kernel), `--sync_bn` (BatchNorm over the global batch), or the gradient reduction's dtype. What data "
+            "parallelism itself changes against one process (BatchNorm over each rank's images, each rank's "
+            "augmentation stream) is the plain ZeRO-0 row's difference to Ultralytics above.",
             "",
             "| row | against | paired Δ mAP50-95 [95% CI] | per-seed Δ |",
             "|---|---|---|---|",

@@ -62,9 +62,10 @@ def test_paired_difference_and_the_equivalence_bar(parity):
     assert parity.mean_std([0.2]) == (0.2, 0.0)
 
 
-def test_multi_rank_zero_rows_are_also_paired_with_zero0_at_the_same_ranks(parity):
-    """ZeRO 1-3 at N ranks get a second paired difference, against ZeRO-0 at N ranks (same images and
-    augmentation per rank); every yolods row gets its difference to Ultralytics relative to Ultralytics' mean."""
+def test_multi_rank_rows_are_also_paired_with_plain_zero0_at_the_same_ranks(parity):
+    """ZeRO 1-3 and --sync_bn rows at N ranks get a second paired difference, against plain ZeRO-0 at N ranks
+    (the same images and augmentation per rank); every yolods row gets its difference to Ultralytics relative to
+    Ultralytics' mean."""
 
     def runs(values):
         epoch = {column: 1.0 for column in (*parity.LOSS_COLUMNS, parity.MAP50_95_COLUMN)}
@@ -74,17 +75,17 @@ def test_multi_rank_zero_rows_are_also_paired_with_zero0_at_the_same_ranks(parit
             for seed, value in enumerate(values)
         ]  # fmt: skip
 
-    rows = [
-        parity.parse_row(name) for name in ("ultralytics", "zero0-2rank-fp32", "zero2-2rank-fp32", "zero2-1rank-fp32")
-    ]
+    names = ("ultralytics", "zero0-2rank-fp32", "zero2-2rank-fp32", "zero0-2rank-fp32-syncbn", "zero2-1rank-fp32")
     records = {
         "ultralytics": runs([0.40, 0.30]),
         "zero0-2rank-fp32": runs([0.30, 0.32]),
         "zero2-2rank-fp32": runs([0.31, 0.30]),
+        "zero0-2rank-fp32-syncbn": runs([0.33, 0.33]),
         "zero2-1rank-fp32": runs([0.40, 0.30]),
     }
-    summaries = {s["name"]: s for s in parity.summarise(rows, records)}
+    summaries = {s["name"]: s for s in parity.summarise([parity.parse_row(name) for name in names], records)}
     assert summaries["zero2-2rank-fp32"]["paired_vs_zero0"]["diffs"] == [0.01, -0.02]
+    assert summaries["zero0-2rank-fp32-syncbn"]["paired_vs_zero0"]["diffs"] == [0.03, 0.01]
     assert summaries["zero2-2rank-fp32"]["paired"]["diffs"] == [-0.09, 0.0]
     assert summaries["zero2-2rank-fp32"]["relative_diff"] == pytest.approx(-0.045 / 0.35)
     assert summaries["zero0-2rank-fp32"]["paired_vs_zero0"] is None  # the base itself
