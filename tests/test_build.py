@@ -24,9 +24,9 @@ def test_zero_partitions_step_with_the_fused_kernel_and_the_same_update(name, sh
         build_optimizer(model, hyp=hyp, num_classes=3, iterations=100, weight_decay=5e-4, zero_stage=2)[0]
         for model in models
     )
-    for group in loop.param_groups:  # `auto` gives AdamW on a short run; name the optimizer instead
+    for group in loop.param_groups:  # Ultralytics' optimizer is not fused already
         assert group.get("fused") is not True
-    if name == "SGD":
+    if name == "SGD":  # `auto` gives AdamW on a short run
         loop, fused = (torch.optim.SGD(o.param_groups, lr=0.01, momentum=0.9, nesterov=True) for o in (loop, fused))
     fuse_for_flat_partitions(fused)
     assert all(group["fused"] and not group["foreach"] for group in fused.param_groups)

@@ -196,13 +196,13 @@ def fuse_for_flat_partitions(optimizer: torch.optim.Optimizer) -> None:
     is, so a 1-rank run stays step-exact with Ultralytics'; fused differs from the loop only in rounding (ulps).
     Other optimizers (RMSProp, NAdam, ...) have no fused kernel and are left as they are.
     """
-    if type(optimizer) not in FUSABLE_OPTIMIZERS or optimizer.state:
-        return  # fused is chosen per group before the first step creates the state
     # Set on the groups (which hold every hyperparameter): AdamW's constructor cannot be handed Adam's defaults.
-    for group in [*optimizer.param_groups, optimizer.defaults]:
-        if group.get("differentiable"):
-            return
-    for group in [*optimizer.param_groups, optimizer.defaults]:
+    groups = [*optimizer.param_groups, optimizer.defaults]
+    if type(optimizer) not in FUSABLE_OPTIMIZERS or any(group.get("differentiable") for group in groups):
+        return
+    if optimizer.state:
+        return  # fused is chosen per group before the first step creates the state
+    for group in groups:
         group["foreach"], group["fused"] = False, True
 
 
