@@ -1,6 +1,6 @@
 """Faults in real 2-rank jobs: an error on one rank ends the whole job in seconds; a stop never loses work.
 
-Each test injects one fault (an exception mid-step, a failed write, a signal to the launcher or its whole
+Each test injects one fault (an exception mid-step, a failed write, a frozen rank, a signal to the launcher or its whole
 process group, a damaged checkpoint) and checks the exit code, the time to exit, that no process is left
 and, for stops, that the checkpoint resumes.
 """
@@ -83,6 +83,51 @@ def test_an_error_on_one_rank_ends_the_job_fast(kind, rank, at, shapes_data, tmp
     assert f"yolods: rank {1 - rank}: stopping, rank {rank} failed" in output
     assert (tmp_path / kind / "logs" / f"rank{rank}.log").read_text().startswith("Traceback")
     assert elapsed_s < FAULT_EXIT_S + 60, elapsed_s  # start-up included; the fault itself ends it in seconds
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of `rank` (its dataloader workers share its environment but are its children)."""
+    tree = psutil.Process(launcher.pid).children(recursive=True)
+    of_rank = [process for process in tree if process.environ().get("RANK") == str(rank)]
+    return next(process for process in of_rank if process.parent() not in of_rank)
+
+
+@pytest.mark.parametrize(("launcher", "rank"), [("deepspeed", 0), ("torchrun", 1)])
+def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(launcher, rank, shapes_data, tmp_path):
+    """SIGSTOP stands for a process that stops making any progress (a hung file system call, a host paused): it
+    cannot raise and no launcher notices it. Rank 0 is also the store's host under deepspeed."""
+    heartbeat_timeout_s = 8  # the default is 30 s; shorter here to keep the test short
+    args = fault_args(shapes_data, tmp_path, "frozen")
+    command = (
+        deepspeed_command(args) if launcher == "deepspeed" else [*torchrun_command(2), "-m", "yolods.train", *args]
+    )
+    process = subprocess.Popen(
+        command,
+        env={**train_env(), "YOLODS_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_checkpoint(tmp_path / "frozen", process)
+    tree = process_tree(process)
+    frozen = rank_process(process, rank)
+    frozen.suspend()
+    stopped_at = time.time()
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # it hung, as it would until the collective timeout
+        pytest.fail(f"the job still ran {time.time() - stopped_at:.0f} s after rank {rank} froze")
+    elapsed_s = time.time() - stopped_at
+    assert process.returncode != 0, output[-3000:]
+    assert not wait_for_all(tree, timeout_s=10), "processes left running"
+    peer = 1 - rank
+    assert re.search(
+        rf"yolods: rank {peer}: stopping, (rank {rank} stopped responding|the job's store stopped answering)", output
+    ), output[-3000:]
+    # the frozen rank is killed by its peer: no wait for the launchers' 30 s grace before their SIGKILL
+    assert elapsed_s < heartbeat_timeout_s + 20, elapsed_s
 
 
 def stop_and_resume(command: list[str], run_dir: Path, *, how: signal.Signals, to_group: bool) -> str:

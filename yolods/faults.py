@@ -10,6 +10,14 @@ How a fault travels:
 - The same watchdog turns a vanished launcher into a stop request: the deepspeed runner does not pass SIGTERM
   on to its ranks on one node, so when it (or the launcher that started this rank) is gone, the ranks save a
   checkpoint at the next step and leave as if they had been sent SIGTERM.
+- A rank whose whole process stops (SIGSTOP, a hung file system or driver call, a host that drops off the network)
+  can neither raise nor set the key, and no launcher notices: its peers would wait in their collective for the
+  30-minute timeout. So each watchdog also beats a counter in the store every HEARTBEAT_S and watches the next
+  rank's (a ring: every rank is watched by one other, two store requests per rank per beat at any scale). A peer
+  silent for HEARTBEAT_TIMEOUT_S ends the job naming it, and is killed when it runs on the same host, so that its
+  launcher ends the job at once instead of after its 30 s grace for a process that cannot take SIGTERM. A store
+  host that froze (rank 0 under deepspeed and srun) blocks the watchdog's store calls with no timeout at all
+  (TCPStore's own does not bound them), so a second thread ends the rank when the watchdog stays stuck as long.
 Launchers also end the remaining ranks once one exits non-zero (torchrun and deepspeed within a second); the
 watchdog makes the job end the same way where they do not (srun without --kill-on-bad-exit, hung NCCL calls).
 Under `torchrun --max-restarts` that quick exit 1 of every rank is what lets the agent start the group again; the
@@ -21,8 +29,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -30,18 +40,33 @@ from typing import NoReturn
 from yolods import dist, env
 from yolods.preemption import StopRequest
 
-ABORT_KEY = "yolods/abort"
+ABORT_KEY = "yolods/abort"  # holds the phrase that names who failed: "rank 3 failed"
+HEARTBEAT_KEY = "yolods/heartbeat/{rank}"
+FINISHED_KEY = "yolods/finished/{rank}"  # set when a rank leaves cleanly: its silence from then on is no fault
+PROCESS_KEY = "yolods/process/{rank}"  # 'host pid start-time' of each rank
 POLL_S = 0.5
+HEARTBEAT_S = 2.0  # or a quarter of the timeout, if shorter
+# Long enough for the longest legitimate stall of a live process's threads (a big pickle load holding the GIL
+# for a few seconds, a ZeRO checkpoint write), short enough that a frozen rank ends the job within a minute.
+# At least 4 s: below that the watchdog's own 0.5 s polling could not tell a silent peer from jitter.
+HEARTBEAT_TIMEOUT_S = max(4.0, float(os.environ.get("YOLODS_HEARTBEAT_TIMEOUT_S", 30)))
 FAILURE_EXIT_CODE = 1
 
 
 def _job_store():
-    """The default process group's TCPStore (private in torch, but the one store every launcher sets up)."""
+    """A client of the default process group's store (the one store every launcher sets up; private in torch).
+
+    Its own connection: a watchdog call blocked on it never holds up the process group's client.
+    """
     import torch.distributed as torch_dist
 
     if not (torch_dist.is_available() and torch_dist.is_initialized()) or dist.get_world_size() < 2:
         return None
-    return torch_dist.distributed_c10d._get_default_store()
+    store = torch_dist.distributed_c10d._get_default_store()
+    try:
+        return store.clone() if hasattr(store, "clone") else store  # older torch: share the group's client
+    except Exception:  # DistNetworkError: the store's host has exited
+        return None
 
 
 def _launcher_gone() -> bool:
@@ -65,20 +90,36 @@ class JobWatchdog:
     def __init__(self, stop_request: StopRequest):
         self.stop_request = stop_request
         self.store = _job_store()
+        self.pulse = None
+        if self.store is not None:
+            self.pulse = PeerPulse(self.store, rank=dist.get_rank(), world_size=dist.get_world_size())
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yolods-watchdog", daemon=True)
+        self._watched_at = time.monotonic()  # when the watchdog last came round its loop
+        self._stuck_check = threading.Thread(target=self._end_if_stuck, name="yolods-watchdog-check", daemon=True)
 
     def start(self) -> JobWatchdog:
         self._thread.start()
+        if self.store is not None:
+            self._stuck_check.start()
         return self
 
     def stop(self) -> None:
+        """Stop watching and tell the peers this rank's silence from now on is a clean exit."""
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * POLL_S)
+        if self.pulse is not None:
+            self.pulse.finish()
 
     def _watch(self) -> None:
         while not self._stopped.wait(POLL_S):
+            self._watched_at = time.monotonic()
+            if self.pulse is not None and self.pulse.due():
+                failure = self.pulse.beat_and_check()
+                if failure is not None and not self._stopped.is_set():
+                    self.pulse.kill_silent_peer()
+                    _announce_and_leave(self.store, failure)
             if _launcher_gone() and self.stop_request.received is None:
                 # every rank that notices says so: rank 0 may be stopped by a peer's notice before its own poll
                 print(
@@ -90,6 +131,124 @@ class JobWatchdog:
             if failed_rank is not None and not self._stopped.is_set():
                 _leave(f"yolods: rank {dist.get_rank()}: stopping, {failed_rank}")
 
+    def _end_if_stuck(self) -> None:
+        """End this rank when the watchdog has been stuck in a store call for HEARTBEAT_TIMEOUT_S: its host froze."""
+        last_check = time.monotonic()
+        while not self._stopped.wait(POLL_S):
+            now = time.monotonic()
+            if now - last_check > HEARTBEAT_TIMEOUT_S / 2:
+                self._watched_at = now  # this thread was not running either (a paused job): not the store's doing
+            last_check = now
+            if now - self._watched_at > HEARTBEAT_TIMEOUT_S and not self._stopped.is_set():
+                if self.pulse.rank0_process is not None:  # rank 0 holds the store under deepspeed and srun
+                    _kill_if_here(self.pulse.rank0_process, only_if_stopped=True)
+                _leave(f"yolods: rank {dist.get_rank()}: stopping, {_STORE_GONE}")
+
+
+class PeerPulse:
+    """This rank's heartbeat in the store, and the watch on the next rank's.
+
+    Silence is measured on this rank's own clock (hosts' clocks need not agree), and only counts while this rank's
+    watchdog runs: after a gap in its own polling (a Ctrl-Z of the whole job, a host that was paused) the watched
+    peer gets a fresh HEARTBEAT_TIMEOUT_S, since it was probably paused too.
+    """
+
+    def __init__(self, store, *, rank: int, world_size: int, timeout_s: float = HEARTBEAT_TIMEOUT_S):
+        self.store = store
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.interval_s = min(HEARTBEAT_S, timeout_s / 4)  # a few beats per timeout, so one late beat is no alarm
+        self.key = HEARTBEAT_KEY.format(rank=rank)
+        self.peer = (rank + 1) % world_size
+        self.peer_key = HEARTBEAT_KEY.format(rank=self.peer)
+        self._last_poll = self._peer_changed_at = time.monotonic()
+        self._peer_count = 0  # 0: the peer has not beaten yet (still starting); it is not judged until it has
+        store.set(PROCESS_KEY.format(rank=rank), _this_process())
+        self.rank0_process: str | None = None  # read once rank 0 has published it
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_poll >= self.interval_s
+
+    def beat_and_check(self) -> str | None:
+        """Beat once; the phrase naming the watched peer if it has been silent too long, else None."""
+        now = time.monotonic()
+        if now - self._last_poll > self.timeout_s / 2:
+            self._peer_changed_at = now  # this thread was not running either: the silence is not the peer's
+        self._last_poll = now
+        try:
+            self.store.add(self.key, 1)
+            count = self.store.add(self.peer_key, 0)  # reads without blocking (creates the key at 0)
+            rank0_key = PROCESS_KEY.format(rank=0)
+            if self.rank0_process is None and self.store.check([rank0_key]):
+                self.rank0_process = self.store.get(rank0_key).decode()
+            if count != self._peer_count:
+                self._peer_count, self._peer_changed_at = count, now
+                return None
+            silent_s = now - self._peer_changed_at
+            if self._peer_count == 0 or silent_s < self.timeout_s:
+                return None
+            if self.store.check([FINISHED_KEY.format(rank=self.peer)]):
+                self._peer_changed_at = now  # it left cleanly and this rank is about to: not a fault
+                return None
+        except Exception:  # DistNetworkError: the store's host has exited
+            return _STORE_GONE
+        return (
+            f"rank {self.peer} stopped responding: no heartbeat for {silent_s:.0f} s "
+            "(its process is frozen or its host unreachable)"
+        )
+
+    def kill_silent_peer(self) -> None:
+        """End the watched peer's process if it runs on this host (see _kill_if_here)."""
+        try:
+            _kill_if_here(self.store.get(PROCESS_KEY.format(rank=self.peer)).decode())
+        except Exception:
+            pass  # the store went meanwhile; the peer's launcher ends it after its grace
+
+    def finish(self) -> None:
+        try:
+            self.store.set(FINISHED_KEY.format(rank=self.rank), "1")
+        except Exception:
+            pass  # the store has gone with rank 0's clean exit: nobody is left to watch this rank
+
+
+_STORE_GONE = "the job's store stopped answering (rank 0 or the launcher exited or froze)"
+
+
+def _this_process() -> str:
+    """'host pid start-time': names this process so that a peer on the same host can end it, and no other."""
+    import psutil
+
+    return f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time()}"
+
+
+def _kill_if_here(process: str, *, only_if_stopped: bool = False) -> None:
+    """SIGKILL the frozen process `process` (from _this_process) if it runs on this host and still exists.
+
+    A stopped process keeps the launcher's SIGTERM pending: torchrun and deepspeed then wait 30 s before their
+    SIGKILL. The start time guards against a pid reused by another process since.
+    """
+    import psutil
+
+    host, pid, started = process.split()
+    if host != socket.gethostname() or int(pid) == os.getpid():
+        return  # its own launcher ends it
+    try:
+        frozen = psutil.Process(int(pid))
+        if frozen.create_time() == float(started) and (frozen.status() == "stopped" or not only_if_stopped):
+            frozen.kill()
+    except psutil.Error:
+        pass  # gone already
+
+
+def _announce_and_leave(store, failure: str) -> NoReturn:
+    """End the job for `failure` (a phrase naming who failed): tell every rank through the store, then leave."""
+    if failure != _STORE_GONE:
+        try:
+            store.set(ABORT_KEY, failure)
+        except Exception:
+            pass  # the store went meanwhile: the peers' watchdogs find that out themselves
+    _leave(f"yolods: rank {dist.get_rank()}: stopping, {failure}")
+
 
 def _failed_rank(store) -> str | None:
     """Who failed, as a phrase, if another rank has aborted the job or the store's host is gone; else None."""
@@ -97,9 +256,9 @@ def _failed_rank(store) -> str | None:
         return None
     try:
         if store.check([ABORT_KEY]):
-            return f"rank {store.get(ABORT_KEY).decode()} failed"
+            return store.get(ABORT_KEY).decode()
     except Exception:  # DistNetworkError and friends: the store's host (rank 0 or the launcher) has exited
-        return "the job's store stopped answering (rank 0 or the launcher exited)"
+        return _STORE_GONE
     return None
 
 
@@ -123,7 +282,7 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
         _leave(f"yolods: rank {rank}: stopping, {earlier}")
     if store is not None:
         try:
-            store.set(ABORT_KEY, str(rank))
+            store.set(ABORT_KEY, f"rank {rank} failed")
         except Exception:
             pass  # the store is gone too; the launcher or the peers' failed collectives end the job
     details = "".join(traceback.format_exception(error))

@@ -81,6 +81,8 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
         dist.print_main(f"yolods: error: {error}")
         return 2
     except JobStopped as stopped:
+        if watchdog is not None:  # it leaves without the shutdown barrier: its silence is no fault to the peers
+            watchdog.stop()
         print(f"\nyolods: rank {dist.get_rank()}: stopped at a batch boundary", file=sys.stderr, flush=True)
         _leave_now(stopped.exit_code)  # the other ranks may be mid-batch: no shutdown barrier
     except Exception as error:

@@ -1,0 +1,65 @@
+"""The heartbeat that turns a frozen rank into a fast, named failure (yolods.faults.PeerPulse).
+
+Two pulses share a real TCPStore in this process, one per rank, with a timeout of a fraction of a second; the
+2-rank jobs in test_faults.py freeze a real rank with SIGSTOP.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch.distributed as torch_dist
+
+from yolods.faults import PeerPulse
+
+TIMEOUT_S = 0.6
+TICK_S = 0.05
+
+
+@pytest.fixture
+def pulses():
+    store = torch_dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, wait_for_workers=False)
+    return [PeerPulse(store, rank=rank, world_size=2, timeout_s=TIMEOUT_S) for rank in (0, 1)]
+
+
+def beat_for(seconds: float, *pulses: PeerPulse) -> list[str | None]:
+    """Call beat_and_check on each pulse every TICK_S for `seconds`; the first pulse's answers."""
+    answers = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        answers.append(pulses[0].beat_and_check())
+        for pulse in pulses[1:]:
+            pulse.beat_and_check()
+        time.sleep(TICK_S)
+    return answers
+
+
+def test_a_peer_that_beats_is_never_reported_and_one_that_falls_silent_is_named(pulses):
+    watcher, peer = pulses
+    assert set(beat_for(2 * TIMEOUT_S, watcher, peer)) == {None}
+    silent = beat_for(2 * TIMEOUT_S, watcher)  # the peer froze
+    reported = [answer for answer in silent if answer is not None]
+    assert reported, silent
+    assert reported[0].startswith("rank 1 stopped responding: no heartbeat for"), reported[0]
+    first = silent.index(reported[0]) * TICK_S
+    assert first >= TIMEOUT_S * 0.8, first  # not before the timeout (ticks run a little late, never early)
+    watcher.kill_silent_peer()  # a peer in this very process is never killed: this test goes on
+
+
+def test_a_peer_that_finished_or_never_started_is_not_reported(pulses):
+    watcher, peer = pulses
+    assert set(beat_for(2 * TIMEOUT_S, watcher)) == {None}  # the peer is still starting: it has not beaten yet
+    beat_for(TIMEOUT_S / 2, watcher, peer)
+    peer.finish()  # a clean exit: its silence from now on is no fault
+    assert set(beat_for(2 * TIMEOUT_S, watcher)) == {None}
+
+
+def test_a_gap_in_the_watchers_own_polling_gives_the_peer_a_fresh_timeout(pulses):
+    """A Ctrl-Z of the whole job, or a host paused: the watcher cannot tell the peer's silence from its own."""
+    watcher, peer = pulses
+    beat_for(TIMEOUT_S / 2, watcher, peer)
+    time.sleep(2 * TIMEOUT_S)  # nobody polled, nobody beat
+    assert watcher.beat_and_check() is None
+    assert None in beat_for(TIMEOUT_S / 2, watcher)  # still within the fresh timeout
+    assert any(beat_for(TIMEOUT_S, watcher)), "a peer that stays silent after the gap is reported"
