@@ -4,12 +4,14 @@
 
 KIND `raise`: RuntimeError in the train step at micro-step AT on RANK (what a CUDA OOM looks like to the loop).
 KIND `write`: OSError(ENOSPC) when RANK writes weights (a full disk while saving).
+KIND `hang`: the train step at micro-step AT on RANK never returns (a deadlock; the process lives on).
 """
 
 from __future__ import annotations
 
 import errno
 import sys
+import time
 
 import yolods  # noqa: F401  (offline environment first)
 from yolods import dist
@@ -30,6 +32,17 @@ def inject(kind: str, rank: int, at: int) -> None:
             return original_step(self, batch, **kwargs)
 
         TrainStep.__call__ = failing_step
+    elif kind == "hang":
+        original_step = TrainStep.__call__
+        calls = {"n": 0}
+
+        def hanging_step(self, batch, **kwargs):
+            calls["n"] += 1
+            if dist.get_rank() == rank and calls["n"] == at:
+                time.sleep(3600)  # injected hang
+            return original_step(self, batch, **kwargs)
+
+        TrainStep.__call__ = hanging_step
     elif kind == "write":
         original_export = Checkpointer.export_weights
 

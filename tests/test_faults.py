@@ -92,15 +92,17 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(process for process in of_rank if process.parent() not in of_rank)
 
 
-@pytest.mark.parametrize(("launcher", "rank"), [("deepspeed", 0), ("torchrun", 1)])
-def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(launcher, rank, shapes_data, tmp_path):
-    """SIGSTOP stands for a process that stops making any progress (a hung file system call, a host paused): it
-    cannot raise and no launcher notices it. Rank 0 is also the store's host under deepspeed."""
+@pytest.mark.parametrize(("fault", "launcher", "rank"), [("freeze", "deepspeed", 0), ("hang", "torchrun", 1)])
+def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launcher, rank, shapes_data, tmp_path):
+    """Faults that neither raise nor exit, so no launcher notices them. `freeze`: SIGSTOP, a process that stops
+    altogether (a paused host; rank 0 also hosts the store under deepspeed). `hang`: a train step that never
+    returns while the process lives on (a deadlock)."""
     heartbeat_timeout_s = 8  # the default is 30 s; shorter here to keep the test short
-    args = fault_args(shapes_data, tmp_path, "frozen")
-    command = (
-        deepspeed_command(args) if launcher == "deepspeed" else [*torchrun_command(2), "-m", "yolods.train", *args]
-    )
+    args = fault_args(shapes_data, tmp_path, fault)
+    if fault == "hang":
+        command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), "hang", str(rank), "3", "--", *args]
+    else:
+        command = deepspeed_command(args)
     process = subprocess.Popen(
         command,
         env={**train_env(), "YOLODS_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s)},
@@ -109,25 +111,33 @@ def test_a_frozen_rank_ends_the_job_instead_of_hanging_it(launcher, rank, shapes
         text=True,
         start_new_session=True,
     )
-    wait_for_checkpoint(tmp_path / "frozen", process)
+    if fault == "freeze":
+        wait_for_checkpoint(tmp_path / fault, process)
     tree = process_tree(process)
-    frozen = rank_process(process, rank)
-    frozen.suspend()
-    stopped_at = time.time()
+    faulted_at = time.time()  # the hang: its job's start
+    if fault == "freeze":
+        rank_process(process, rank).suspend()
     try:
         output, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # it hung, as it would until the collective timeout
-        pytest.fail(f"the job still ran {time.time() - stopped_at:.0f} s after rank {rank} froze")
-    elapsed_s = time.time() - stopped_at
+        pytest.fail(f"the job still ran {time.time() - faulted_at:.0f} s after rank {rank}'s fault")
+    elapsed_s = time.time() - faulted_at
     assert process.returncode != 0, output[-3000:]
     assert not wait_for_all(tree, timeout_s=10), "processes left running"
     peer = 1 - rank
-    assert re.search(
-        rf"yolods: rank {peer}: stopping, (rank {rank} stopped responding|the job's store stopped answering)", output
-    ), output[-3000:]
-    # the frozen rank is killed by its peer: no wait for the launchers' 30 s grace before their SIGKILL
-    assert elapsed_s < heartbeat_timeout_s + 20, elapsed_s
+    if fault == "freeze":
+        assert re.search(
+            rf"yolods: rank {peer}: stopping, (rank {rank} stopped responding|the job's store stopped answering)",
+            output,
+        ), output[-3000:]
+        # the frozen rank is killed by its peer: no wait for the launchers' 30 s grace before their SIGKILL
+        assert elapsed_s < heartbeat_timeout_s + 20, elapsed_s
+    else:
+        assert f"yolods: rank {peer}: stopping, rank {rank} is stuck" in output, output[-3000:]
+        assert f"yolods: rank {rank}: stopping, rank {rank} is stuck" in output, output[-3000:]
+        assert "in hanging_step" in output, output[-3000:]  # the stuck rank's stack says where it hangs
+        assert elapsed_s < 1.5 * heartbeat_timeout_s + 40, elapsed_s  # start-up and 2 steps included
 
 
 def stop_and_resume(command: list[str], run_dir: Path, *, how: signal.Signals, to_group: bool) -> str:

@@ -23,14 +23,15 @@ def pulses():
     return [PeerPulse(store, rank=rank, world_size=2, timeout_s=TIMEOUT_S) for rank in (0, 1)]
 
 
-def beat_for(seconds: float, *pulses: PeerPulse) -> list[str | None]:
-    """Call beat_and_check on each pulse every TICK_S for `seconds`; the first pulse's answers."""
+def beat_for(seconds: float, *pulses: PeerPulse, progress: tuple[int, ...] = (0, 0)) -> list[str | None]:
+    """Call beat_and_check on each pulse every TICK_S for `seconds`; the phrases of the first pulse's answers."""
     answers = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        answers.append(pulses[0].beat_and_check())
-        for pulse in pulses[1:]:
-            pulse.beat_and_check()
+        failure = pulses[0].beat_and_check(progress[0])
+        answers.append(failure.phrase if failure else None)
+        for pulse, count in zip(pulses[1:], progress[1:]):
+            pulse.beat_and_check(count)
         time.sleep(TICK_S)
     return answers
 
@@ -60,6 +61,22 @@ def test_a_gap_in_the_watchers_own_polling_gives_the_peer_a_fresh_timeout(pulses
     watcher, peer = pulses
     beat_for(TIMEOUT_S / 2, watcher, peer)
     time.sleep(2 * TIMEOUT_S)  # nobody polled, nobody beat
-    assert watcher.beat_and_check() is None
+    assert watcher.beat_and_check(0) is None
     assert None in beat_for(TIMEOUT_S / 2, watcher)  # still within the fresh timeout
     assert any(beat_for(TIMEOUT_S, watcher)), "a peer that stays silent after the gap is reported"
+
+
+def test_a_peer_whose_progress_stays_behind_is_reported_as_stuck_and_one_merely_slower_is_not(pulses):
+    """Its watchdog thread beats on, but its main thread has stopped counting the phases of its train steps."""
+    watcher, peer = pulses
+    # equal counts (validation, a checkpoint, a barrier): no one is behind, however long it lasts
+    assert set(beat_for(3 * TIMEOUT_S, watcher, peer, progress=(5, 5))) == {None}
+    # behind but counting: a slower rank
+    slower = []
+    for count in range(5, 5 + int(3 * TIMEOUT_S / TICK_S)):
+        slower += beat_for(TICK_S, watcher, peer, progress=(count + 2, count))
+    assert set(slower) == {None}
+    stuck = beat_for(3 * TIMEOUT_S, watcher, peer, progress=(50, 40))
+    reported = [answer for answer in stuck if answer is not None]
+    assert reported and reported[0].startswith("rank 1 is stuck: its training step made no progress for"), stuck
+    assert stuck.index(reported[0]) * TICK_S >= 1.5 * TIMEOUT_S * 0.8  # 1.5 x the heartbeat's timeout

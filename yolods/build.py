@@ -7,6 +7,7 @@ times the same TrainStep, so the benchmark measures the code users run. Seeds ar
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -257,8 +258,13 @@ def build_train_step(
     )
 
 
-def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) -> Trainer:
-    """Every part of a training run, handed to the Trainer; resumes when the plan says so."""
+def build_trainer(
+    plan: RunPlan, run_dir: Path, *, stop_request: StopRequest, on_step_phase: Callable[[str], None] | None = None
+) -> Trainer:
+    """Every part of a training run, handed to the Trainer; resumes when the plan says so.
+
+    `on_step_phase` is called as each phase of each train step ends (the fault watchdog counts them).
+    """
     cfg = plan.cfg
     device = device_for(plan)
     seed_run(cfg.seed, deterministic=bool(plan.hyp.deterministic))
@@ -305,6 +311,7 @@ def build_trainer(plan: RunPlan, run_dir: Path, *, stop_request: StopRequest) ->
         stop_request=stop_request,
         step_at_epoch_end=cfg.step_at_epoch_end,
     )
+    step.on_phase = on_step_phase
     engine = step.engine
     period = SavePeriod(steps=cfg.save_period_steps, minutes=cfg.save_period_min)
     checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp), period=period)

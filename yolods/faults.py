@@ -10,14 +10,17 @@ How a fault travels:
 - The same watchdog turns a vanished launcher into a stop request: the deepspeed runner does not pass SIGTERM
   on to its ranks on one node, so when it (or the launcher that started this rank) is gone, the ranks save a
   checkpoint at the next step and leave as if they had been sent SIGTERM.
-- A rank whose whole process stops (SIGSTOP, a hung file system or driver call, a host that drops off the network)
-  can neither raise nor set the key, and no launcher notices: its peers would wait in their collective for the
-  30-minute timeout. So each watchdog also beats a counter in the store every HEARTBEAT_S and watches the next
-  rank's (a ring: every rank is watched by one other, two store requests per rank per beat at any scale). A peer
-  silent for HEARTBEAT_TIMEOUT_S ends the job naming it, and is killed when it runs on the same host, so that its
-  launcher ends the job at once instead of after its 30 s grace for a process that cannot take SIGTERM. A store
-  host that froze (rank 0 under deepspeed and srun) blocks the watchdog's store calls with no timeout at all
-  (TCPStore's own does not bound them), so a second thread ends the rank when the watchdog stays stuck as long.
+- A rank whose whole process stops (SIGSTOP, a paused host, a host cut off the network), or whose main thread
+  hangs in a live process (a deadlock, a call that never returns), neither raises nor exits, and no launcher
+  notices: its peers would wait in their collective for the 30-minute timeout. So each watchdog also beats a
+  counter in the store every HEARTBEAT_S, publishes how many train-step phases its main thread has finished, and
+  watches the next rank's (a ring: every rank is watched by one other, a few store requests per rank per beat at
+  any scale; see PeerPulse). A peer silent for HEARTBEAT_TIMEOUT_S, or stuck behind this rank's step for 1.5x
+  that, ends the job naming it. A silent peer on the same host is killed, so that its launcher ends the job at
+  once instead of after its 30 s grace for a process that cannot take SIGTERM; a stuck one prints its main
+  thread's stack as it leaves. A store host that froze (rank 0 under deepspeed and srun) blocks the watchdog's
+  store calls with no timeout at all (TCPStore's own does not bound them), so a second thread ends the rank
+  when the watchdog stays stuck as long.
 Launchers also end the remaining ranks once one exits non-zero (torchrun and deepspeed within a second); the
 watchdog makes the job end the same way where they do not (srun without --kill-on-bad-exit, hung NCCL calls).
 Under `torchrun --max-restarts` that quick exit 1 of every rank is what lets the agent start the group again; the
@@ -34,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,12 +48,16 @@ ABORT_KEY = "yolods/abort"  # holds the phrase that names who failed: "rank 3 fa
 HEARTBEAT_KEY = "yolods/heartbeat/{rank}"
 FINISHED_KEY = "yolods/finished/{rank}"  # set when a rank leaves cleanly: its silence from then on is no fault
 PROCESS_KEY = "yolods/process/{rank}"  # 'host pid start-time' of each rank
+PROGRESS_KEY = "yolods/progress/{rank}"  # phases of train steps each rank's main thread has finished
 POLL_S = 0.5
 HEARTBEAT_S = 2.0  # or a quarter of the timeout, if shorter
 # Long enough for the longest legitimate stall of a live process's threads (a big pickle load holding the GIL
 # for a few seconds, a ZeRO checkpoint write), short enough that a frozen rank ends the job within a minute.
 # At least 4 s: below that the watchdog's own 0.5 s polling could not tell a silent peer from jitter.
 HEARTBEAT_TIMEOUT_S = max(4.0, float(os.environ.get("YOLODS_HEARTBEAT_TIMEOUT_S", 30)))
+# A rank that stays behind the others in its train step for 1.5 x that (45 s) is stuck. Ranks in step skew by
+# well under a second, but a false alarm ends a healthy job: the extra margin costs a rare fault 15 s.
+STUCK_TIMEOUT_FACTOR = 1.5
 FAILURE_EXIT_CODE = 1
 
 
@@ -96,6 +104,7 @@ class JobWatchdog:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yolods-watchdog", daemon=True)
         self._watched_at = time.monotonic()  # when the watchdog last came round its loop
+        self.progress = 0  # phases of train steps this rank's main thread has finished (see progressed)
         self._stuck_check = threading.Thread(target=self._end_if_stuck, name="yolods-watchdog-check", daemon=True)
 
     def start(self) -> JobWatchdog:
@@ -103,6 +112,10 @@ class JobWatchdog:
         if self.store is not None:
             self._stuck_check.start()
         return self
+
+    def progressed(self, phase: str | None = None) -> None:
+        """Count one more finished phase of a train step (TrainStep.on_phase); called by the main thread only."""
+        self.progress += 1
 
     def stop(self) -> None:
         """Stop watching and tell the peers this rank's silence from now on is a clean exit."""
@@ -116,10 +129,11 @@ class JobWatchdog:
         while not self._stopped.wait(POLL_S):
             self._watched_at = time.monotonic()
             if self.pulse is not None and self.pulse.due():
-                failure = self.pulse.beat_and_check()
+                failure = self.pulse.beat_and_check(self.progress)
                 if failure is not None and not self._stopped.is_set():
-                    self.pulse.kill_silent_peer()
-                    _announce_and_leave(self.store, failure)
+                    if failure.frozen:
+                        self.pulse.kill_silent_peer()
+                    _announce_and_leave(self.store, failure.phrase)
             if _launcher_gone() and self.stop_request.received is None:
                 # every rank that notices says so: rank 0 may be stopped by a peer's notice before its own poll
                 print(
@@ -129,7 +143,13 @@ class JobWatchdog:
                 self.stop_request.request(signal.SIGTERM, cause="the launcher's exit")
             failed_rank = _failed_rank(self.store)
             if failed_rank is not None and not self._stopped.is_set():
-                _leave(f"yolods: rank {dist.get_rank()}: stopping, {failed_rank}")
+                rank = dist.get_rank()
+                # on a line of its own: rank 0's progress bar may hold the cursor mid-line
+                print(f"\nyolods: rank {rank}: stopping, {failed_rank}", file=sys.stderr, flush=True)
+                if failed_rank.startswith(f"rank {rank} is stuck"):  # say where its main thread hangs
+                    stack = sys._current_frames().get(threading.main_thread().ident)
+                    traceback.print_stack(stack, file=sys.stderr)
+                _leave(None)
 
     def _end_if_stuck(self) -> None:
         """End this rank when the watchdog has been stuck in a store call for HEARTBEAT_TIMEOUT_S: its host froze."""
@@ -145,12 +165,25 @@ class JobWatchdog:
                 _leave(f"yolods: rank {dist.get_rank()}: stopping, {_STORE_GONE}")
 
 
-class PeerPulse:
-    """This rank's heartbeat in the store, and the watch on the next rank's.
+@dataclass(frozen=True)
+class PeerFailure:
+    phrase: str  # who failed and how: "rank 3 stopped responding: ..."
+    frozen: bool = False  # its whole process is silent: nothing of it will leave by itself
 
-    Silence is measured on this rank's own clock (hosts' clocks need not agree), and only counts while this rank's
-    watchdog runs: after a gap in its own polling (a Ctrl-Z of the whole job, a host that was paused) the watched
-    peer gets a fresh HEARTBEAT_TIMEOUT_S, since it was probably paused too.
+
+class PeerPulse:
+    """This rank's heartbeat and progress in the store, and the watch on the next rank's.
+
+    Two faults no launcher sees:
+    - a frozen process: its heartbeat (beaten by its watchdog thread) stops for `timeout_s`;
+    - a stuck main thread in a live process (a deadlock, a call that never returns): its heartbeat goes on, but its
+      progress (the train step's phases, counted by the main thread) stays behind this rank's for 1.5 x `timeout_s`.
+      Only "behind" counts: where the ranks wait for each other without counting (validation, a checkpoint, rank 0
+      building the label cache while the others wait at a barrier) their counts are equal, and a rank that is
+      merely slower keeps counting.
+    Both are timed on this rank's own clock (hosts' clocks need not agree), and only while this rank's watchdog
+    runs: after a gap in its own polling (a Ctrl-Z of the whole job, a paused host) the peer gets a fresh timeout,
+    since it was probably paused too.
     """
 
     def __init__(self, store, *, rank: int, world_size: int, timeout_s: float = HEARTBEAT_TIMEOUT_S):
@@ -158,43 +191,63 @@ class PeerPulse:
         self.rank = rank
         self.timeout_s = timeout_s
         self.interval_s = min(HEARTBEAT_S, timeout_s / 4)  # a few beats per timeout, so one late beat is no alarm
-        self.key = HEARTBEAT_KEY.format(rank=rank)
         self.peer = (rank + 1) % world_size
-        self.peer_key = HEARTBEAT_KEY.format(rank=self.peer)
-        self._last_poll = self._peer_changed_at = time.monotonic()
-        self._peer_count = 0  # 0: the peer has not beaten yet (still starting); it is not judged until it has
+        self._last_poll = self._peer_beat_at = time.monotonic()
+        self._peer_beats = 0  # 0: the peer has not beaten yet (still starting); it is not judged until it has
+        self._published_progress = self._peer_progress = 0
+        self._ahead_since: float | None = None  # since when this rank has been past the peer's last progress point
         store.set(PROCESS_KEY.format(rank=rank), _this_process())
         self.rank0_process: str | None = None  # read once rank 0 has published it
 
     def due(self) -> bool:
         return time.monotonic() - self._last_poll >= self.interval_s
 
-    def beat_and_check(self) -> str | None:
-        """Beat once; the phrase naming the watched peer if it has been silent too long, else None."""
+    def beat_and_check(self, progress: int = 0) -> PeerFailure | None:
+        """Beat once and publish this rank's `progress` count; the watched peer's failure, if it has failed."""
         now = time.monotonic()
-        if now - self._last_poll > self.timeout_s / 2:
-            self._peer_changed_at = now  # this thread was not running either: the silence is not the peer's
+        if now - self._last_poll > self.timeout_s / 2:  # this thread was not running either: not the peer's doing
+            self._peer_beat_at = now
+            self._ahead_since = None
         self._last_poll = now
         try:
-            self.store.add(self.key, 1)
-            count = self.store.add(self.peer_key, 0)  # reads without blocking (creates the key at 0)
+            self.store.add(HEARTBEAT_KEY.format(rank=self.rank), 1)
+            self.store.add(PROGRESS_KEY.format(rank=self.rank), progress - self._published_progress)
+            self._published_progress = progress
+            # add(key, 0) reads a count without blocking (it creates the key at 0)
+            peer_beats = self.store.add(HEARTBEAT_KEY.format(rank=self.peer), 0)
+            peer_progress = self.store.add(PROGRESS_KEY.format(rank=self.peer), 0)
             rank0_key = PROCESS_KEY.format(rank=0)
             if self.rank0_process is None and self.store.check([rank0_key]):
                 self.rank0_process = self.store.get(rank0_key).decode()
-            if count != self._peer_count:
-                self._peer_count, self._peer_changed_at = count, now
+            failure = self._judge(now, peer_beats=peer_beats, peer_progress=peer_progress, progress=progress)
+            if failure is not None and self.store.check([FINISHED_KEY.format(rank=self.peer)]):
+                self._peer_beat_at, self._ahead_since = now, None  # it left cleanly and this rank is about to
                 return None
-            silent_s = now - self._peer_changed_at
-            if self._peer_count == 0 or silent_s < self.timeout_s:
-                return None
-            if self.store.check([FINISHED_KEY.format(rank=self.peer)]):
-                self._peer_changed_at = now  # it left cleanly and this rank is about to: not a fault
-                return None
+            return failure
         except Exception:  # DistNetworkError: the store's host has exited
-            return _STORE_GONE
-        return (
-            f"rank {self.peer} stopped responding: no heartbeat for {silent_s:.0f} s "
-            "(its process is frozen or its host unreachable)"
+            return PeerFailure(_STORE_GONE)
+
+    def _judge(self, now: float, *, peer_beats: int, peer_progress: int, progress: int) -> PeerFailure | None:
+        if peer_beats != self._peer_beats:
+            self._peer_beats, self._peer_beat_at = peer_beats, now
+        silent_s = now - self._peer_beat_at
+        if self._peer_beats and silent_s >= self.timeout_s:
+            return PeerFailure(
+                f"rank {self.peer} stopped responding: no heartbeat for {silent_s:.0f} s "
+                "(its process is frozen or its host unreachable)",
+                frozen=True,
+            )
+        if peer_progress != self._peer_progress or progress <= peer_progress:
+            self._peer_progress, self._ahead_since = peer_progress, None
+            return None
+        if self._ahead_since is None:
+            self._ahead_since = now
+        behind_s = now - self._ahead_since
+        if behind_s < STUCK_TIMEOUT_FACTOR * self.timeout_s:
+            return None
+        return PeerFailure(
+            f"rank {self.peer} is stuck: its training step made no progress for {behind_s:.0f} s while rank "
+            f"{self.rank} waited for it (its main thread hangs; its stack follows from rank {self.peer})"
         )
 
     def kill_silent_peer(self) -> None:
