@@ -211,8 +211,9 @@ class PeerPulse:
         self._last_poll = now
         try:
             self.store.add(HEARTBEAT_KEY.format(rank=self.rank), 1)
-            self.store.add(PROGRESS_KEY.format(rank=self.rank), progress - self._published_progress)
-            self._published_progress = progress
+            if progress != self._published_progress:  # nothing to send while it waits (or runs inference)
+                self.store.add(PROGRESS_KEY.format(rank=self.rank), progress - self._published_progress)
+                self._published_progress = progress
             # add(key, 0) reads a count without blocking (it creates the key at 0)
             peer_beats = self.store.add(HEARTBEAT_KEY.format(rank=self.peer), 0)
             peer_progress = self.store.add(PROGRESS_KEY.format(rank=self.peer), 0)
@@ -300,7 +301,7 @@ def _announce_and_leave(store, failure: str) -> NoReturn:
             store.set(ABORT_KEY, failure)
         except Exception:
             pass  # the store went meanwhile: the peers' watchdogs find that out themselves
-    _leave(f"yolods: rank {dist.get_rank()}: stopping, {failure}")
+    _leave(f"\nyolods: rank {dist.get_rank()}: stopping, {failure}")  # rank 0's progress bar may hold the line
 
 
 def _failed_rank(store) -> str | None:
