@@ -333,7 +333,7 @@ def build_trainer(
         trainer.resume()
     batch = plan.batch
     logger.info(
-        f"yolods: {dist.get_world_size()} ranks, ZeRO-{plan.zero_stage}, {plan.precision}, global batch "
+        f"yolods: {dist.ranks_phrase(dist.get_world_size())}, ZeRO-{plan.zero_stage}, {plan.precision}, global batch "
         f"{batch.global_batch} ({batch.micro_batch}/rank) x accumulate {schedule.accumulate}, "
         f"{type(optimizer).__name__}(lr0={train_hyp.lr0:g}), {train_data.num_images} train images, run dir {run_dir}"
     )

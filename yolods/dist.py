@@ -32,6 +32,11 @@ LAUNCHER_VARIABLES = (
 COLLECTIVE_TIMEOUT_MIN = float(os.environ.get("YOLODS_COLLECTIVE_TIMEOUT_MIN", 30))
 
 
+def ranks_phrase(count: int) -> str:
+    """'1 rank', '8 ranks': for messages."""
+    return f"{count} rank{'s' * (count != 1)}"
+
+
 def _initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 

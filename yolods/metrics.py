@@ -62,7 +62,7 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
     lines = [
         "",
         f"{facts.epochs_done}/{facts.epochs} epochs completed in {minutes:.1f} min ({facts.imgs_per_s:.1f} img/s overall) on "
-        f"{facts.world_size} rank{'s' if facts.world_size > 1 else ''}, ZeRO-{facts.zero_stage}, {facts.precision}",
+        f"{dist.ranks_phrase(facts.world_size)}, ZeRO-{facts.zero_stage}, {facts.precision}",
     ]
     if best is not None:
         lines.append(

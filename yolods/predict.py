@@ -286,7 +286,7 @@ def _finish(plan: PredictPlan, run_dir: Path, reports: list[dict[str, Any]]) -> 
             f"{report['imgs_per_s']:.1f} img/s"
         )
     dist.print_main(
-        f"yolods: {predicted} images on {len(reports)} ranks in {slowest_s:.1f} s: {summary['imgs_per_s']:.1f} img/s"
+        f"yolods: {predicted} images on {dist.ranks_phrase(len(reports))} in {slowest_s:.1f} s: {summary['imgs_per_s']:.1f} img/s"
         + (f"; {summary['skipped_done']} done by an earlier run, skipped" if summary["skipped_done"] else "")
     )
     if unreadable:

@@ -328,6 +328,6 @@ def reshard_note(tag: str, saved_world_size: int, zero_stage: int, batch) -> str
         else f"ZeRO-{zero_stage} partitions of weights and optimizer state re-split exactly"
     )
     return (
-        f"Resharded {tag} from {saved_world_size} to {world_size} rank{'s' * (world_size > 1)}: {how}, global batch "
+        f"Resharded {tag} from {saved_world_size} to {dist.ranks_phrase(world_size)}: {how}, global batch "
         f"{batch.global_batch} kept ({batch.micro_batch}/rank), BatchNorm statistics averaged over the saved ranks"
     )

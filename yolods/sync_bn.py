@@ -132,6 +132,6 @@ def describe_sync_bn(replaced: int, *, device: torch.device) -> str:
     """The start-of-run line for `--sync_bn`."""
     world_size = dist.get_world_size()
     if not replaced:
-        return f"sync BN: off on {world_size} rank{'s' * (world_size > 1)} (nothing to synchronise)"
+        return f"sync BN: off on {dist.ranks_phrase(world_size)} (nothing to synchronise)"
     backend = "all-reduce BatchNorm on CPU" if device.type == "cpu" else "torch SyncBatchNorm"
     return f"sync BN: {replaced} BatchNorm layers normalise over all {world_size} ranks' images ({backend})"

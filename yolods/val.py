@@ -106,7 +106,7 @@ def run(plan: ValPlan, job: inference.Job) -> int:
         report = {"model": str(plan.detector.weights), "world_size": dist.get_world_size(), "settings": settings}
         write_json(run_dir / "metrics.json", {**report, **summary})
         dist.print_main(
-            f"yolods: {summary['images']} images validated on {dist.get_world_size()} ranks "
+            f"yolods: {summary['images']} images validated on {dist.ranks_phrase(dist.get_world_size())} "
             f"({', '.join(map(str, summary['images_per_rank']))}); metrics in {run_dir / 'metrics.json'}"
         )
     return 0
