@@ -97,7 +97,7 @@ def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launche
     """Faults that neither raise nor exit, so no launcher notices them. `freeze`: SIGSTOP, a process that stops
     altogether (a paused host; rank 0 also hosts the store under deepspeed). `hang`: a train step that never
     returns while the process lives on (a deadlock)."""
-    heartbeat_timeout_s = 8  # the default is 30 s; shorter here to keep the test short
+    heartbeat_timeout_s = 6  # the default is 30 s; shorter here to keep the test short
     args = fault_args(shapes_data, tmp_path, fault)
     if fault == "hang":
         command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), "hang", str(rank), "3", "--", *args]
