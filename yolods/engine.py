@@ -126,7 +126,10 @@ class Trainer:
         step_started = time.perf_counter()
         for batch_index, batch in enumerate(bar):
             if batch_index < first_batch:
-                continue  # already trained on before the interruption
+                # already trained on before the interruption; counted, so that a rank still replaying (minutes into
+                # a large epoch) is not taken for stuck by one that is done (yolods.faults.PeerPulse)
+                self._passed("replay")
+                continue
             data_wait_s = time.perf_counter() - step_started
             with self.profiler.step():
                 result = self.step(
@@ -160,6 +163,11 @@ class Trainer:
                 self._save_mid_epoch(epoch, next_batch=batch_index + 1, loss_sums=loss_sums, stop=result.stop)
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
+
+    def _passed(self, point: str) -> None:
+        """Count a point every rank passes, as the train step counts its phases (its `on_phase`, when set)."""
+        if self.step.on_phase is not None:
+            self.step.on_phase(point)
 
     def _save_mid_epoch(self, epoch: int, *, next_batch: int, loss_sums: torch.Tensor, stop: bool) -> None:
         """Checkpoint at an optimizer-step boundary (no half-summed gradients) as tag epochN-batchM; then stop if

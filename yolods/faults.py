@@ -177,7 +177,8 @@ class PeerPulse:
     Two faults no launcher sees:
     - a frozen process: its heartbeat (beaten by its watchdog thread) stops for `timeout_s`;
     - a stuck main thread in a live process (a deadlock, a call that never returns): its heartbeat goes on, but its
-      progress (the train step's phases, counted by the main thread) stays behind this rank's for 1.5 x `timeout_s`.
+      progress (the train step's phases and the batches replayed after a resume, counted by the main thread) stays
+      behind this rank's for 1.5 x `timeout_s`.
       Only "behind" counts: where the ranks wait for each other without counting (validation, a checkpoint, rank 0
       building the label cache while the others wait at a barrier) their counts are equal, and a rank that is
       merely slower keeps counting.
