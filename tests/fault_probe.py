@@ -20,29 +20,33 @@ from yolods.step import TrainStep
 from yolods.train import main
 
 
+def failing_step() -> None:
+    raise RuntimeError("injected fault: out of memory")
+
+
+def hanging_step() -> None:
+    time.sleep(3600)  # injected hang
+
+
+def at_step(fault, rank: int, at: int) -> None:
+    """Run `fault` on `rank` at its micro-step `at`, before the train step itself."""
+    original_step = TrainStep.__call__
+    calls = {"n": 0}
+
+    def step_with_fault(self, batch, **kwargs):
+        calls["n"] += 1
+        if dist.get_rank() == rank and calls["n"] == at:
+            fault()
+        return original_step(self, batch, **kwargs)
+
+    TrainStep.__call__ = step_with_fault
+
+
 def inject(kind: str, rank: int, at: int) -> None:
     if kind == "raise":
-        original_step = TrainStep.__call__
-        calls = {"n": 0}
-
-        def failing_step(self, batch, **kwargs):
-            calls["n"] += 1
-            if dist.get_rank() == rank and calls["n"] == at:
-                raise RuntimeError("injected fault: out of memory")
-            return original_step(self, batch, **kwargs)
-
-        TrainStep.__call__ = failing_step
+        at_step(failing_step, rank, at)
     elif kind == "hang":
-        original_step = TrainStep.__call__
-        calls = {"n": 0}
-
-        def hanging_step(self, batch, **kwargs):
-            calls["n"] += 1
-            if dist.get_rank() == rank and calls["n"] == at:
-                time.sleep(3600)  # injected hang
-            return original_step(self, batch, **kwargs)
-
-        TrainStep.__call__ = hanging_step
+        at_step(hanging_step, rank, at)
     elif kind == "write":
         original_export = Checkpointer.export_weights
 

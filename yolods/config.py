@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from yolods import dist
 from yolods.errors import ConfigError
 from yolods.hyp import is_ultralytics_setting, ultralytics_settings
 from yolods.large_batch import rule_parts
@@ -400,7 +401,7 @@ def check_batch_resplit(cfg: RunConfig, *, saved_world_size: int, world_size: in
         fitting = [ranks for ranks in range(1, cfg.batch + 1) if cfg.batch % ranks == 0]
         nearest = sorted(fitting, key=lambda ranks: abs(ranks - world_size))[:2]
         raise ConfigError(
-            f"--resume {cfg.resume}: the run's global batch {cfg.batch} (saved on {saved_world_size} rank{'s' * (saved_world_size > 1)}) does not "
+            f"--resume {cfg.resume}: the run's global batch {cfg.batch} (saved on {dist.ranks_phrase(saved_world_size)}) does not "
             f"split over {world_size} ranks; resume on a number of ranks that divides {cfg.batch}, e.g. "
             f"{' or '.join(str(ranks) for ranks in sorted(nearest))}"
         )

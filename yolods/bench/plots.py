@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from yolods import dist
 from yolods.bench.analysis import (
     ENGINE_ORDER,
     Line,
@@ -296,7 +297,7 @@ def plot_memory(lines: list[Line], path: Path) -> Path:
         1, 2, figsize=(13, 0.32 * len(rows) + 1.8), sharey=True, gridspec_kw={"width_ratios": (3, 2)}
     )
     labels = [
-        f"{row['model'].removesuffix('.yaml')} {engine_name(row)}, {row['world_size']} rank{'s' if row['world_size'] > 1 else ''}"
+        f"{row['model'].removesuffix('.yaml')} {engine_name(row)}, {dist.ranks_phrase(row['world_size'])}"
         for row in rows
     ]
     positions = list(range(len(rows)))

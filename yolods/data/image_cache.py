@@ -151,7 +151,7 @@ def _share_in_ram(dataset, *, hyp: SimpleNamespace, split: str) -> None:
     local_ranks = dist.get_local_world_size()
     dist.print_main(
         f"yolods: --cache ram: {len(images)} {split} images, {size(images.nbytes)} decoded once per node and mapped "
-        f"by its {local_ranks} rank{'s' * (local_ranks > 1)} (Ultralytics' per-rank cache: {size(local_ranks * images.nbytes)})"
+        f"by its {dist.ranks_phrase(local_ranks)} (Ultralytics' per-rank cache: {size(local_ranks * images.nbytes)})"
     )
 
 
