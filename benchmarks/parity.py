@@ -13,14 +13,17 @@ reproduces its run (fp32, `--workers 0`, the same torch thread count: `--threads
 difference, free of the seed-to-seed spread; at N ranks the same images make each global batch. An N-rank run
 draws each rank's augmentation from its own stream, so it is not paired with the 1-process run beyond its data
 order and initial weights; other rows at N ranks are therefore also paired with the plain ZeRO-0 row at N ranks,
-which shares their images and augmentation streams (as do `-syncbn` and `-comm` rows).
+which shares their images and augmentation streams (as do `-syncbn` and `-comm` rows). A `-paired` row runs
+yolods with `--paired_data`: its ranks train on the 1-rank run's augmented images themselves, so it is paired with
+the Ultralytics run by design, apart from BatchNorm over each rank's share and the arithmetic of N ranks.
 
 The bar: a yolods row passes when the 95% confidence interval (Student t over seeds) of its mean paired difference
 in final mAP50-95 lies within +-0.01. Writes OUT_DIR/parity.md and OUT_DIR/parity.json; exits 0 when every row
 passes, 1 when a row does not, 2 when a run failed.
 
 Row names: `ultralytics`, or `zero{0,1,2,3}-{N}rank-{fp32,bf16,fp16}` for yolods, optionally followed by
-`-comm{fp32,bf16,fp16}` (`--communication_dtype`) and `-syncbn` (`--sync_bn`), e.g. `zero2-2rank-fp32-commbf16`.
+`-comm{fp32,bf16,fp16}` (`--communication_dtype`), `-syncbn` (`--sync_bn`) and `-paired` (`--paired_data`), e.g.
+`zero2-2rank-fp32-commbf16`, `zero2-2rank-fp32-paired`.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 T_975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 ROW_PATTERN = re.compile(
     r"^zero(?P<zero>[0-3])-(?P<ranks>[1-9][0-9]*)rank-(?P<precision>fp32|bf16|fp16)"
-    r"(?:-comm(?P<communication_dtype>fp32|bf16|fp16))?(?P<sync_bn>-syncbn)?$"
+    r"(?:-comm(?P<communication_dtype>fp32|bf16|fp16))?(?P<sync_bn>-syncbn)?(?P<paired_data>-paired)?$"
 )
 
 
@@ -83,6 +86,7 @@ class Row:
     precision: str = "fp32"
     communication_dtype: str | None = None  # yolods' --communication_dtype (the gradient reduction's dtype)
     sync_bn: bool = False  # yolods' --sync_bn
+    paired_data: bool = False  # yolods' --paired_data: the 1-rank run's augmented images at N ranks
 
     @property
     def label(self) -> str:
@@ -91,7 +95,7 @@ class Row:
         label = f"yolods ZeRO-{self.zero}, {self.ranks} rank{'s' if self.ranks > 1 else ''}, {self.precision}"
         if self.communication_dtype:
             label += f", gradients reduced in {self.communication_dtype}"
-        return label + (", SyncBN" if self.sync_bn else "")
+        return label + (", SyncBN" if self.sync_bn else "") + (", paired data" if self.paired_data else "")
 
 
 def parse_row(name: str) -> Row:
@@ -102,7 +106,7 @@ def parse_row(name: str) -> Row:
     if not match:
         raise ValueError(
             f"--rows: {name!r} is not 'ultralytics' or zero{{0-3}}-{{N}}rank-{{fp32,bf16,fp16}}"
-            "[-comm{fp32,bf16,fp16}][-syncbn]"
+            "[-comm{fp32,bf16,fp16}][-syncbn][-paired]"
         )
     return Row(
         name=name,
@@ -112,6 +116,7 @@ def parse_row(name: str) -> Row:
         precision=match["precision"],
         communication_dtype=match["communication_dtype"],
         sync_bn=bool(match["sync_bn"]),
+        paired_data=bool(match["paired_data"]),
     )
 
 
@@ -250,6 +255,8 @@ def yolods_command(row: Row, *, settings: dict[str, Any], seed: int, run_dir: Pa
         args += ["--communication_dtype", row.communication_dtype]
     if row.sync_bn:
         args.append("--sync_bn")
+    if row.paired_data:
+        args.append("--paired_data")
     for key, value in {"plots": False, **settings["hyp"]}.items():  # no results.png: the reference draws no plots
         args += ["--hyp", f"{key}={value}"]
     if row.ranks == 1:
@@ -423,8 +430,8 @@ def summarise(rows: list[Row], records: dict[str, list[dict[str, Any]]]) -> list
 
 
 def same_ranks_zero0(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The plain ZeRO-0 row (no --sync_bn, no --communication_dtype) at `summary`'s ranks and precision, for a
-    multi-rank yolods row other than itself (else None)."""
+    """The plain ZeRO-0 row (no --sync_bn, no --communication_dtype) at `summary`'s ranks, precision and
+    --paired_data, for a multi-rank yolods row other than itself (else None)."""
     if summary["trainer"] != "yolods" or summary["ranks"] < 2:
         return None
     base = next(
@@ -437,6 +444,7 @@ def same_ranks_zero0(summary: dict[str, Any], summaries: list[dict[str, Any]]) -
             and other["precision"] == summary["precision"]
             and not other["communication_dtype"]
             and not other["sync_bn"]
+            and other.get("paired_data", False) == summary.get("paired_data", False)
         ),
         None,
     )

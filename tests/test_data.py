@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +69,34 @@ def test_ranks_share_each_global_batch(num_images, global_batch):
     for whole, first, second in zip(one_rank, *shards):
         assert first and second and abs(len(first) - len(second)) <= 1
         assert first + second == whole or (len(whole) == 1 and first + second == [*whole, order[0]])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_paired_ranks_train_on_the_one_rank_runs_augmented_images(shapes_data, workers):
+    """--paired_data: at 2 ranks each rank's batch is its half of the 1-rank run's batch, pixel for pixel,
+    augmentation and mosaic included, epoch after epoch; unpaired ranks augment the same images differently."""
+    hyp = hyperparameters(RunConfig(data=str(shapes_data), device="cpu", imgsz=128))
+    data = load_data_yaml(str(shapes_data))
+
+    def batches(*, micro_batch: int, rank: int = 0, paired: bool = False) -> list[dict]:
+        random.seed(0)  # what seed_run leaves for the augmentation at 1 rank, and at N ranks when paired
+        np.random.seed(0)
+        train = build_train_data(
+            hyp, data, micro_batch=micro_batch, workers=workers, seed=0, stride=32, pin_memory=False
+        )
+        train.world_size, train.rank, train.paired = (2, rank, paired) if micro_batch == 4 else (1, 0, False)
+        return [batch for epoch in range(2) for batch in train.loader_for_epoch(epoch)]
+
+    one_rank = batches(micro_batch=8)
+    paired = [batches(micro_batch=4, rank=rank, paired=True) for rank in (0, 1)]
+    assert len(one_rank) == len(paired[0]) == len(paired[1]) == 8
+    for whole, first, second in zip(one_rank, *paired):
+        assert first["im_file"] + second["im_file"] == whole["im_file"]
+        assert torch.equal(torch.cat([first["img"], second["img"]]), whole["img"])
+        assert torch.equal(torch.cat([first["bboxes"], second["bboxes"]]), whole["bboxes"])
+    unpaired = batches(micro_batch=4, rank=1)
+    assert [batch["im_file"] for batch in unpaired] == [batch["im_file"] for batch in paired[1]]
+    assert not torch.equal(unpaired[0]["img"], paired[1][0]["img"])
 
 
 def test_missing_and_broken_data_yaml(tmp_path):

@@ -37,6 +37,9 @@ def test_row_names(parity):
     assert (row.communication_dtype, row.sync_bn) == ("bf16", True)
     command = parity.yolods_command(row, settings=SETTINGS, seed=0, run_dir=Path("runs/x"))
     assert command[command.index("--communication_dtype") + 1] == "bf16" and "--sync_bn" in command
+    row = parity.parse_row("zero2-2rank-fp32-paired")
+    assert row.paired_data and row.label == "yolods ZeRO-2, 2 ranks, fp32, paired data"
+    assert "--paired_data" in parity.yolods_command(row, settings=SETTINGS, seed=0, run_dir=Path("runs/x"))
     for bad in ("zero4-2rank-fp32", "zero2-0rank-fp32", "zero2-2rank-fp64", "zero2-2rank-fp32-commfp64", "ddp"):
         with pytest.raises(ValueError, match="--rows"):
             parity.parse_row(bad)

@@ -42,14 +42,15 @@ from yolods.sync_bn import convert_sync_batchnorm, describe_sync_bn
 from yolods.validation import EpochValidator
 
 
-def seed_run(seed: int, *, deterministic: bool = False) -> None:
+def seed_run(seed: int, *, deterministic: bool = False, paired_data: bool = False) -> None:
     """Seed torch, NumPy and Python as Ultralytics' trainer does in one process: `init_seeds(seed)`.
 
     Torch gets the same seed on every rank, so every rank builds the same initial weights and the EMA copy taken
     before `deepspeed.initialize` (which broadcasts rank 0's weights to the model, not to the EMA) agrees on every
     rank. Python's and NumPy's states, which Ultralytics' augmentation draws from, get `seed + 1 + rank` at N
-    ranks (Ultralytics' DDP seeding), so ranks augment differently. `deterministic`: Ultralytics' setting of that
-    name (torch's deterministic algorithms).
+    ranks (Ultralytics' DDP seeding), so ranks augment differently, unless `paired_data` (--paired_data: every
+    rank augments as the 1-rank run does). `deterministic`: Ultralytics' setting of that name (torch's
+    deterministic algorithms).
     """
     import random
 
@@ -57,7 +58,7 @@ def seed_run(seed: int, *, deterministic: bool = False) -> None:
     from ultralytics.utils.torch_utils import init_seeds
 
     init_seeds(seed, deterministic=deterministic)
-    if dist.get_world_size() > 1:
+    if dist.get_world_size() > 1 and not paired_data:
         random.seed(seed + 1 + dist.get_rank())
         np.random.seed(seed + 1 + dist.get_rank())
 
@@ -103,6 +104,7 @@ def build_train_loader(
         stride=stride,
         pin_memory=device.type == "cuda",
         accelerators_per_node=torch.cuda.device_count() if device.type == "cuda" else 0,
+        paired=plan.cfg.paired_data,
     )
 
 
@@ -267,7 +269,7 @@ def build_trainer(
     """
     cfg = plan.cfg
     device = device_for(plan)
-    seed_run(cfg.seed, deterministic=bool(plan.hyp.deterministic))
+    seed_run(cfg.seed, deterministic=bool(plan.hyp.deterministic), paired_data=cfg.paired_data)
     data, hyp = resolve_data(plan, run_dir)
     ds_config = copy.deepcopy(plan.ds_config)
     place_monitor_outputs(ds_config, run_dir)
@@ -347,4 +349,9 @@ def build_trainer(
     )
     if synced_norms is not None:
         logger.info(describe_sync_bn(synced_norms, device=device))
+    if cfg.paired_data and dist.get_world_size() > 1:
+        logger.info(
+            f"--paired_data: every rank loads each global batch of {train_data.global_batch} images, augmented as at "
+            f"1 rank, and trains on its share"
+        )
     return trainer

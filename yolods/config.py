@@ -92,6 +92,7 @@ class RunConfig:
     step_at_epoch_end: bool = False
     large_batch_rule: str = "yolods"
     sync_bn: bool = False
+    paired_data: bool = False
     hyp: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="dtype of the gradient reduction (DeepSpeed's communication_data_type; default: the gradients' own, fp32)",
     )
+    distributed.add_argument(
+        "--paired_data",
+        action="store_true",
+        help="train on exactly the augmented images of a 1-rank run with the same seed and global batch (each rank "
+        "loads the whole global batch and keeps its share: N x the loading work; for comparing world sizes)",
+    )
 
     large = parser.add_argument_group("large global batch (above nbs)")
     large.add_argument(
@@ -342,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         step_at_epoch_end=args.step_at_epoch_end,
         large_batch_rule=args.large_batch_rule,
         sync_bn=args.sync_bn,
+        paired_data=args.paired_data,
         hyp=hyp,
     )
 

@@ -138,7 +138,10 @@ class TrainData:
     epoch is `state_dict()`, which checkpoints carry per rank.
 
     At N ranks every rank draws the same permutation of the whole set, and rank r takes the r-th share of each
-    global batch: a global batch holds the images a 1-rank run at the same global batch trains on together.
+    global batch: a global batch holds the images a 1-rank run at the same global batch trains on together. Each
+    rank augments them from its own stream (Ultralytics' DDP seeding), unless `paired`: then every rank loads and
+    augments the whole global batch as the 1-rank run's loader does (its worker seeds and mosaic buffer) and keeps
+    its share, so an N-rank run trains on the 1-rank run's very images, at N times the loading work.
     """
 
     dataset: Any
@@ -149,6 +152,7 @@ class TrainData:
     world_size: int = 1
     rank: int = 0
     accelerators_per_node: int = 0
+    paired: bool = False  # load the whole global batch as 1 rank does, keep this rank's share
     order_generator: torch.Generator = field(init=False)
     iterator_open: bool = field(default=False, init=False)  # Ultralytics' persistent loader iterator exists
     iterator_batches: int = field(default=0, init=False)  # batches that iterator has given out
@@ -198,9 +202,12 @@ class TrainData:
         self._draw_permutations_until(2 * epoch_in_iterator)
         order = torch.randperm(self.num_images, generator=self.order_generator).tolist()
         self.sampler_draws += 1
-        batches = shard_global_batches(
-            order, global_batch=self.global_batch, world_size=self.world_size, rank=self.rank
-        )
+        if self.paired:  # the whole global batches; the collate keeps this rank's share
+            batches = global_batches(order, global_batch=self.global_batch, world_size=self.world_size)
+        else:
+            batches = shard_global_batches(
+                order, global_batch=self.global_batch, world_size=self.world_size, rank=self.rank
+            )
         first_worker = self.iterator_batches % max(self.num_workers, 1)  # whose turn Ultralytics' next batch is
         self.iterator_batches += len(batches)
         return _EpochLoader(self, batches, worker_seeds=worker_seeds, first_worker=first_worker)
@@ -279,12 +286,14 @@ class _EpochLoader:
         initial_states = [data.worker_states.get(worker_id) for worker_id in self.worker_ids]
         if worker_seeds is None:  # a continuing iterator: every state comes from the previous epoch
             worker_seeds = torch.Generator().manual_seed(data.seed)  # unused: each worker gets a saved state
+        share = (data.world_size, data.rank) if data.paired else None
         self.loader = _StopSafeDataLoader(
             data.dataset,
             batch_sampler=batches,
             num_workers=num_workers,
-            collate_fn=partial(_collate_noting_worker_state, data.dataset.collate_fn),
-            worker_init_fn=partial(_init_worker, rank=data.rank, states=initial_states),
+            collate_fn=partial(_collate_noting_worker_state, data.dataset.collate_fn, share=share),
+            # paired: every rank's workers seed as the 1-rank run's do
+            worker_init_fn=partial(_init_worker, rank=0 if data.paired else data.rank, states=initial_states),
             generator=worker_seeds,
             pin_memory=data.pin_memory,
             persistent_workers=False,  # fresh workers each epoch: what lets a resumed run replay an epoch
@@ -303,20 +312,29 @@ class _EpochLoader:
         self.data.worker_states.update(final_states)
 
 
-def shard_global_batches(order: list[int], *, global_batch: int, world_size: int, rank: int) -> list[list[int]]:
-    """Rank `rank`'s micro-batches: its share of each consecutive `global_batch` of `order`.
-
-    A short last global batch is split as evenly as it goes; one with fewer images than ranks is topped up from
-    the start of `order` (as DistributedSampler pads), so every rank has a batch at every step.
-    """
+def global_batches(order: list[int], *, global_batch: int, world_size: int) -> list[list[int]]:
+    """Consecutive `global_batch`es of `order`; a last one with fewer images than ranks is topped up from the start
+    of `order` (as DistributedSampler pads), so every rank has a batch at every step."""
     batches = []
     for start in range(0, len(order), global_batch):
         size = max(min(global_batch, len(order) - start), world_size)
-        chunk = [order[(start + offset) % len(order)] for offset in range(size)]
-        base, extra = divmod(size, world_size)
-        first = rank * base + min(rank, extra)
-        batches.append(chunk[first : first + base + (rank < extra)])
+        batches.append([order[(start + offset) % len(order)] for offset in range(size)])
     return batches
+
+
+def rank_share(items: list[T], *, world_size: int, rank: int) -> list[T]:
+    """Rank `rank`'s consecutive share of `items`, split as evenly as it goes (the first ranks take one more)."""
+    base, extra = divmod(len(items), world_size)
+    first = rank * base + min(rank, extra)
+    return items[first : first + base + (rank < extra)]
+
+
+def shard_global_batches(order: list[int], *, global_batch: int, world_size: int, rank: int) -> list[list[int]]:
+    """Rank `rank`'s micro-batches: its share of each of `global_batches(order, ...)`."""
+    return [
+        rank_share(batch, world_size=world_size, rank=rank)
+        for batch in global_batches(order, global_batch=global_batch, world_size=world_size)
+    ]
 
 
 def _init_worker(worker_id: int, *, rank: int = 0, states: list[tuple | None] | None = None) -> None:
@@ -335,8 +353,13 @@ def _init_worker(worker_id: int, *, rank: int = 0, states: list[tuple | None] | 
         _refill_mosaic_buffer(torch.utils.data.get_worker_info().dataset, mosaic_buffer)
 
 
-def _collate_noting_worker_state(collate_fn, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The dataset's collate, in a worker: the batch also carries the worker's random state and mosaic buffer."""
+def _collate_noting_worker_state(
+    collate_fn, samples: list[dict[str, Any]], *, share: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The dataset's collate (of rank `share[1]`'s share of the samples, when given as (world_size, rank)); in a
+    worker, the batch also carries the worker's random state and mosaic buffer."""
+    if share is not None:
+        samples = rank_share(samples, world_size=share[0], rank=share[1])
     batch = collate_fn(samples)
     worker = torch.utils.data.get_worker_info()
     if worker is not None:
@@ -374,9 +397,10 @@ def build_train_data(
     stride: int,
     pin_memory: bool,
     accelerators_per_node: int = 0,
+    paired: bool = False,
 ) -> TrainData:
     """Ultralytics' YOLODataset for the train split, built once per rank (`accelerators_per_node`: GPUs, which
-    share the node's cores among their loaders)."""
+    share the node's cores among their loaders; `paired`: see TrainData)."""
     dataset = _build_dataset(hyp, data, split="train", batch=micro_batch, stride=stride)
     return TrainData(
         dataset=dataset,
@@ -387,6 +411,7 @@ def build_train_data(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         accelerators_per_node=accelerators_per_node,
+        paired=paired,
     )
 
 
