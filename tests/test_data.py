@@ -72,29 +72,33 @@ def test_ranks_share_each_global_batch(num_images, global_batch):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_paired_ranks_train_on_the_one_rank_runs_augmented_images(shapes_data, workers):
+def test_paired_ranks_train_on_the_one_rank_runs_augmented_images(shapes_data, workers, monkeypatch):
     """--paired_data: at 2 ranks each rank's batch is its half of the 1-rank run's batch, pixel for pixel,
     augmentation and mosaic included, epoch after epoch; unpaired ranks augment the same images differently."""
     hyp = hyperparameters(RunConfig(data=str(shapes_data), device="cpu", imgsz=128))
     data = load_data_yaml(str(shapes_data))
 
-    def batches(*, micro_batch: int, rank: int = 0, paired: bool = False) -> list[dict]:
+    def batches(*, ranks: int, rank: int = 0, paired: bool = False) -> list[dict]:
         random.seed(0)  # what seed_run leaves for the augmentation at 1 rank, and at N ranks when paired
         np.random.seed(0)
-        train = build_train_data(
-            hyp, data, micro_batch=micro_batch, workers=workers, seed=0, stride=32, pin_memory=False
-        )
-        train.world_size, train.rank, train.paired = (2, rank, paired) if micro_batch == 4 else (1, 0, False)
+        with monkeypatch.context() as launcher:  # what a launcher sets (collectives are no-ops without a group)
+            launcher.setenv("RANK", str(rank))
+            launcher.setenv("WORLD_SIZE", str(ranks))
+            train = build_train_data(
+                hyp, data, micro_batch=4 // ranks, workers=workers, seed=0, stride=32, pin_memory=False, paired=paired
+            )
+        # Global batch 4 over 32 images: the mosaic buffer (8 batches) is smaller than the set, so mosaic's partners
+        # depend on its length, which a paired rank must take from the 1-rank run.
         return [batch for epoch in range(2) for batch in train.loader_for_epoch(epoch)]
 
-    one_rank = batches(micro_batch=8)
-    paired = [batches(micro_batch=4, rank=rank, paired=True) for rank in (0, 1)]
-    assert len(one_rank) == len(paired[0]) == len(paired[1]) == 8
+    one_rank = batches(ranks=1)
+    paired = [batches(ranks=2, rank=rank, paired=True) for rank in (0, 1)]
+    assert len(one_rank) == len(paired[0]) == len(paired[1]) == 16
     for whole, first, second in zip(one_rank, *paired):
         assert first["im_file"] + second["im_file"] == whole["im_file"]
         assert torch.equal(torch.cat([first["img"], second["img"]]), whole["img"])
         assert torch.equal(torch.cat([first["bboxes"], second["bboxes"]]), whole["bboxes"])
-    unpaired = batches(micro_batch=4, rank=1)
+    unpaired = batches(ranks=2, rank=1)
     assert [batch["im_file"] for batch in unpaired] == [batch["im_file"] for batch in paired[1]]
     assert not torch.equal(unpaired[0]["img"], paired[1][0]["img"])
 

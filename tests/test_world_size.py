@@ -114,11 +114,11 @@ def test_one_sgd_step_equals_the_ultralytics_update(ranks, zero_stage, shapes_da
     assert expected_bytes <= yolods_step["ema_bytes"] < 1.05 * expected_bytes
 
 
-# Augmentation off (each rank augments from its own random streams; the images must be the same to compare the
-# arithmetic), no warmup (its ramps count micro-steps, which differ), SGD, an optimizer step per 16 images.
+# Augmentation on, as Ultralytics' defaults have it: the 2-rank run takes --paired_data, so its ranks train on the
+# images the 1-rank run augments (with --workers 0 one process draws them in the same sequence at either micro-batch).
+# No warmup (its ramps count micro-steps, which differ), SGD, an optimizer step per 16 images.
 FOLLOW_JOB = ["--epochs", "2", "--imgsz", "64", "--workers", "0", "--hyp", "optimizer=SGD", "--hyp", "nbs=16"]
-FOLLOW_JOB += ["--hyp", "warmup_epochs=0", "--hyp", "close_mosaic=0", "--hyp", "mosaic=0", "--hyp", "fliplr=0"]
-FOLLOW_JOB += ["--hyp", "hsv_h=0", "--hyp", "hsv_s=0", "--hyp", "hsv_v=0", "--hyp", "translate=0", "--hyp", "scale=0"]
+FOLLOW_JOB += ["--hyp", "warmup_epochs=0", "--hyp", "close_mosaic=1"]
 FOLLOW_JOB += ["--hyp", "plots=False"]  # results.png: ~2 s a job, read by tests/test_metrics.py only
 
 
@@ -150,15 +150,16 @@ FOLLOW_TOLERANCE = {0: {"loss": 1e-6, "params": 1e-6}, 1: {"loss": 1e-3, "params
 # ZeRO-3 reduces and partitions as ZeRO-2 does and also gathers the parameters.
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_follow_the_one_rank_run_step_by_step(zero_stage, one_rank_accumulating, shapes_data, tmp_path):
-    """Each 2 x 8 global batch holds the images of two consecutive 1-rank micro-batches of 8; after every step the
-    losses (mean over ranks) and after every epoch the parameters and the EMA agree to FOLLOW_TOLERANCE.
+    """Each 2 x 8 global batch holds the images of two consecutive 1-rank micro-batches of 8, augmented alike
+    (--paired_data, mosaic and then close_mosaic's plain images); after every step the losses (mean over ranks)
+    and after every epoch the parameters and the EMA agree to FOLLOW_TOLERANCE.
 
     BatchNorm running statistics are left out: each rank tracks its own micro-batches (half the updates of the
     1-rank run's) and yolods averages them over ranks at each epoch's end, a deliberate difference.
     """
     out = tmp_path / "two.pt"
     command = [*torchrun_command(2), str(TRACER), "yolods", str(shapes_data), str(out), "--batch", "16"]
-    command += ["--zero", str(zero_stage), *FOLLOW_JOB]
+    command += ["--zero", str(zero_stage), "--yolods-flag=--paired_data", *FOLLOW_JOB]
     assert_ok(subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=300))
     two, one = torch.load(out, weights_only=False), one_rank_accumulating
     tolerance = FOLLOW_TOLERANCE[min(zero_stage, 1)]
@@ -168,6 +169,7 @@ def test_two_ranks_follow_the_one_rank_run_step_by_step(zero_stage, one_rank_acc
     for index, step in enumerate(two["steps"]):
         first, second = one["steps"][2 * index], one["steps"][2 * index + 1]
         assert step["im_file"] == first["im_file"] + second["im_file"], f"step {index}: other images"
+        assert step["img"] == first["img"], f"step {index}: rank 0 augmented its images otherwise"
         assert second["stepped"] and step["lr"] == second["lr"] and step["momentum"] == second["momentum"]
         mean_loss = [(a + b) / 2 for a, b in zip(first["losses"], second["losses"])]
         worst["loss"] = max(worst["loss"], relative(step["losses"], mean_loss))

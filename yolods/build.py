@@ -129,7 +129,15 @@ def build_validator(
         stride=stride,
         device=device,
     )
-    return EpochValidator(val_loader, hyp=hyp, data=data, run_dir=run_dir, device=device, loss_names=names)
+    return EpochValidator(
+        val_loader,
+        hyp=hyp,
+        data=data,
+        run_dir=run_dir,
+        device=device,
+        loss_names=names,
+        paired_data=plan.cfg.paired_data and dist.get_world_size() > 1,
+    )
 
 
 def build_optimizer_and_schedule(

@@ -9,6 +9,7 @@ training (`EpochValidator`), and standalone validation of trained weights (`vali
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,12 +46,14 @@ class EpochValidator:
         run_dir,
         device: torch.device,
         loss_names: tuple[str, ...],
+        paired_data: bool = False,
     ):
         args = {**vars(hyp), "plots": False, "save_json": False}  # plots would fetch a font; yolods plots curves itself
         self.validator = DetectionValidator(val_loader, save_dir=run_dir, args=args)
         self.data = data
         self.device = device
         self.loss_names = loss_names
+        self.paired_data = paired_data
 
     def _trainer_view(self, model: nn.Module, *, epoch: int, epochs: int) -> SimpleNamespace:
         return SimpleNamespace(
@@ -75,10 +78,25 @@ class EpochValidator:
         num_batches = max(len(self.validator.dataloader), 1)
         losses = [self.validator.loss[name].detach().float().reshape(1) / num_batches for name in self.loss_names]
         dist.all_reduce_mean_(losses)
+        if self.paired_data:
+            self._draw_for_other_ranks_images()
         if not dist.is_main_process():
             return None
         metrics.update({f"val/{name}": round(float(loss), 5) for name, loss in zip(self.loss_names, losses)})
         return metrics
+
+    def _draw_for_other_ranks_images(self) -> None:
+        """--paired_data: draw from Python's random state for the val images the other ranks scored.
+
+        Ultralytics' Format transform draws random.uniform once per image even in validation (its bgr check), from
+        the process's random state, which a `--workers 0` train loader augments from next. One process scores every
+        val image, a rank only its shard: drawing for the rest leaves the state of the 1-rank run, so the next
+        epoch augments as it does (tests/test_world_size.py follows such a run step by step).
+        """
+        loader = self.validator.dataloader
+        if loader.num_workers == 0:  # loader workers draw from their own states, not this process's
+            for _ in range(len(loader.dataset) - len(loader.sampler)):
+                random.uniform(0, 1)
 
 
 class ShardedDetectionValidator(DetectionValidator):

@@ -401,14 +401,18 @@ def build_train_data(
 ) -> TrainData:
     """Ultralytics' YOLODataset for the train split, built once per rank (`accelerators_per_node`: GPUs, which
     share the node's cores among their loaders; `paired`: see TrainData)."""
-    dataset = _build_dataset(hyp, data, split="train", batch=micro_batch, stride=stride)
+    world_size = dist.get_world_size()
+    # The dataset's batch size sets its mosaic buffer (8 batches of recent images, mosaic's partners): paired, it is
+    # the 1-rank run's, whose loader each rank stands in for.
+    batch = micro_batch * world_size if paired else micro_batch
+    dataset = _build_dataset(hyp, data, split="train", batch=batch, stride=stride)
     return TrainData(
         dataset=dataset,
         micro_batch=micro_batch,
         workers=workers,
         seed=seed,
         pin_memory=pin_memory,
-        world_size=dist.get_world_size(),
+        world_size=world_size,
         rank=dist.get_rank(),
         accelerators_per_node=accelerators_per_node,
         paired=paired,
