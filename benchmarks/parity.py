@@ -481,7 +481,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Paired Δ: per seed, the yolods run minus the Ultralytics run of the same seed (which yolods at 1 rank, fp32, "
         "`--workers 0` reproduces), mean and 95% confidence interval (Student t); identical: seeds whose final "
         f"mAP50-95 agrees in every printed digit. The bar: the interval lies within ±{MIN_TOLERANCE}. "
-        "Wall ratio: yolods' run time over Ultralytics' for the same seed, mean over seeds.",
+        "Wall ratio: yolods' run time over Ultralytics' for the same seed, mean over seeds."
+        + (
+            " Rows with paired data ran `--paired_data`: their ranks train on the very images, augmentation "
+            "included, of the 1-rank run of the same seed, so the pairing leaves only BatchNorm over each rank's "
+            "share and the arithmetic of N ranks."
+            if any(s.get("paired_data") for s in summaries)
+            else ""
+        ),
         "",
         "| row | seeds | mAP50 | mAP50-95 | mAP50-95 per seed | paired Δ mAP50-95 [95% CI] | identical | verdict "
         "| wall s/run | wall ratio | load at start |",
