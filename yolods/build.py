@@ -136,7 +136,7 @@ def build_validator(
         run_dir=run_dir,
         device=device,
         loss_names=names,
-        paired_data=plan.cfg.paired_data and dist.get_world_size() > 1,
+        paired_data=plan.cfg.paired_data,  # at 1 rank the shard is the whole split: nothing to draw
     )
 
 
