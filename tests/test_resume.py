@@ -17,16 +17,15 @@ pytestmark = pytest.mark.multirank
 
 def interrupt(args: list[str], run_dir: Path, *, how: signal.Signals, after_s: float) -> int:
     """Start the run, wait for its first checkpoint, then signal the launcher (SIGTERM) or kill everything (SIGKILL)."""
-    process = subprocess.Popen(
-        train_command(args, nproc=2),
-        env=train_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = run_dir.parent / f"{run_dir.name}.log"  # read back only if the run ends before it is signalled
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            train_command(args, nproc=2), env=train_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.time() + 300
     while not (run_dir / "checkpoints" / "latest").is_file():  # written once a checkpoint is complete
-        assert process.poll() is None and time.time() < deadline, "run ended or stalled before its first checkpoint"
+        if process.poll() is not None or time.time() > deadline:
+            pytest.fail(f"run ended or stalled before its first checkpoint:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.05)
     time.sleep(after_s)
     if how == signal.SIGKILL:  # a lost node: no chance to save; torchrun's workers live in sessions of their own
