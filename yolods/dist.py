@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -123,10 +122,26 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
 
     timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
     _join_torchrun_attempt(timeout)
-    # DeepSpeed prints "... built successfully" for its CPU comm op on every rank and start; --verbose shows it.
+    _skip_shared_memory_inference_op()
+    # DeepSpeed prints its backend set-up on every rank and start; --verbose shows it.
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         deepspeed.init_distributed(timeout=timeout)  # adopts a process group that already exists
+
+
+def _skip_shared_memory_inference_op() -> None:
+    """Mark DeepSpeed's shared-memory CPU comm op unavailable, so its comm backend neither builds nor loads it.
+
+    DeepSpeed (0.19) loads the op every time its backend starts: a C++ JIT build of half a minute or more the first time on a
+    machine (and again for every new virtual environment), 0.2 s per rank after, and a 66 MB /dev/shm buffer per
+    rank that it never unlinks. The op serves only `inference_all_reduce` (its tensor-parallel inference layers);
+    ZeRO and yolods reduce through torch.distributed, so training never calls it.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process; DeepSpeed keeps edits to the dict
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def _join_torchrun_attempt(timeout: datetime.timedelta) -> None:
@@ -234,23 +249,6 @@ def shutdown(engine=None) -> None:
         engine.destroy()
     if _initialized():
         torch_dist.destroy_process_group()
-    release_cpu_allreduce_buffer()
-
-
-def release_cpu_allreduce_buffer() -> None:
-    """Unlink the /dev/shm buffer DeepSpeed's CPU all-reduce made for this rank (66 MB a rank, a job).
-
-    DeepSpeed (0.19, shm.cpp) creates `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` when
-    every rank is on one node and never unlinks it: each finished CPU job left its ranks' buffers behind (4.3 GB
-    had piled up on the development machine). Call it only once every rank has mapped the others' buffers (at the
-    end of a job): a rank still opening a name would wait for it forever. The mappings stay valid after unlinking.
-    """
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not (addr and port):
-        return
-    for rank in {get_rank(), get_local_rank()}:  # the rank DeepSpeed names it by is both on one node
-        path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-        path.unlink(missing_ok=True)
 
 
 __all__ = [
