@@ -42,7 +42,8 @@ def test_two_ranks_train_at_every_zero_stage(zero_stage, shapes_data, projects):
     name = f"zero{zero_stage}"
     shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     assert_ok(run_train(small_run_args(shapes_data, projects, name, "--zero", str(zero_stage)), nproc=2))
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_buffers  # DeepSpeed's, unlinked at exit
+    # DeepSpeed maps this buffer when it loads its shared-memory comm op, which yolods leaves out (yolods.dist)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_buffers
     run_dir = projects / name
     rows = read_results(run_dir)
     assert [row["epoch"] for row in rows] == [1, 2, 3]
