@@ -138,4 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The verdict is on disk and the process group is down: skip the interpreter's teardown. There, about one
+    # 2-rank CPU probe in ten aborted ("terminate called without an active exception", a C++ thread destroyed while
+    # joinable), which turned a measured point into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
