@@ -103,7 +103,7 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
 
     Gloo on CPU, NCCL on CUDA: chosen by DeepSpeed's accelerator for training; for inference jobs
     (`for_deepspeed=False`, no DeepSpeed engine) a plain torch.distributed group, which spares the DeepSpeed
-    import and the communication op it JIT-builds on CPU. See COLLECTIVE_TIMEOUT_MIN for the timeout.
+    import. See COLLECTIVE_TIMEOUT_MIN for the timeout.
     """
     torch.set_num_threads(threads_per_rank())
     if _initialized():
@@ -120,10 +120,10 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
 
     import deepspeed
 
-    timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
     _join_torchrun_attempt(timeout)
     _skip_shared_memory_inference_op()
-    # DeepSpeed prints its backend set-up on every rank and start; --verbose shows it.
+    # Whatever DeepSpeed prints while its backend starts stays hidden unless --verbose (0.19 printed "... built
+    # successfully" on every rank for the op left out above; nothing else here).
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         deepspeed.init_distributed(timeout=timeout)  # adopts a process group that already exists
@@ -132,9 +132,9 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
 def _skip_shared_memory_inference_op() -> None:
     """Mark DeepSpeed's shared-memory CPU comm op unavailable, so its comm backend neither builds nor loads it.
 
-    DeepSpeed (0.19) loads the op every time its backend starts: a C++ JIT build of half a minute or more the first time on a
-    machine (and again for every new virtual environment), 0.2 s per rank after, and a 66 MB /dev/shm buffer per
-    rank that it never unlinks. The op serves only `inference_all_reduce` (its tensor-parallel inference layers);
+    DeepSpeed (0.19) loads the op every time its backend starts: a C++ JIT build of half a minute or more the first
+    time on a machine (and again for every new virtual environment), 0.2 s per rank after, and a 66 MB /dev/shm
+    buffer per rank that it never unlinks. The op serves only `inference_all_reduce` (its tensor-parallel inference layers);
     ZeRO and yolods reduce through torch.distributed, so training never calls it.
     """
     import deepspeed.ops
