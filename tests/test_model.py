@@ -10,7 +10,7 @@ import torch
 import yolods  # noqa: F401  (offline environment before Ultralytics is imported)
 from yolods.config import ConfigError, RunConfig, hyperparameters
 from yolods.ema import build_ema
-from yolods.model import build_model, build_optimizer, export_snapshot, untie_shared_modules
+from yolods.model import build_model, build_optimizer, export_snapshot, place_model, untie_shared_modules
 
 NAMES = {0: "rectangle", 1: "ellipse", 2: "triangle"}
 
@@ -43,6 +43,18 @@ def test_untied_model_survives_hooks_on_the_class_activation(model):
         pickle.dumps(export_snapshot(model))
     finally:
         handle.remove()
+
+
+def test_placed_model_has_its_loss_on_the_device_and_weights_deepspeed_can_broadcast(model):
+    """On a GPU, a loss built on the CPU failed every first step (its DFL projection stayed behind), and NHWC weights
+    failed deepspeed.initialize, which views each parameter as bytes (`p.data.view(torch.uint8)`)."""
+    built_on_the_host = model.criterion
+    model = model.to(memory_format=torch.channels_last)  # as weights saved from a channels-last run would load
+    placed = place_model(model, torch.device("cpu"))
+    assert placed.criterion is not built_on_the_host  # rebuilt where the parameters now are
+    assert placed.criterion.proj.device == next(placed.parameters()).device
+    for parameter in placed.parameters():
+        parameter.data.view(torch.uint8)  # what DeepSpeed's broadcast at initialize does
 
 
 def test_unknown_model_and_missing_weights(hyp, tmp_path):

@@ -31,6 +31,7 @@ from yolods.model import (
     loss_names,
     model_stride,
     optimizer_iterations,
+    place_model,
     training_memory_format,
     weight_decay_for,
 )
@@ -295,7 +296,7 @@ def build_trainer(
     train_data = build_train_loader(plan, hyp, data, stride=stride, device=device)
     validator = build_validator(plan, hyp, data, stride=stride, device=device, run_dir=run_dir, names=names)
     memory_format = training_memory_format(device, hyp)
-    model = model.to(device, memory_format=memory_format)
+    model = place_model(model, device)
     optimizer, train_hyp, schedule = build_optimizer_and_schedule(
         plan,
         hyp,

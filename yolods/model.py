@@ -247,9 +247,24 @@ def _batchnorm_frozen(block: nn.Module):
 
 
 def training_memory_format(device: torch.device, hyp: SimpleNamespace) -> torch.memory_format:
-    """NHWC on CUDA, as Ultralytics trains by default (Tensor-Core friendly, lossless); no gain on CPU."""
+    """The layout of the training images: NHWC on CUDA (Tensor-Core friendly, lossless), unless the hyperparameter
+    `channels_last=False`; no gain on CPU. Only the inputs take it: see `place_model`."""
     use_nhwc = device.type == "cuda" and getattr(hyp, "channels_last", None) is not False
     return torch.channels_last if use_nhwc else torch.contiguous_format
+
+
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move the model to the device it trains on, and build its loss there.
+
+    The parameters stay in the standard layout: DeepSpeed broadcasts each one as bytes at `initialize`
+    (`p.data.view(torch.uint8)`), which fails on an NHWC weight, and ZeRO 1-3 flatten them anyway. NHWC images
+    still select cuDNN's NHWC kernels, which take the (small) weights in either layout.
+    Ultralytics' criterion is no module, so `.to()` leaves its tensors (the DFL projection, the strides) behind; it
+    is rebuilt on the device, as Ultralytics builds it lazily on the moved model.
+    """
+    model = model.to(device, memory_format=torch.contiguous_format)
+    model.criterion = model.init_criterion()
+    return model
 
 
 def model_stride(model: nn.Module) -> int:

@@ -44,6 +44,7 @@ from yolods.model import (
     build_model,
     enable_activation_checkpointing,
     model_stride,
+    place_model,
     training_memory_format,
 )
 from yolods.preemption import StopRequest
@@ -286,7 +287,7 @@ def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_ima
         train_data.batches_per_epoch() if train_data else math.ceil(num_images / plan.batch.global_batch)
     )
     memory_format = training_memory_format(device, hyp)
-    model = model.to(device, memory_format=memory_format)
+    model = place_model(model, device)
     optimizer, train_hyp, schedule = build_optimizer_and_schedule(
         plan, hyp, model, num_classes=num_classes, num_train_images=num_images, batches_per_epoch=batches_per_epoch
     )

@@ -39,6 +39,7 @@ class PeakMemory:
     def reset(self) -> None:
         release_memory()
         if self.device.type == "cuda":
+            torch.cuda.init()  # the allocator's stats exist once CUDA is up: before that, "Invalid device argument"
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         try:
