@@ -306,7 +306,14 @@ def test_channels_last_sweep_reaches_the_hyperparameters_and_the_ultralytics_bas
     plan = bench_plan(deepspeed[2], world_size=1)
     assert plan.hyp.channels_last is False
     assert training_memory_format(torch.device("cuda"), plan.hyp) == torch.contiguous_format
-    assert training_memory_format(torch.device("cuda"), SimpleNamespace()) == torch.channels_last  # the default
+    assert training_memory_format(torch.device("cuda"), SimpleNamespace()) == torch.contiguous_format  # the default
+    assert (
+        training_memory_format(torch.device("cuda"), bench_plan(deepspeed[0], world_size=1).hyp) == torch.channels_last
+    )
+    assert (
+        training_memory_format(torch.device("cpu"), bench_plan(deepspeed[0], world_size=1).hyp)
+        == torch.contiguous_format
+    )
     default = expand(_args("--zero", "0", "--device", "cpu"), world_size=1)
     assert {c.channels_last for c in default} == {None} and "NHWC" not in default[0].label
     with pytest.raises(ConfigError, match="--channels-last 'maybe'"):
@@ -351,13 +358,13 @@ def test_projection_calibration_prefers_the_goal_precision_and_default_layout_an
         }  # fmt: skip
 
     lines = [
-        line("deepspeed", "fp32", True, 900.0, zero_stage=0),
-        line("deepspeed", "bf16", False, 1200.0, zero_stage=0),
-        line("deepspeed", "bf16", True, 1000.0, zero_stage=3),
-        line("deepspeed", "bf16", True, 1100.0, zero_stage=0),
+        line("deepspeed", "fp32", False, 900.0, zero_stage=0),
+        line("deepspeed", "bf16", True, 1200.0, zero_stage=0),  # NHWC images: not yolods' default
+        line("deepspeed", "bf16", None, 1000.0, zero_stage=3),
+        line("deepspeed", "bf16", False, 1100.0, zero_stage=0),
     ]
     compute, sentence, measured = goal_compute(lines, Goal(), assumed_imgs_per_s=600)
-    assert measured and "deepspeed 0 bf16 True" in sentence and "1100 img/s" in sentence
+    assert measured and "deepspeed 0 bf16 False" in sentence and "1100 img/s" in sentence
     assert compute.total_s == pytest.approx(0.015)
     compute, sentence, measured = goal_compute(lines, Goal(), assumed_imgs_per_s=600, given_imgs_per_s=1600)
     assert measured and "--gpu-imgs-per-s" in sentence and compute.total_s == pytest.approx(16 / 1600)

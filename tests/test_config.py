@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,11 @@ def test_mistakes_are_found_before_any_process_group(shapes_data, tmp_path):
     with pytest.raises(ConfigError, match="--profile 1,x"):
         resolve_run(parse_args([*flags, "--profile", "1,x"]), world_size=1)
     assert resolve_run(parse_args(flags), world_size=2).batch.micro_batch == 8
+    # NHWC images at ZeRO 1-3 on CUDA killed an H200 run (cuDNN, misaligned parameter views); the check needs no GPU
+    nhwc = replace(parse_args([*flags, "--zero", "2", "--hyp", "channels_last=True"]), device="cuda")
+    with pytest.raises(ConfigError, match=r"channels_last=True with ZeRO-2: .*use --zero 0"):
+        resolve_run(nhwc, world_size=2)
+    assert resolve_run(replace(nhwc, zero=0), world_size=2).hyp.channels_last is True
     assert not torch.distributed.is_initialized()
 
 

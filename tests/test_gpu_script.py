@@ -56,3 +56,32 @@ def test_cpu_smoke_env_and_data_stages_then_budget_skip_and_summary(tmp_path):
     files = [path for path in out.rglob("*") if path.is_file()]
     assert len(files) <= 8 and all(path.parent == out for path in files)  # what the device tool returns
     assert any("thr-n" in line and "skipped" in line for line in output.splitlines())  # the printed timeline
+
+
+def test_profile_sums_the_gpus_own_events_only():
+    """The H200 profile read 248% of the wall: it summed aten ops (which carry their kernels' time) and the step
+    windows along with the kernels."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    spec = importlib.util.spec_from_file_location("gpu_stages", REPO / "benchmarks" / "gpu" / "stages.py")
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+
+    def event(key, device_type, self_us):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=self_us)
+
+    averages = [
+        event("aten::native_batch_norm", DeviceType.CPU, 60.0),  # its kernel's time, counted again
+        event("batch_norm_collect_statistics_channels_last_kernel", DeviceType.CUDA, 60.0),
+        event("train_step_0", DeviceType.CUDA, 130.0),  # the step's window on the device
+        event("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, 40.0),
+        event("Memset (Device)", DeviceType.CUDA, 0.0),
+    ]
+    kernels = stages._kernel_events(averages)
+    assert [k.key for k in kernels] == [
+        "batch_norm_collect_statistics_channels_last_kernel",
+        "sm90_xmma_fprop_implicit_gemm",
+    ]

@@ -701,10 +701,11 @@ def resolve_run(cfg: RunConfig, *, world_size: int) -> RunPlan:
         ConfigError: the first user mistake found, in one line.
     """
     from yolods.data import load_data_yaml
-    from yolods.model import check_model_spec
+    from yolods.model import check_memory_format, check_model_spec
 
     hyp = hyperparameters(cfg)
     ds_config, batch_plan = resolve_deepspeed_config(cfg, world_size=world_size, nbs=hyp.nbs)
+    check_memory_format(hyp, device=cfg.device, zero_stage=int(ds_config["zero_optimization"].get("stage", 0)))
     profile = parse_profile_spec(cfg.profile) if cfg.profile is not None else None
     check_model_spec(cfg.model)
     data = None if cfg.is_synthetic else load_data_yaml(cfg.data)

@@ -247,10 +247,29 @@ def _batchnorm_frozen(block: nn.Module):
 
 
 def training_memory_format(device: torch.device, hyp: SimpleNamespace) -> torch.memory_format:
-    """The layout of the training images: NHWC on CUDA (Tensor-Core friendly, lossless), unless the hyperparameter
-    `channels_last=False`; no gain on CPU. Only the inputs take it: see `place_model`."""
-    use_nhwc = device.type == "cuda" and getattr(hyp, "channels_last", None) is not False
+    """The layout of the training images: the standard one (NCHW), or NHWC on CUDA with `--hyp channels_last=True`.
+
+    Not Ultralytics' default (it converts the weights to NHWC on CUDA): DeepSpeed cannot take NHWC weights (see
+    `place_model`), and NHWC images with standard weights were slower on an H200, yolov8s @640, 16 images,
+    ZeRO-0 bf16: 244 img/s against 304 (benchmarks/results/gpu). `check_memory_format` says where it may run.
+    """
+    use_nhwc = device.type == "cuda" and getattr(hyp, "channels_last", None) is True
     return torch.channels_last if use_nhwc else torch.contiguous_format
+
+
+def check_memory_format(hyp: SimpleNamespace, *, device: str, zero_stage: int) -> None:
+    """NHWC images only at ZeRO-0 on CUDA. At ZeRO 1-2 every parameter is a view into DeepSpeed's flat buffer, at
+    any 4-byte offset, and on an H200 cuDNN's NHWC BatchNorm read such a view as misaligned and killed the process
+    (fp32 and fp16 at ZeRO-1, fp32 at ZeRO-2); ZeRO-3 gathers its parameters into such views too.
+
+    Raises:
+        ConfigError: channels_last=True with ZeRO 1-3 on CUDA.
+    """
+    if getattr(hyp, "channels_last", None) is True and device == "cuda" and zero_stage > 0:
+        raise ConfigError(
+            f"--hyp channels_last=True with ZeRO-{zero_stage}: cuDNN's NHWC BatchNorm faults ('misaligned address') on "
+            "the parameter views DeepSpeed flattens at ZeRO 1-3; drop channels_last or use --zero 0"
+        )
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:

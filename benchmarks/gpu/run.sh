@@ -19,7 +19,7 @@ set -u -o pipefail
 
 usage() {
     echo "usage: bash benchmarks/gpu/run.sh [--cpu-smoke | --dry-run] [--stages LIST] [--budget SECONDS] OUT_DIR" >&2
-    echo "stages: install,env,plan,data,thr-n,thr-s,memory,profile,thr-m,report,summary" >&2
+    echo "stages: install,env,plan,data,thr-n,thr-s,memory,layout,profile,thr-m,report,summary" >&2
     exit 2
 }
 
@@ -107,10 +107,9 @@ throughput_args() {  # MODEL BATCH
         --engine deepspeed,ddp,ultralytics --data "$DATA_YAML" --workers "$WORKERS" \
         --steps "$STEPS" --warmup-steps "$WARMUP"
 }
-memory_args() {
-    echo --model "$MEM_MODEL" --micro-batch "$MEM_BATCH" --engine deepspeed --zero "$MEM_ZERO" \
-        --precision "$MEM_PREC" --channels-last on,off --input synthetic --steps "$MEM_STEPS" \
-        --warmup-steps "$MEM_WARMUP"
+memory_args() {  # ZERO [--channels-last on,off]: yolods refuses NHWC images at ZeRO 1-3 on CUDA (check_memory_format)
+    echo --model "$MEM_MODEL" --micro-batch "$MEM_BATCH" --engine deepspeed --zero "$1" --precision "$MEM_PREC" \
+        --input synthetic --steps "$MEM_STEPS" --warmup-steps "$MEM_WARMUP" "${@:2}"
 }
 # shellcheck disable=SC2046  # the argument lists above hold no spaces
 THR_N=("$PY" -m yolods.bench "${COMMON[@]}" $(throughput_args n "$BATCH_N") --out "$OUT")
@@ -119,7 +118,9 @@ THR_S=("$PY" -m yolods.bench "${COMMON[@]}" $(throughput_args s "$BATCH_S") --ou
 # shellcheck disable=SC2046
 THR_M=("$PY" -m yolods.bench "${COMMON[@]}" $(throughput_args m "$BATCH_M") --out "$OUT")
 # shellcheck disable=SC2046
-MEMORY=("$PY" -m yolods.bench "${COMMON[@]}" $(memory_args) --out "$OUT")
+MEMORY=("$PY" -m yolods.bench "${COMMON[@]}" $(memory_args "$MEM_ZERO") --out "$OUT")
+# shellcheck disable=SC2046
+LAYOUT=("$PY" -m yolods.bench "${COMMON[@]}" $(memory_args 0 --channels-last on,off) --out "$OUT")
 PROFILE=("$PY" "$STAGES_PY" profile "$OUT/profile.txt" --device "$DEVICE" --model "$PROF_MODEL" --imgsz "$IMGSZ"
     --micro-batch "$PROF_BATCH" --precision "$PROF_PREC" --zero 0 --warmup-steps "$PROF_WARMUP" --steps "$PROF_STEPS")
 WHEEL_PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
@@ -139,7 +140,7 @@ echo "  PYTHONPATH=$PYTHONPATH"
 
 if [ "$MODE" = dry-run ]; then  # the GPU run's bench commands, resolved by the bench's own parser and checks
     rc=0
-    for cmd in THR_N THR_S MEMORY THR_M; do
+    for cmd in THR_N THR_S MEMORY LAYOUT THR_M; do
         declare -n ref=$cmd
         echo "  ${ref[*]}"
         "$PY" "$STAGES_PY" plan "${ref[@]:3}" || rc=1
@@ -216,7 +217,8 @@ fi
 stage data 60 10 measure -- "${DATA[@]}"
 stage thr-n 110 45 measure -- "${THR_N[@]}"
 stage thr-s 110 45 measure -- "${THR_S[@]}"
-stage memory 130 40 measure -- "${MEMORY[@]}"
+stage memory 100 40 measure -- "${MEMORY[@]}"
+stage layout 50 20 measure -- "${LAYOUT[@]}"
 stage profile 50 20 measure -- "${PROFILE[@]}"
 stage thr-m 100 50 measure -- "${THR_M[@]}"
 if [ -f "$OUT/results.jsonl" ]; then

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from yolods.bench.comm_model import (
@@ -317,8 +317,13 @@ def compute_times(line: Line) -> ComputeTimes | None:
 
 
 def spec_from_line(line: Line) -> CommSpec | None:
+    """The line's communication spec, read with today's model: a field the model has since dropped (lines before
+    ZeRO-3's partitioned EMA carry `ema_gather_calls`) is left out, so committed results still render."""
     comm = line.get("comm")
-    return CommSpec(**comm["spec"]) if comm else None
+    if not comm:
+        return None
+    known = {field.name for field in fields(CommSpec)}
+    return CommSpec(**{name: value for name, value in comm["spec"].items() if name in known})
 
 
 def probed_links(line: Line) -> dict[str, Link] | None:

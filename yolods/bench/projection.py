@@ -26,8 +26,13 @@ NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # ASSUMED split of a GPU step's compute when no GPU line calibrates it: backward ~2x forward, a small update, and
 # the EMA (Ultralytics' ModelEMA loops over ~300 tensors: on a GPU as long as the foreach AdamW update, assumed).
 ASSUMED_COMPUTE_SPLIT = {"forward": 0.32, "backward": 0.64, "optimizer": 0.02, "ema": 0.02}
-# The rates and link speeds the sensitivity table crosses: a slow and a fast GPU around the assumed 600 img/s.
+# The rates and link speeds the sensitivity table crosses: one H200 measured (304) up to 4x it.
 SENSITIVITY_IMGS_PER_S = (300.0, 600.0, 900.0, 1200.0)
+# One H200's rate for the goal model and batch (yolov8s @640, 16 img/GPU, bf16, yolods ZeRO-0, standard layout),
+# measured 2026-11-29 by benchmarks/gpu/ (benchmarks/results/gpu): the rate used when neither a 1-GPU line in the
+# results nor --gpu-imgs-per-s gives one, ASSUMED the same on the H100 nodes the cluster model describes. It replaced
+# an assumed 600 img/s. At 16 images the step (52 ms) is mostly the CPU launching kernels; batch 128 ran 1067 img/s.
+H200_GOAL_IMGS_PER_S = 304.0
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,13 @@ def assumed_compute(step_s: float) -> ComputeTimes:
 
 
 def _calibration_preference(line: Line, goal: Goal) -> tuple:
-    """Sort key among 1-GPU lines of the goal model: the goal's precision, yolods' default memory format, the
-    bare model (DDP) before ZeRO-0 before the partitioned stages, then the fastest."""
+    """Sort key among 1-GPU lines of the goal model: the goal's precision, yolods' default memory format (standard
+    images: channels_last None or False), the bare model (DDP) before ZeRO-0 before the partitioned stages, then the
+    fastest."""
     channels_last = line.get("config", {}).get("channels_last")
     return (
         line["precision"] != goal.precision,
-        channels_last is False,
+        channels_last is True,
         ENGINE_ORDER.index(engine_name(line)),
         -line["imgs_per_s"],
     )
@@ -145,11 +151,17 @@ def goal_compute(
         return compute, sentence, True
     step_s = goal.micro_batch / assumed_imgs_per_s
     sentence = (
-        f"ASSUMED, not measured: {assumed_imgs_per_s:g} img/s per GPU ({step_s * 1e3:.1f} ms per step of "
-        f"{goal.micro_batch} images), split {ASSUMED_COMPUTE_SPLIT}; no 1-GPU line of {goal.model}@{goal.imgsz} "
-        f"with {goal.micro_batch} images per rank in these results"
+        f"ASSUMED, not measured here: {assumed_imgs_per_s:g} img/s per GPU ({step_s * 1e3:.1f} ms per step of "
+        f"{goal.micro_batch} images{_provenance(assumed_imgs_per_s)}), split {ASSUMED_COMPUTE_SPLIT}; no 1-GPU line "
+        f"of {goal.model}@{goal.imgsz} with {goal.micro_batch} images per rank in these results"
     )
     return assumed_compute(step_s), sentence, False
+
+
+def _provenance(imgs_per_s: float) -> str:
+    if imgs_per_s == H200_GOAL_IMGS_PER_S:
+        return "; one H200 measured this rate: benchmarks/results/gpu, 2026-11-29"
+    return ""
 
 
 def project_goal(
@@ -252,7 +264,12 @@ def assumptions(projection: Projection, goal: Goal, *, cluster: Cluster) -> list
             Assumption(
                 "per-GPU compute",
                 f"{rate:.0f} img/s ({projection.compute.total_s * 1e3:.1f} ms per {goal.micro_batch}-image step)",
-                "no 1-GPU line of the goal model; benchmarks/README.md derives it from a V100 figure",
+                "no 1-GPU line of the goal model in these results; "
+                + (
+                    "one H200 measured it (benchmarks/results/gpu), the same on the cluster's H100s"
+                    if round(rate) == H200_GOAL_IMGS_PER_S
+                    else "--assumed-gpu-imgs-per-s"
+                ),
                 f"sensitivity table ({', '.join(f'{r:g}' for r in SENSITIVITY_IMGS_PER_S)}) and plot",
             )
         )

@@ -10,7 +10,7 @@ Each configuration is reported from its latest run, at the median of that run's 
 where the lines came from: their yolods commits, and how many were measured from a dirty tree (or before the bench
 recorded it). The projection to 1-256 nodes is calibrated with measured compute: a rate given with
 --gpu-imgs-per-s (measured elsewhere, e.g. by benchmarks/gpu/run.sh), else a one-GPU line of the goal model when
-DIR has one, else an assumed per-GPU rate (--assumed-gpu-imgs-per-s, 600 img/s); every constant it assumes is
+DIR has one, else an assumed per-GPU rate (--assumed-gpu-imgs-per-s, default one H200's 304 img/s); every constant it assumes is
 listed as such, and the report shows how the verdict moves when they vary.
 """
 
@@ -39,7 +39,7 @@ from yolods.bench.analysis import (
 )
 from yolods.bench.markdown import mib as _mib
 from yolods.bench.markdown import table
-from yolods.bench.projection import Cluster, Goal, Projection, efficiency_at, project_goal
+from yolods.bench.projection import H200_GOAL_IMGS_PER_S, Cluster, Goal, Projection, efficiency_at, project_goal
 from yolods.bench.report_options import options_section
 from yolods.bench.report_projection import projection_section
 from yolods.bench.report_scaling import heldout_section, scaling_section
@@ -274,7 +274,8 @@ def _peak_memory_section(lines: list[Line]) -> list[str]:
         "## Peak memory per rank by ZeRO stage, precision and memory format",
         "",
         "MiB, `torch.cuda.max_memory_allocated` on GPU (CPU: peak RSS, torch included). `default`: yolods' own",
-        "memory format (NHWC on CUDA); NHWC / NCHW: set with `--channels-last on,off` (CPU always trains NCHW).",
+        "memory format (standard-layout images; until 2026-11-29 NHWC images on CUDA, as in results/gpu); NHWC / NCHW:",
+        "the images' layout, set with `--channels-last on,off` (NHWC at ZeRO-0 on CUDA only; CPU always trains NCHW).",
         "",
         *out,
     ]
@@ -454,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--assumed-gpu-imgs-per-s",
         type=float,
-        default=600.0,
-        help="the goal model's per-GPU compute rate when no 1-GPU line measures it (benchmarks/README.md says why 600)",
+        default=H200_GOAL_IMGS_PER_S,
+        help="the goal model's per-GPU compute rate when no 1-GPU line measures it (default: one H200's, measured "
+        "by benchmarks/gpu/run.sh: benchmarks/results/gpu)",
     )
     parser.add_argument(
         "--gpu-imgs-per-s",

@@ -30,7 +30,8 @@ class BenchConfig:
     """One configuration to measure; every field lands in its results line.
 
     Bucket sizes and overlap_comm are None where the DeepSpeed config's value applies (and for the baselines);
-    channels_last is None where yolods' default applies (NHWC on CUDA, as `yolods.train` and Ultralytics train).
+    channels_last is None where each trainer's default applies: standard-layout images for yolods (NHWC images with
+    True, at ZeRO-0 only: yolods.model.check_memory_format), NHWC weights on CUDA for Ultralytics.
     """
 
     engine: str
