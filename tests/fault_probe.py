@@ -5,6 +5,7 @@
 KIND `raise`: RuntimeError in the train step at micro-step AT on RANK (what a CUDA OOM looks like to the loop).
 KIND `write`: OSError(ENOSPC) when RANK writes weights (a full disk while saving).
 KIND `hang`: the train step at micro-step AT on RANK never returns (a deadlock; the process lives on).
+KIND `val-hang`: RANK never returns from its val batch AT of the first validation (a hung data read, say).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from yolods import dist
 from yolods.checkpoint import Checkpointer
 from yolods.step import TrainStep
 from yolods.train import main
+from yolods.validation import EpochValidator
 
 
 def failing_step() -> None:
@@ -25,6 +27,10 @@ def failing_step() -> None:
 
 
 def hanging_step() -> None:
+    time.sleep(3600)  # injected hang
+
+
+def hanging_validation() -> None:
     time.sleep(3600)  # injected hang
 
 
@@ -47,6 +53,15 @@ def inject(kind: str, rank: int, at: int) -> None:
         at_step(failing_step, rank, at)
     elif kind == "hang":
         at_step(hanging_step, rank, at)
+    elif kind == "val-hang":
+        original_batch_scored = EpochValidator._batch_scored
+
+        def batch_scored_with_hang(self, validator):
+            if dist.get_rank() == rank and self._batches_scored + 1 == at:
+                hanging_validation()
+            return original_batch_scored(self, validator)
+
+        EpochValidator._batch_scored = batch_scored_with_hang
     elif kind == "write":
         original_export = Checkpointer.export_weights
 

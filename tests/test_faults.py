@@ -92,15 +92,19 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(process for process in of_rank if process.parent() not in of_rank)
 
 
-@pytest.mark.parametrize(("fault", "launcher", "rank"), [("freeze", "deepspeed", 0), ("hang", "torchrun", 1)])
+@pytest.mark.parametrize(
+    ("fault", "launcher", "rank"), [("freeze", "deepspeed", 0), ("hang", "torchrun", 1), ("val-hang", "torchrun", 1)]
+)
 def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launcher, rank, shapes_data, tmp_path):
     """Faults that neither raise nor exit, so no launcher notices them. `freeze`: SIGSTOP, a process that stops
     altogether (a paused host; rank 0 also hosts the store under deepspeed). `hang`: a train step that never
-    returns while the process lives on (a deadlock)."""
+    returns while the process lives on (a deadlock). `val-hang`: the same in validation, where the other rank
+    waits in Ultralytics' stats gather."""
     heartbeat_timeout_s = 6  # the default is 30 s; shorter here to keep the test short
     args = fault_args(shapes_data, tmp_path, fault)
-    if fault == "hang":
-        command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), "hang", str(rank), "3", "--", *args]
+    if fault in ("hang", "val-hang"):
+        at = "3" if fault == "hang" else "1"
+        command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), fault, str(rank), at, "--", *args]
     else:
         command = deepspeed_command(args)
     process = subprocess.Popen(
@@ -136,7 +140,8 @@ def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launche
     else:
         assert f"yolods: rank {peer}: stopping, rank {rank} is stuck" in output, output[-3000:]
         assert f"yolods: rank {rank}: stopping, rank {rank} is stuck" in output, output[-3000:]
-        assert "in hanging_step" in output, output[-3000:]  # the stuck rank's stack says where it hangs
+        hung_in = "hanging_step" if fault == "hang" else "hanging_validation"
+        assert f"in {hung_in}" in output, output[-3000:]  # the stuck rank's stack says where it hangs
         assert elapsed_s < 1.5 * heartbeat_timeout_s + 40, elapsed_s  # start-up and 2 steps included
 
 

@@ -85,5 +85,5 @@ def test_a_peer_whose_progress_stays_behind_is_reported_as_stuck_and_one_merely_
         slower += beat_for(TICK_S, watcher, peer, progress=(count + 2, count))
     assert quiet(slower)
     at, phrase = first_report(beat_for(2 * TIMEOUT_S, watcher, peer, progress=(50, 40)))
-    assert phrase.startswith("rank 1 is stuck: its training step made no progress for"), phrase
+    assert phrase.startswith("rank 1 is stuck: its training step or validation made no progress for"), phrase
     assert at >= 1.5 * TIMEOUT_S - 2 * TICK_S, at  # 1.5 x the heartbeat's timeout

@@ -323,6 +323,7 @@ def build_trainer(
         step_at_epoch_end=cfg.step_at_epoch_end,
     )
     step.on_phase = on_step_phase
+    validator.on_progress = on_step_phase  # val batches count too: a rank hung in validation is found
     engine = step.engine
     period = SavePeriod(steps=cfg.save_period_steps, minutes=cfg.save_period_min)
     checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp), period=period)

@@ -48,7 +48,7 @@ ABORT_KEY = "yolods/abort"  # holds the phrase that names who failed: "rank 3 fa
 HEARTBEAT_KEY = "yolods/heartbeat/{rank}"
 FINISHED_KEY = "yolods/finished/{rank}"  # set when a rank leaves cleanly: its silence from then on is no fault
 PROCESS_KEY = "yolods/process/{rank}"  # 'host pid start-time' of each rank
-PROGRESS_KEY = "yolods/progress/{rank}"  # phases of train steps each rank's main thread has finished
+PROGRESS_KEY = "yolods/progress/{rank}"  # train-step phases and val batches each rank's main thread has finished
 POLL_S = 0.5
 HEARTBEAT_S = 2.0  # or a quarter of the timeout, if shorter
 # Long enough for the longest legitimate stall of a live process's threads (a big pickle load holding the GIL
@@ -104,7 +104,7 @@ class JobWatchdog:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="yolods-watchdog", daemon=True)
         self._watched_at = time.monotonic()  # when the watchdog last came round its loop
-        self.progress = 0  # phases of train steps this rank's main thread has finished (see progressed)
+        self.progress = 0  # train-step phases and val batches this rank's main thread has finished (see progressed)
         self._stuck_check = threading.Thread(target=self._end_if_stuck, name="yolods-watchdog-check", daemon=True)
 
     def start(self) -> JobWatchdog:
@@ -114,7 +114,8 @@ class JobWatchdog:
         return self
 
     def progressed(self, phase: str | None = None) -> None:
-        """Count one more finished phase of a train step (TrainStep.on_phase); called by the main thread only."""
+        """Count one more finished phase of a train step (TrainStep.on_phase) or val batch (EpochValidator's
+        on_progress); called by the main thread only."""
         self.progress += 1
 
     def stop(self) -> None:
@@ -177,11 +178,11 @@ class PeerPulse:
     Two faults no launcher sees:
     - a frozen process: its heartbeat (beaten by its watchdog thread) stops for `timeout_s`;
     - a stuck main thread in a live process (a deadlock, a call that never returns): its heartbeat goes on, but its
-      progress (the train step's phases and the batches replayed after a resume, counted by the main thread) stays
-      behind this rank's for 1.5 x `timeout_s`.
-      Only "behind" counts: where the ranks wait for each other without counting (validation, a checkpoint, rank 0
-      building the label cache while the others wait at a barrier) their counts are equal, and a rank that is
-      merely slower keeps counting.
+      progress (the train step's phases, the batches replayed after a resume and the val batches scored, counted
+      by the main thread) stays behind this rank's for 1.5 x `timeout_s`.
+      Only "behind" counts: where the ranks wait for each other without counting (a checkpoint, rank 0 building the
+      label cache while the others wait at a barrier) their counts are equal, and a rank that is merely slower
+      keeps counting. A hang there, outside steps and validation, still waits for the collective timeout.
     Both are timed on this rank's own clock (hosts' clocks need not agree), and only while this rank's watchdog
     runs: after a gap in its own polling (a Ctrl-Z of the whole job, a paused host) the peer gets a fresh timeout,
     since it was probably paused too.
@@ -248,7 +249,7 @@ class PeerPulse:
         if behind_s < STUCK_TIMEOUT_FACTOR * self.timeout_s:
             return None
         return PeerFailure(
-            f"rank {self.peer} is stuck: its training step made no progress for {behind_s:.0f} s while rank "
+            f"rank {self.peer} is stuck: its training step or validation made no progress for {behind_s:.0f} s while rank "
             f"{self.rank} waited for it (its main thread hangs; its stack follows from rank {self.peer})"
         )
 

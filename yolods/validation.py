@@ -54,6 +54,12 @@ class EpochValidator:
         self.device = device
         self.loss_names = loss_names
         self.paired_data = paired_data
+        # Called once per val batch this rank scores (the fault watchdog counts them, as it counts train steps).
+        self.on_progress: Callable[[str], None] | None = None
+        self._batches_scored = 0
+        self._most_batches: int | None = None  # the largest shard's batches, over the ranks
+        self.validator.add_callback("on_val_start", self._shard_started)
+        self.validator.add_callback("on_val_batch_end", self._batch_scored)
 
     def _trainer_view(self, model: nn.Module, *, epoch: int, epochs: int) -> SimpleNamespace:
         return SimpleNamespace(
@@ -74,6 +80,8 @@ class EpochValidator:
 
     def __call__(self, model: nn.Module, *, epoch: int, epochs: int) -> dict[str, float] | None:
         """Validate `model` (identical on every rank); returns metrics on rank 0, None on the others."""
+        if self._most_batches is None:  # once: the shards do not change
+            self._most_batches = dist.max_over_ranks(len(self.validator.dataloader))
         metrics = self.validator(trainer=self._trainer_view(model, epoch=epoch, epochs=epochs))
         num_batches = max(len(self.validator.dataloader), 1)
         losses = [self.validator.loss[name].detach().float().reshape(1) / num_batches for name in self.loss_names]
@@ -84,6 +92,30 @@ class EpochValidator:
             return None
         metrics.update({f"val/{name}": round(float(loss), 5) for name, loss in zip(self.loss_names, losses)})
         return metrics
+
+    def _shard_started(self, validator: DetectionValidator) -> None:
+        self._batches_scored = 0
+        if not len(validator.dataloader):  # a rank with no val images is done at once
+            self._count_up_to_the_largest_shard()
+
+    def _batch_scored(self, validator: DetectionValidator) -> None:
+        """Count each scored batch, so a rank hung in validation is told from a slower one (yolods.faults.PeerPulse).
+
+        Shards can differ by a batch; a rank done with a shorter one then counts up to the largest, so that every
+        rank leaves validation at the same count and none looks stuck while rank 0 saves a checkpoint.
+        """
+        self._batches_scored += 1
+        self._progress()
+        if self._batches_scored == len(validator.dataloader):
+            self._count_up_to_the_largest_shard()
+
+    def _count_up_to_the_largest_shard(self) -> None:
+        for _ in range(self._most_batches - self._batches_scored):
+            self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress("val batch")
 
     def _draw_for_other_ranks_images(self) -> None:
         """--paired_data: draw from Python's random state for the val images the other ranks scored.

@@ -444,6 +444,6 @@ def preprocess_batch(
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             batch[key] = value.to(device, non_blocking=non_blocking)
-    # Images in the model's memory format: ZeRO 1-2 flatten parameters back to NCHW, the input keeps convs NHWC.
+    # Images in the layout training_memory_format chose: NHWC only with channels_last=True, at ZeRO-0 on CUDA.
     batch["img"] = (batch["img"].float() / 255).to(input_dtype).contiguous(memory_format=memory_format)
     return batch
