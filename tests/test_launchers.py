@@ -43,3 +43,15 @@ def test_each_rank_gets_its_share_of_the_cores(launcher):
 def test_a_single_process_uses_every_core_and_a_users_setting_wins():
     assert threads_per_rank([sys.executable, PROBE], omp_num_threads=None) == {0: CORES}
     assert threads_per_rank(deepspeed_probe(), omp_num_threads="3") == {0: 3, 1: 3}
+
+
+def test_a_rank_that_cannot_see_its_gpu_is_told_how_to_launch(monkeypatch):
+    """srun --gpus-per-task=1 shows each task one GPU while LOCAL_RANK counts the node's tasks: the rank must say
+    so in one line, not fail in NCCL. (On this CPU machine every rank sees none; the check is the same.)"""
+    from yolods import dist
+    from yolods.errors import ConfigError
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "11")
+    with pytest.raises(ConfigError, match=r"rank 11 has local rank 3 but sees 0 GPU\(s\): .*--gpu-bind=none"):
+        dist.bind_local_gpu()

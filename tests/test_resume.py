@@ -99,3 +99,22 @@ def test_an_epoch_ending_mid_accumulation_checkpoints_at_the_next_step_and_resum
     assert_ok(result)
     assert "from epoch3-batch2 at epoch 3/3, batch 3" in result.stdout + result.stderr
     assert results_without_time(resumed) == results_without_time(whole)
+
+
+def test_a_rank_state_saved_on_a_gpu_loads_on_any_machine(tmp_path):
+    """A rank's BatchNorm statistics are saved on its GPU (cuda:5 on an 8-GPU node); resumed on fewer GPUs, another
+    layout or a CPU machine, they must load (on the CPU, as DeepSpeed loads its own) instead of failing."""
+    import torch
+
+    from yolods.checkpoint import _load_rank_state
+
+    registry = list(torch.serialization._package_registry)
+    # tag every storage saved here as cuda:5, as torch.save tags a tensor of that GPU
+    torch.serialization.register_package(-100, lambda storage: "cuda:5", lambda storage, location: None)
+    try:
+        torch.save({"module_buffers": [torch.ones(3)]}, tmp_path / "yolods_rank0.pt")
+    finally:
+        torch.serialization._package_registry[:] = registry
+    state = _load_rank_state(tmp_path, 0)
+    assert state["module_buffers"][0].device.type == "cpu"
+    assert torch.equal(state["module_buffers"][0], torch.ones(3))

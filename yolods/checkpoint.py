@@ -181,7 +181,9 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def _load_rank_state(tag_dir: Path, rank: int) -> dict[str, Any]:
-    return torch.load(tag_dir / f"yolods_rank{rank}.pt", weights_only=False)  # the run's own file
+    # the run's own file; on the CPU, as DeepSpeed loads its own: a rank's CUDA tensors were saved on its GPU
+    # (cuda:5, say), which need not exist here (fewer GPUs, another node layout, a CPU machine)
+    return torch.load(tag_dir / f"yolods_rank{rank}.pt", map_location="cpu", weights_only=False)
 
 
 @dataclass

@@ -111,6 +111,8 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device_type == "cuda":
+        bind_local_gpu()
     timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
     if not for_deepspeed:
         torch_dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
@@ -127,6 +129,29 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         deepspeed.init_distributed(timeout=timeout)  # adopts a process group that already exists
+
+
+def bind_local_gpu() -> int:
+    """Make this rank's GPU (LOCAL_RANK) the current device, before any collective; returns its index.
+
+    torch's object collectives (broadcast_object, gather_objects) put their tensors on the current device, GPU 0
+    unless set, and NCCL refuses a tensor on another GPU than the one its group was bound to: every multi-GPU run
+    would fail at its first one (yolods.train's run directory) and open a stray context on GPU 0.
+
+    Raises:
+        ConfigError: LOCAL_RANK names a GPU this process cannot see (a launcher that binds one GPU per task).
+    """
+    from yolods.errors import ConfigError
+
+    local_rank, visible = get_local_rank(), torch.cuda.device_count()
+    if local_rank >= visible:
+        raise ConfigError(
+            f"rank {get_rank()} has local rank {local_rank} but sees {visible} GPU(s): the launcher gave each task "
+            "fewer GPUs than ranks per node (srun --gpus-per-task=1?); give each task the node's GPUs "
+            "(srun --gpus-per-node=N --gpu-bind=none) or set CUDA_VISIBLE_DEVICES to all of them"
+        )
+    torch.cuda.set_device(local_rank)
+    return local_rank
 
 
 def _skip_shared_memory_inference_op() -> None:
@@ -257,6 +282,7 @@ __all__ = [
     "all_reduce_mean_",
     "any_rank",
     "barrier",
+    "bind_local_gpu",
     "broadcast_object",
     "gather_objects",
     "get_local_rank",

@@ -114,9 +114,7 @@ def ultralytics_device(device_type: str) -> str:
     """The device Ultralytics should put this rank on: 'cpu', or this rank's local GPU index (made current)."""
     if device_type == "cpu":
         return "cpu"
-    local_rank = dist.get_local_rank()
-    torch.cuda.set_device(local_rank)  # NCCL collectives and Ultralytics' select_device both use the current GPU
-    return str(local_rank)
+    return str(dist.bind_local_gpu())  # NCCL collectives and Ultralytics' select_device both use the current GPU
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, default_project: str) -> None:
