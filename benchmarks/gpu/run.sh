@@ -3,7 +3,8 @@
 #   install the carried wheels (.whl/) -> check imports and a process group of one (NCCL) -> draw a data set
 #   -> training throughput of yolods against the Ultralytics trainer (and torch DDP), yolov8n/s(/m) @640 bf16,
 #      synthetic on-device input and real input through the loaders -> peak memory per ZeRO stage, precision and
-#      memory format -> one torch.profiler window -> report.md -> summary.md with the timeline.
+#      memory format -> train, stop, resume, val and predict end to end (e2e.sh) -> one torch.profiler window
+#      -> report.md -> summary.md with the timeline.
 # Every stage has its own time limit, cut further so the whole run stays inside --budget; a stage that fails or
 # times out is recorded and the next one runs. Measurements append to OUT/results.jsonl (the bench's schema).
 #
@@ -19,7 +20,7 @@ set -u -o pipefail
 
 usage() {
     echo "usage: bash benchmarks/gpu/run.sh [--cpu-smoke | --dry-run] [--stages LIST] [--budget SECONDS] OUT_DIR" >&2
-    echo "stages: install,env,plan,data,thr-n,thr-s,memory,layout,profile,thr-m,report,summary" >&2
+    echo "stages: install,env,plan,data,thr-n,thr-s,memory,layout,e2e,profile,thr-m,report,summary" >&2
     exit 2
 }
 
@@ -58,7 +59,7 @@ RUN_ID="gpu-$(date -u +%Y%m%dT%H%M%SZ)"
 # CUDA). Paths must hold no spaces (the argument lists below are split on them).
 if [ "$MODE" = cpu-smoke ]; then
     DEVICE=cpu IMGSZ=32 PREC=fp32 WORKERS=1 STEPS=1 WARMUP=1
-    BATCH_N=2 BATCH_S=2 BATCH_M=2
+    BATCH_N=2 BATCH_S=2 BATCH_M=2 E2E_BATCH=2
     MEM_MODEL=n MEM_BATCH=2 MEM_ZERO=0,3 MEM_PREC=bf16,fp32 MEM_STEPS=1 MEM_WARMUP=1
     PROF_MODEL=n PROF_BATCH=2 PROF_PREC=fp32 PROF_STEPS=1 PROF_WARMUP=1
     BUDGET="${BUDGET:-1500}" RESERVE=150 SCALE=4
@@ -68,6 +69,7 @@ else
     cores=$(nproc 2>/dev/null || echo 16)
     WORKERS=$(( cores > 14 ? 12 : (cores > 3 ? cores - 2 : 1) ))
     BATCH_N="${YOLODS_GPU_BATCH_N:-256}" BATCH_S="${YOLODS_GPU_BATCH_S:-128}" BATCH_M="${YOLODS_GPU_BATCH_M:-64}"
+    E2E_BATCH=64
     # yolov8s at 16 img/GPU is also the report's projection calibration (its goal model and batch)
     MEM_MODEL=s MEM_BATCH=16 MEM_ZERO=0,1,2,3 MEM_PREC=bf16,fp32,fp16 MEM_STEPS=6 MEM_WARMUP=3
     PROF_MODEL=s PROF_BATCH="$BATCH_S" PROF_PREC=bf16 PROF_STEPS=3 PROF_WARMUP=3
@@ -219,6 +221,7 @@ stage thr-n 110 45 measure -- "${THR_N[@]}"
 stage thr-s 110 45 measure -- "${THR_S[@]}"
 stage memory 100 40 measure -- "${MEMORY[@]}"
 stage layout 50 20 measure -- "${LAYOUT[@]}"
+stage e2e 120 60 measure -- bash "$REPO/benchmarks/gpu/e2e.sh" "$DATA_YAML" "$WORK" "$DEVICE" "$IMGSZ" "$E2E_BATCH" "$WORKERS"
 stage profile 50 20 measure -- "${PROFILE[@]}"
 stage thr-m 100 50 measure -- "${THR_M[@]}"
 if [ -f "$OUT/results.jsonl" ]; then
