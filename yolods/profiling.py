@@ -43,7 +43,9 @@ class StepProfiler:
         self.last_step = wait + warmup + active
         trace_dir = run_dir / "profile"
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if torch.cuda.is_available():
+        if (
+            torch.device(engine.device).type == "cuda"
+        ):  # the run's device: a --device cpu run on a GPU host has no kernels
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.torch_profiler = torch.profiler.profile(
             activities=activities,
