@@ -249,8 +249,8 @@ class PeerPulse:
         if behind_s < STUCK_TIMEOUT_FACTOR * self.timeout_s:
             return None
         return PeerFailure(
-            f"rank {self.peer} is stuck: its training step or validation made no progress for {behind_s:.0f} s while rank "
-            f"{self.rank} waited for it (its main thread hangs; its stack follows from rank {self.peer})"
+            f"rank {self.peer} is stuck: its training step or validation made no progress for {behind_s:.0f} s "
+            f"while rank {self.rank} waited for it (its main thread hangs; its stack follows from rank {self.peer})"
         )
 
     def kill_silent_peer(self) -> None:

@@ -10,8 +10,8 @@ Each configuration is reported from its latest run, at the median of that run's 
 where the lines came from: their yolods commits, and how many were measured from a dirty tree (or before the bench
 recorded it). The projection to 1-256 nodes is calibrated with measured compute: a rate given with
 --gpu-imgs-per-s (measured elsewhere, e.g. by benchmarks/gpu/run.sh), else a one-GPU line of the goal model when
-DIR has one, else an assumed per-GPU rate (--assumed-gpu-imgs-per-s, default one H200's 304 img/s); every constant it assumes is
-listed as such, and the report shows how the verdict moves when they vary.
+DIR has one, else an assumed per-GPU rate (--assumed-gpu-imgs-per-s, default one H200's 304 img/s); every constant
+it assumes is listed as such, and the report shows how the verdict moves when they vary.
 """
 
 from __future__ import annotations
