@@ -64,14 +64,6 @@ def seed_run(seed: int, *, deterministic: bool = False, paired_data: bool = Fals
         np.random.seed(seed + 1 + dist.get_rank())
 
 
-def device_for(plan: RunPlan) -> torch.device:
-    """This rank's device: its local GPU on CUDA."""
-    device = torch.device(plan.cfg.device, dist.get_local_rank() if plan.cfg.device == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 def resolve_data(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNamespace]:
     """The parsed data.yaml and the hyperparameters naming it; the synthetic set is drawn by rank 0 into the run dir."""
     if plan.data is not None:
@@ -277,7 +269,7 @@ def build_trainer(
     `on_step_phase` is called as each phase of each train step ends (the fault watchdog counts them).
     """
     cfg = plan.cfg
-    device = device_for(plan)
+    device = dist.local_device(plan.cfg.device)
     seed_run(cfg.seed, deterministic=bool(plan.hyp.deterministic), paired_data=cfg.paired_data)
     data, hyp = resolve_data(plan, run_dir)
     ds_config = copy.deepcopy(plan.ds_config)

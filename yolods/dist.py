@@ -154,6 +154,11 @@ def bind_local_gpu() -> int:
     return local_rank
 
 
+def local_device(device_type: str) -> torch.device:
+    """This rank's device: its local GPU on CUDA (which init_distributed made current), else the CPU."""
+    return torch.device("cuda", get_local_rank()) if device_type == "cuda" else torch.device("cpu")
+
+
 def _skip_shared_memory_inference_op() -> None:
     """Mark DeepSpeed's shared-memory CPU comm op unavailable, so its comm backend neither builds nor loads it.
 
@@ -293,6 +298,7 @@ __all__ = [
     "init_distributed",
     "is_local_main_process",
     "is_main_process",
+    "local_device",
     "max_over_ranks",
     "print_main",
     "shutdown",

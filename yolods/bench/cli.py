@@ -165,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # one initialize per configuration is chatty
 
     dist.init_distributed(configs[0].device)
-    device = torch.device(configs[0].device, dist.get_local_rank() if configs[0].device == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = dist.local_device(configs[0].device)
     probe, links = _probe(device)
     context = run_context(device, label=args.interconnect, link_probe=probe)
     # One id for every line of this invocation (or of several, with --run-id): the report takes each configuration's

@@ -36,7 +36,7 @@ from yolods.bench.inputs import shapes_num_classes
 from yolods.bench.measure import synchronizer
 from yolods.bench.memory import ModelStateBytes, model_state_bytes
 from yolods.bench.sweep import BenchConfig
-from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, device_for, seed_run
+from yolods.build import build_optimizer_and_schedule, build_train_loader, build_train_step, seed_run
 from yolods.config import GRADIENT_CLIP_NORM, SYNTHETIC, RunConfig, RunPlan, resolve_run
 from yolods.data import TrainData, preprocess_batch
 from yolods.ema import build_ema
@@ -276,7 +276,7 @@ def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_ima
     """
     plan = bench_plan(cfg, world_size=dist.get_world_size(), data_yaml=data_yaml)
     hyp = plan.hyp
-    device = device_for(plan)
+    device = dist.local_device(plan.cfg.device)
     seed_run(cfg.seed)
     num_classes, names = (plan.data["nc"], plan.data["names"]) if plan.data else shapes_num_classes()
     model = build_model(cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False)

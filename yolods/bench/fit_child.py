@@ -97,9 +97,8 @@ def run(spec: ChildSpec) -> int:
         verdict_path.write_text(json.dumps({"rank": rank, **verdict}))
 
     dist.init_distributed(cfg.device, verbose=False)
-    device = torch.device(cfg.device, dist.get_local_rank() if cfg.device == "cuda" else None)
+    device = dist.local_device(cfg.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         budget = spec.budget_bytes or torch.cuda.mem_get_info(device)[1]
         baseline = 0  # what max_memory_allocated counts starts at the model
     else:

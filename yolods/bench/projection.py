@@ -158,10 +158,13 @@ def goal_compute(
     return assumed_compute(step_s), sentence, False
 
 
+def _measured_on_h200(imgs_per_s: float) -> bool:
+    """Whether a rate is the H200's measured one (the default), to name where it came from."""
+    return round(imgs_per_s) == round(H200_GOAL_IMGS_PER_S)
+
+
 def _provenance(imgs_per_s: float) -> str:
-    if imgs_per_s == H200_GOAL_IMGS_PER_S:
-        return "; one H200 measured this rate: benchmarks/results/gpu, 2026-11-29"
-    return ""
+    return "; one H200 measured this rate: benchmarks/results/gpu, 2026-11-29" if _measured_on_h200(imgs_per_s) else ""
 
 
 def project_goal(
@@ -267,7 +270,7 @@ def assumptions(projection: Projection, goal: Goal, *, cluster: Cluster) -> list
                 "no 1-GPU line of the goal model in these results; "
                 + (
                     "one H200 measured it (benchmarks/results/gpu), the same on the cluster's H100s"
-                    if round(rate) == H200_GOAL_IMGS_PER_S
+                    if _measured_on_h200(rate)
                     else "--assumed-gpu-imgs-per-s"
                 ),
                 f"sensitivity table ({', '.join(f'{r:g}' for r in SENSITIVITY_IMGS_PER_S)}) and plot",

@@ -424,9 +424,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_distributed(base.device, verbose=False)
-    device = torch.device(base.device, dist.get_local_rank() if base.device == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = dist.local_device(base.device)
     load_avg_start = list(os.getloadavg())
     started = time.monotonic()
     tuner = Tuner(space, device=device, budget_s=args.budget_min * 60, keep_going=world_size == 1)
