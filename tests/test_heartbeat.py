@@ -1,4 +1,5 @@
-"""The heartbeat that turns a frozen rank into a fast, named failure (yolods.faults.PeerPulse).
+"""The heartbeat that turns a frozen rank into a fast, named failure (yolods.faults.PeerPulse), and the stop request
+the watchdog raises when the launcher is gone.
 
 Two pulses share a real TCPStore in this process, one per rank, with a timeout of a fraction of a second; the
 2-rank jobs in test_faults.py freeze a real rank with SIGSTOP.
@@ -6,12 +7,15 @@ Two pulses share a real TCPStore in this process, one per rank, with a timeout o
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import torch.distributed as torch_dist
 
 from yolods.faults import PeerPulse
+from yolods.preemption import STOP_SIGNALS, StopRequest
 
 TIMEOUT_S = 0.6  # the watcher restarts the timeout after a 0.3 s gap in its own polling: ticks stay far below
 TICK_S = 0.05
@@ -87,3 +91,27 @@ def test_a_peer_whose_progress_stays_behind_is_reported_as_stuck_and_one_merely_
     at, phrase = first_report(beat_for(2 * TIMEOUT_S, watcher, peer, progress=(50, 40)))
     assert phrase.startswith("rank 1 is stuck: its training step or validation made no progress for"), phrase
     assert at >= 1.5 * TIMEOUT_S - 2 * TICK_S, at  # 1.5 x the heartbeat's timeout
+
+
+@pytest.fixture
+def stop_request():
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    yield StopRequest().install()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_signal_that_arrives_after_the_watchdogs_guess_names_the_stop(stop_request):
+    """A group SIGTERM reaches the launcher and the ranks together; the watchdog may see the launcher gone before
+    Python runs the rank's handler, and the closing message must still name the signal."""
+    stop_request.request(signal.SIGTERM, cause="the launcher's exit")
+    os.kill(os.getpid(), signal.SIGINT)
+    assert (stop_request.received, stop_request.cause) == (signal.SIGINT, "SIGINT")
+    os.kill(os.getpid(), signal.SIGTERM)  # a second signal does not rename a stop already named by one
+    assert (stop_request.received, stop_request.cause) == (signal.SIGINT, "SIGINT")
+
+
+def test_the_watchdogs_guess_does_not_rename_a_stop_a_signal_asked_for(stop_request):
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop_request.request(signal.SIGTERM, cause="the launcher's exit")
+    assert stop_request.cause == "SIGTERM"

@@ -47,6 +47,7 @@ class StopRequest:
         self.received: signal.Signals | None = None
         self.cause: str | None = None  # what this rank was stopped by, for the closing message
         self.agreed_exit_code = EXIT_CODE
+        self._inferred = False  # set by `request`: a watchdog's guess, which a signal that arrives later corrects
 
     def install(self) -> StopRequest:
         for signum in STOP_SIGNALS:
@@ -57,16 +58,16 @@ class StopRequest:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             print("\nyolods: second Ctrl-C: quitting without a checkpoint", file=sys.stderr, flush=True)
             os._exit(exit_code_for(signal.SIGINT))
-        if self.received is None:
-            self.received = signal.Signals(signum)
-            self.cause = self.received.name
+        if self.received is None or self._inferred:
+            # a launcher that is killed with its ranks' group may be seen gone before Python runs this handler
+            self.received, self.cause, self._inferred = signal.Signals(signum), signal.Signals(signum).name, False
             if signum == signal.SIGINT and dist.is_main_process():
                 print("\nyolods: Ctrl-C: saving a checkpoint at the next step (Ctrl-C again quits at once)", flush=True)
 
     def request(self, signum: signal.Signals, cause: str) -> None:
         """Ask for a stop as if `signum` had arrived, for `cause` (the launcher watchdog uses it)."""
         if self.received is None:
-            self.received, self.cause = signum, cause
+            self.received, self.cause, self._inferred = signum, cause, True
 
     def agreed(self) -> bool:
         """True on every rank if any rank was asked to stop; a collective (one tiny all-reduce)."""
