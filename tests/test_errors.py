@@ -96,7 +96,7 @@ def write_data_yaml(root: Path, **entries) -> Path:
     return path
 
 
-@pytest.mark.parametrize("problem", ["empty image directory", "every image unreadable", "no names"])
+@pytest.mark.parametrize("problem", ["empty image directory", "every image unreadable", "no labels", "no names"])
 def test_bad_data_sets(problem, shapes_data, tmp_path):
     import shutil
 
@@ -112,6 +112,11 @@ def test_bad_data_sets(problem, shapes_data, tmp_path):
             image.write_bytes(b"not an image")
         data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
         fragments = ("train images", "No valid images")
+    elif problem == "no labels":  # Ultralytics raises a ValueError for a train split without one label
+        shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+        shutil.rmtree(root / "labels")
+        data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
+        fragments = ("train images", "no image has a label", "labels/train/*.txt", "class x_center")
     else:
         shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
         data_yaml = write_data_yaml(root, train="images/train", val="images/val")

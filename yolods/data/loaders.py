@@ -99,6 +99,15 @@ def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
             raise ConfigError(
                 f"{images}: {one_line(error)} Check that entry of the data.yaml and that the images there are readable"
             ) from None
+        except ValueError as error:
+            unlabelled = re.search(r"No labels found in (\S+?)(?:\.cache)?\. ", str(error))
+            if unlabelled is None:
+                raise
+            raise ConfigError(
+                f"{images}: no image has a label (looked for {unlabelled[1]}/*.txt): give each training image a YOLO "
+                "label file, images/.../x.jpg -> labels/.../x.txt, one 'class x_center y_center width height' row per "
+                "box, normalised to 0-1"
+            ) from None
 
     return _main_first(build_checked)
 
