@@ -6,6 +6,7 @@ KIND `raise`: RuntimeError in the train step at micro-step AT on RANK (what a CU
 KIND `write`: OSError(ENOSPC) when RANK writes weights (a full disk while saving).
 KIND `hang`: the train step at micro-step AT on RANK never returns (a deadlock; the process lives on).
 KIND `val-hang`: RANK never returns from its val batch AT of the first validation (a hung data read, say).
+KIND `write-hang`: RANK's write of its part of checkpoint AT never returns (a file system that stopped answering).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 
 import yolods  # noqa: F401  (offline environment first)
-from yolods import dist
+from yolods import checkpoint, dist
 from yolods.checkpoint import Checkpointer
 from yolods.step import TrainStep
 from yolods.train import main
@@ -32,6 +33,10 @@ def hanging_step() -> None:
 
 def hanging_validation() -> None:
     time.sleep(3600)  # injected hang
+
+
+def hanging_write() -> None:
+    time.sleep(3600)  # injected hang: a write call blocked with no bytes moving
 
 
 def at_step(fault, rank: int, at: int) -> None:
@@ -62,6 +67,17 @@ def inject(kind: str, rank: int, at: int) -> None:
             return original_batch_scored(self, validator)
 
         EpochValidator._batch_scored = batch_scored_with_hang
+    elif kind == "write-hang":
+        original_write, writes = checkpoint._atomic_write, {"n": 0}
+
+        def write_with_hang(path, payload):
+            if dist.get_rank() == rank and path.name.startswith("yolods_rank"):  # once per checkpoint
+                writes["n"] += 1
+                if writes["n"] == at:
+                    hanging_write()
+            return original_write(path, payload)
+
+        checkpoint._atomic_write = write_with_hang
     elif kind == "write":
         original_export = Checkpointer.export_weights
 

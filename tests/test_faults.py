@@ -92,18 +92,23 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(process for process in of_rank if process.parent() not in of_rank)
 
 
+HUNG_IN = {"hang": "hanging_step", "val-hang": "hanging_validation", "write-hang": "hanging_write"}
+
+
 @pytest.mark.parametrize(
-    ("fault", "launcher", "rank"), [("freeze", "deepspeed", 0), ("hang", "torchrun", 1), ("val-hang", "torchrun", 1)]
+    ("fault", "launcher", "rank"),
+    [("freeze", "deepspeed", 0), ("hang", "torchrun", 1), ("val-hang", "torchrun", 1), ("write-hang", "torchrun", 1)],
 )
 def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launcher, rank, shapes_data, tmp_path):
     """Faults that neither raise nor exit, so no launcher notices them. `freeze`: SIGSTOP, a process that stops
     altogether (a paused host; rank 0 also hosts the store under deepspeed). `hang`: a train step that never
     returns while the process lives on (a deadlock). `val-hang`: the same in validation, where the other rank
-    waits in Ultralytics' stats gather."""
+    waits in Ultralytics' stats gather. `write-hang`: rank 1's write of the second checkpoint never returns (a
+    file system that stopped answering), while rank 0 waits in the checkpoint's barrier."""
     heartbeat_timeout_s = 6  # the default is 30 s; shorter here to keep the test short
     args = fault_args(shapes_data, tmp_path, fault)
-    if fault in ("hang", "val-hang"):
-        at = "3" if fault == "hang" else "1"
+    if fault in HUNG_IN:
+        at = {"hang": "3", "val-hang": "1", "write-hang": "2"}[fault]
         command = [*torchrun_command(2), str(REPO / "tests" / "fault_probe.py"), fault, str(rank), at, "--", *args]
     else:
         command = deepspeed_command(args)
@@ -138,11 +143,15 @@ def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launche
         # the frozen rank is killed by its peer: no wait for the launchers' 30 s grace before their SIGKILL
         assert elapsed_s < heartbeat_timeout_s + 20, elapsed_s
     else:
-        assert f"yolods: rank {peer}: stopping, rank {rank} is stuck" in output, output[-3000:]
-        assert f"yolods: rank {rank}: stopping, rank {rank} is stuck" in output, output[-3000:]
-        hung_in = "hanging_step" if fault == "hang" else "hanging_validation"
-        assert f"in {hung_in}" in output, output[-3000:]  # the stuck rank's stack says where it hangs
-        assert elapsed_s < 1.5 * heartbeat_timeout_s + 40, elapsed_s  # start-up and 2 steps included
+        # the peer watches the hung rank's progress; a hung write is found by the writer itself
+        failure = f"rank {rank}'s checkpoint write moved no bytes" if fault == "write-hang" else f"rank {rank} is stuck"
+        assert f"yolods: rank {peer}: stopping, {failure}" in output, output[-3000:]
+        assert f"yolods: rank {rank}: stopping, {failure}" in output, output[-3000:]
+        assert f"in {HUNG_IN[fault]}" in output, output[-3000:]  # the stuck rank's stack says where it hangs
+        timeout_factor = 4 if fault == "write-hang" else 1.5  # faults.WRITE_STALL_FACTOR, STUCK_TIMEOUT_FACTOR
+        assert elapsed_s < timeout_factor * heartbeat_timeout_s + 40, elapsed_s  # start-up and the steps before
+    if fault == "write-hang":  # the first checkpoint stays the newest complete one: --resume continues from it
+        assert (tmp_path / fault / "checkpoints" / "latest").read_text().startswith("epoch1"), output[-3000:]
 
 
 def stop_and_resume(command: list[str], run_dir: Path, *, how: signal.Signals, to_group: bool) -> str:

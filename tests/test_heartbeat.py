@@ -1,5 +1,5 @@
 """The heartbeat that turns a frozen rank into a fast, named failure (yolods.faults.PeerPulse), and the stop request
-the watchdog raises when the launcher is gone.
+the watchdog raises when the launcher is gone, and the watch on a rank's own checkpoint writes (WriteWatch).
 
 Two pulses share a real TCPStore in this process, one per rank, with a timeout of a fraction of a second; the
 2-rank jobs in test_faults.py freeze a real rank with SIGSTOP.
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch.distributed as torch_dist
 
-from yolods.faults import PeerPulse
+from yolods.faults import PeerPulse, WriteWatch
 from yolods.preemption import STOP_SIGNALS, StopRequest
 
 TIMEOUT_S = 0.6  # the watcher restarts the timeout after a 0.3 s gap in its own polling: ticks stay far below
@@ -115,3 +115,42 @@ def test_the_watchdogs_guess_does_not_rename_a_stop_a_signal_asked_for(stop_requ
     os.kill(os.getpid(), signal.SIGTERM)
     stop_request.request(signal.SIGTERM, cause="the launcher's exit")
     assert stop_request.cause == "SIGTERM"
+
+
+class FakeDisk:
+    """A byte counter the test moves, as /proc/self/io's wchar moves while a write goes through."""
+
+    def __init__(self):
+        self.written = 0
+
+    def __call__(self) -> int:
+        return self.written
+
+
+def test_a_write_that_moves_no_bytes_is_reported_and_a_slow_one_is_not():
+    disk = FakeDisk()
+    watch = WriteWatch(timeout_s=0.3, bytes_written=disk)
+    assert watch.stalled_s() is None  # no write open: a rank waiting in a barrier moves no bytes either
+    with watch.writing():
+        for _ in range(10):  # 0.5 s of a slow write that keeps moving: longer than the timeout, never reported
+            disk.written += 1
+            time.sleep(0.05)
+            assert watch.stalled_s() is None
+        time.sleep(0.35)  # then nothing moves
+        assert watch.stalled_s() >= 0.3
+    assert watch.stalled_s() is None  # the write returned
+
+
+def test_a_write_is_never_judged_where_the_byte_counter_is_unknown():
+    watch = WriteWatch(timeout_s=0.0, bytes_written=lambda: None)
+    with watch.writing():
+        time.sleep(0.01)
+        assert watch.stalled_s() is None
+
+
+def test_this_process_has_a_byte_counter_that_a_file_write_moves(tmp_path):
+    from yolods.faults import _bytes_written
+
+    before = _bytes_written()
+    (tmp_path / "file").write_bytes(b"x" * 4096)
+    assert _bytes_written() >= before + 4096

@@ -6,6 +6,7 @@ times the same TrainStep, so the benchmark measures the code users run. Seeds ar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from pathlib import Path
@@ -262,11 +263,17 @@ def build_train_step(
 
 
 def build_trainer(
-    plan: RunPlan, run_dir: Path, *, stop_request: StopRequest, on_step_phase: Callable[[str], None] | None = None
+    plan: RunPlan,
+    run_dir: Path,
+    *,
+    stop_request: StopRequest,
+    on_step_phase: Callable[[str], None] | None = None,
+    checkpoint_writing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Trainer:
     """Every part of a training run, handed to the Trainer; resumes when the plan says so.
 
-    `on_step_phase` is called as each phase of each train step ends (the fault watchdog counts them).
+    `on_step_phase` is called as each phase of each train step ends (the fault watchdog counts them), and
+    `checkpoint_writing()` is entered around each checkpoint file write (the watchdog watches them for a hang).
     """
     cfg = plan.cfg
     device = dist.local_device(plan.cfg.device)
@@ -318,7 +325,7 @@ def build_trainer(
     validator.on_progress = on_step_phase  # val batches count too: a rank hung in validation is found
     engine = step.engine
     period = SavePeriod(steps=cfg.save_period_steps, minutes=cfg.save_period_min)
-    checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp), period=period)
+    checkpointer = Checkpointer(run_dir, engine, train_args=vars(train_hyp), period=period, writing=checkpoint_writing)
     checkpointer.save_run_files(cfg, ds_config)
     # results.png unless `--hyp plots=False` (Ultralytics' setting: it draws its plots only when True)
     logger = RunLogger(run_dir, loss_names=names, plot_results=cfg.hyp.get("plots", True) is not False)

@@ -11,12 +11,14 @@ the launcher job that made it, so that the job's restarted attempts continue it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -180,6 +182,20 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _watch_deepspeed_writes(engine, writing: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Run each file write of DeepSpeed's checkpoint engine inside `writing()`; its barriers stay outside."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or writing is contextlib.nullcontext:
+        return
+    save = checkpoint_engine.save
+
+    def watched_save(*args, **kwargs):
+        with writing():
+            return save(*args, **kwargs)
+
+    checkpoint_engine.save = watched_save  # this engine's instance only
+
+
 def _load_rank_state(tag_dir: Path, rank: int) -> dict[str, Any]:
     # the run's own file; on the CPU, as DeepSpeed loads its own: a rank's CUDA tensors were saved on its GPU
     # (cuda:5, say), which need not exist here (fewer GPUs, another node layout, a CPU machine)
@@ -247,12 +263,22 @@ class Checkpointer:
         >>> if checkpointer.mid_epoch_save_due(engine.global_steps): ...  # a collective with a time period
     """
 
-    def __init__(self, run_dir: Path, engine, *, train_args: dict[str, Any], period: SavePeriod | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        engine,
+        *,
+        train_args: dict[str, Any],
+        period: SavePeriod | None = None,
+        writing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / CHECKPOINT_DIR
         self.engine = engine
         self.train_args = {**train_args, "save_dir": str(run_dir)}
         self.period = period or SavePeriod()
+        self.writing = writing  # around each file write (the fault watchdog's, which ends a job whose write hangs)
+        _watch_deepspeed_writes(engine, writing)
 
     def save_run_files(self, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
         """args.yaml (what --resume continues; kept from the first start) and the resolved DeepSpeed config."""
@@ -265,7 +291,9 @@ class Checkpointer:
         """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus this rank's own state. A collective."""
         tag_dir = self.checkpoint_dir / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", _torch_bytes(rank_state))
+        payload = _torch_bytes(rank_state)
+        with self.writing():
+            _atomic_write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", payload)
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's files are on disk
         if dist.is_main_process():
@@ -330,4 +358,5 @@ class Checkpointer:
         weights_dir = self.run_dir / "weights"
         weights_dir.mkdir(parents=True, exist_ok=True)
         for name in ["last.pt"] + (["best.pt"] if is_best else []):
-            _atomic_write(weights_dir / name, payload)
+            with self.writing():
+                _atomic_write(weights_dir / name, payload)

@@ -21,6 +21,10 @@ How a fault travels:
   thread's stack as it leaves. A store host that froze (rank 0 under deepspeed and srun) blocks the watchdog's
   store calls with no timeout at all (TCPStore's own does not bound them), so a second thread ends the rank
   when the watchdog stays stuck as long.
+- A rank whose checkpoint write hangs (a file system that stopped answering) counts no progress, and neither do
+  its peers, waiting for it in the checkpoint's barrier. So each rank watches its own writes (WriteWatch): a write
+  that moves no bytes for 4x HEARTBEAT_TIMEOUT_S ends the job, naming the rank. The newest complete checkpoint
+  is kept: the unfinished one is never marked complete.
 Launchers also end the remaining ranks once one exits non-zero (torchrun and deepspeed within a second); the
 watchdog makes the job end the same way where they do not (srun without --kill-on-bad-exit, hung NCCL calls).
 Under `torchrun --max-restarts` that quick exit 1 of every rank is what lets the agent start the group again; the
@@ -30,6 +34,7 @@ group before reaches it, and it continues the run from its newest complete check
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,6 +42,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -58,6 +64,10 @@ HEARTBEAT_TIMEOUT_S = max(4.0, float(os.environ.get("YOLODS_HEARTBEAT_TIMEOUT_S"
 # A rank that stays behind the others in its train step for 1.5 x that (45 s) is stuck. Ranks in step skew by
 # well under a second, but a false alarm ends a healthy job: the extra margin costs a rare fault 15 s.
 STUCK_TIMEOUT_FACTOR = 1.5
+# A checkpoint write that moves no bytes for 4 x that (2 minutes) hangs. Longer than the stuck timeout because a
+# write can rightly move none for a while: one call carrying a whole tensor counts its bytes only when it returns,
+# and closing a large file on a slow network file system waits for the server to take all of it.
+WRITE_STALL_FACTOR = 4.0
 FAILURE_EXIT_CODE = 1
 
 
@@ -105,6 +115,7 @@ class JobWatchdog:
         self._thread = threading.Thread(target=self._watch, name="yolods-watchdog", daemon=True)
         self._watched_at = time.monotonic()  # when the watchdog last came round its loop
         self.progress = 0  # train-step phases and val batches this rank's main thread has finished (see progressed)
+        self.writes = WriteWatch(timeout_s=WRITE_STALL_FACTOR * HEARTBEAT_TIMEOUT_S)
         self._stuck_check = threading.Thread(target=self._end_if_stuck, name="yolods-watchdog-check", daemon=True)
 
     def start(self) -> JobWatchdog:
@@ -117,6 +128,10 @@ class JobWatchdog:
         """Count one more finished phase of a train step (TrainStep.on_phase) or val batch (EpochValidator's
         on_progress); called by the main thread only."""
         self.progress += 1
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Around one checkpoint file write of the main thread (the Checkpointer's): watched for a hang."""
+        return self.writes.writing()
 
     def stop(self) -> None:
         """Stop watching and tell the peers this rank's silence from now on is a clean exit."""
@@ -135,6 +150,14 @@ class JobWatchdog:
                     if failure.frozen:
                         self.pulse.kill_silent_peer()
                     _announce_and_leave(self.store, failure.phrase)
+            stalled_s = self.writes.stalled_s() if self.pulse is not None else None  # alone, a rank may wait it out
+            if stalled_s is not None and not self._stopped.is_set():
+                traceback.print_stack(sys._current_frames().get(threading.main_thread().ident), file=sys.stderr)
+                _announce_and_leave(
+                    self.store,
+                    f"rank {dist.get_rank()}'s checkpoint write moved no bytes for {stalled_s:.0f} s (its file "
+                    "system stopped answering; the newest complete checkpoint is kept)",
+                )
             if _launcher_gone() and self.stop_request.received is None:
                 # every rank that notices says so: rank 0 may be stopped by a peer's notice before its own poll
                 print(
@@ -166,6 +189,60 @@ class JobWatchdog:
                 _leave(f"yolods: rank {dist.get_rank()}: stopping, {_STORE_GONE}")
 
 
+def _bytes_written() -> int | None:
+    """Bytes this process has passed to write calls so far (Linux's /proc/self/io `wchar`); None where unknown."""
+    try:
+        with open("/proc/self/io") as counters:
+            for line in counters:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class WriteWatch:
+    """Whether the main thread's file writes still move bytes; `stalled_s` is read by the watchdog thread.
+
+    Only the writes are watched, not the barriers between them, where a rank rightly waits for a slower writer.
+    A slow file system keeps moving bytes; one that stopped answering leaves the write call blocked with none.
+
+    Examples:
+        >>> with watch.writing():
+        ...     torch.save(state, path)
+        >>> watch.stalled_s()  # from another thread: seconds without a byte, once past the timeout, else None
+    """
+
+    def __init__(self, *, timeout_s: float, bytes_written: Callable[[], int | None] = _bytes_written):
+        self.timeout_s = timeout_s
+        self._bytes_written = bytes_written
+        self._open_writes = 0
+        self._last_bytes: int | None = None
+        self._moved_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        self._last_bytes, self._moved_at = self._bytes_written(), time.monotonic()  # before the count goes up
+        self._open_writes += 1
+        try:
+            yield
+        finally:
+            self._open_writes -= 1
+
+    def stalled_s(self) -> float | None:
+        """Seconds the current write has moved no bytes, once that reaches the timeout; else None."""
+        if not self._open_writes:
+            return None
+        now, written = time.monotonic(), self._bytes_written()
+        if written is None:
+            return None  # no counter here: never judged
+        if written != self._last_bytes:
+            self._last_bytes, self._moved_at = written, now
+            return None
+        stalled_s = now - self._moved_at
+        return stalled_s if stalled_s >= self.timeout_s else None
+
+
 @dataclass(frozen=True)
 class PeerFailure:
     phrase: str  # who failed and how: "rank 3 stopped responding: ..."
@@ -182,7 +259,8 @@ class PeerPulse:
       by the main thread) stays behind this rank's for 1.5 x `timeout_s`.
       Only "behind" counts: where the ranks wait for each other without counting (a checkpoint, rank 0 building the
       label cache while the others wait at a barrier) their counts are equal, and a rank that is merely slower
-      keeps counting. A hang there, outside steps and validation, still waits for the collective timeout.
+      keeps counting. A hang there still waits for the collective timeout, except in a checkpoint's file writes,
+      which each rank watches itself (WriteWatch).
     Both are timed on this rank's own clock (hosts' clocks need not agree), and only while this rank's watchdog
     runs: after a gap in its own polling (a Ctrl-Z of the whole job, a paused host) the peer gets a fresh timeout,
     since it was probably paused too.

@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         from yolods.build import build_trainer
 
         run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
-        trainer = build_trainer(plan, run_dir, stop_request=stop_request, on_step_phase=watchdog.progressed)
+        trainer = build_trainer(
+            plan,
+            run_dir,
+            stop_request=stop_request,
+            on_step_phase=watchdog.progressed,
+            checkpoint_writing=watchdog.writing,
+        )
     except ConfigError as error:
         if watchdog is not None:
             watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
