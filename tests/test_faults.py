@@ -105,7 +105,8 @@ def test_a_frozen_or_hung_rank_ends_the_job_instead_of_hanging_it(fault, launche
     returns while the process lives on (a deadlock). `val-hang`: the same in validation, where the other rank
     waits in Ultralytics' stats gather. `write-hang`: rank 1's write of the second checkpoint never returns (a
     file system that stopped answering), while rank 0 waits in the checkpoint's barrier."""
-    heartbeat_timeout_s = 6  # the default is 30 s; shorter here to keep the test short
+    # the default is 30 s; shorter here to keep the test short (a write stalls for 4x it: the lowest, 4 s, there)
+    heartbeat_timeout_s = 4 if fault == "write-hang" else 6
     args = fault_args(shapes_data, tmp_path, fault)
     if fault in HUNG_IN:
         at = {"hang": "3", "val-hang": "1", "write-hang": "2"}[fault]
