@@ -218,7 +218,7 @@ class WriteWatch:
         self._bytes_written = bytes_written
         self._open_writes = 0
         self._last_bytes: int | None = None
-        self._moved_at = time.monotonic()
+        self._moved_at = self._checked_at = time.monotonic()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -231,9 +231,13 @@ class WriteWatch:
 
     def stalled_s(self) -> float | None:
         """Seconds the current write has moved no bytes, once that reaches the timeout; else None."""
+        now = time.monotonic()
+        if now - self._checked_at > self.timeout_s / 2:
+            self._moved_at = now  # the watching thread was not running either (a paused job): a fresh timeout
+        self._checked_at = now
         if not self._open_writes:
             return None
-        now, written = time.monotonic(), self._bytes_written()
+        written = self._bytes_written()
         if written is None:
             return None  # no counter here: never judged
         if written != self._last_bytes:
