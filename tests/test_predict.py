@@ -141,12 +141,20 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    notes = tmp_path / "notes.txt"  # a .txt source is a list of paths to Ultralytics, not a file to predict on
+    notes.write_text("remember the milk\n")
     weights = str(inference_assets.weights)
     cases = {
         "no such file or directory": ["--model", weights, "--source", str(tmp_path / "missing")],
         "No images or videos found": ["--model", weights, "--source", str(empty)],
         "weights file not found": ["--model", str(tmp_path / "best.pt"), "--source", str(empty)],
         "streams, webcams and URLs": ["--model", weights, "--source", "rtsp://camera/1"],
+        "list of image and video paths, one per line, and remember the milk does not exist": [
+            "--model",
+            weights,
+            "--source",
+            str(notes),
+        ],
         "both given": ["--model", weights, "--source", str(empty), "--half", "--bf16"],
         "the model has classes 0-2": ["--model", weights, "--source", str(inference_assets.source), "--classes", "5"],
     }

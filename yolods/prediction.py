@@ -51,6 +51,8 @@ def list_source(source: str) -> SourceListing:
         loader = LoadImagesAndVideos(source, batch=1)
     except FileNotFoundError as error:  # a listed file that is missing, or no image/video suffix in it at all
         first_sentence = str(error).splitlines()[0].split(". ")[0]  # drop Ultralytics' list of every suffix
+        if Path(source).suffix in (".txt", ".csv"):  # Ultralytics reads these as lists of paths, one per line
+            first_sentence = f"read as a list of image and video paths, one per line, and {first_sentence}"
         raise ConfigError(f"--source {source}: {first_sentence}") from None
     loader.close()
     videos = tuple((path, _frame_count(path)) for path in loader.files[loader.ni :])
