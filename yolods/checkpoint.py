@@ -291,9 +291,7 @@ class Checkpointer:
         """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus this rank's own state. A collective."""
         tag_dir = self.checkpoint_dir / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
-        payload = _torch_bytes(rank_state)
-        with self.writing():
-            _atomic_write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", payload)
+        self._write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", _torch_bytes(rank_state))
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's files are on disk
         if dist.is_main_process():
@@ -358,5 +356,9 @@ class Checkpointer:
         weights_dir = self.run_dir / "weights"
         weights_dir.mkdir(parents=True, exist_ok=True)
         for name in ["last.pt"] + (["best.pt"] if is_best else []):
-            with self.writing():
-                _atomic_write(weights_dir / name, payload)
+            self._write(weights_dir / name, payload)
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        """One checkpoint file, atomically, watched for a hang (the payload is serialized before: no bytes move then)."""
+        with self.writing():
+            _atomic_write(path, payload)

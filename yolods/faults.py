@@ -152,7 +152,7 @@ class JobWatchdog:
                     _announce_and_leave(self.store, failure.phrase)
             stalled_s = self.writes.stalled_s() if self.pulse is not None else None  # alone, a rank may wait it out
             if stalled_s is not None and not self._stopped.is_set():
-                traceback.print_stack(sys._current_frames().get(threading.main_thread().ident), file=sys.stderr)
+                _print_main_thread_stack()
                 _announce_and_leave(
                     self.store,
                     f"rank {dist.get_rank()}'s checkpoint write moved no bytes for {stalled_s:.0f} s (its file "
@@ -170,9 +170,8 @@ class JobWatchdog:
                 rank = dist.get_rank()
                 # on a line of its own: rank 0's progress bar may hold the cursor mid-line
                 print(f"\nyolods: rank {rank}: stopping, {failed_rank}", file=sys.stderr, flush=True)
-                if failed_rank.startswith(f"rank {rank} is stuck"):  # say where its main thread hangs
-                    stack = sys._current_frames().get(threading.main_thread().ident)
-                    traceback.print_stack(stack, file=sys.stderr)
+                if failed_rank.startswith(f"rank {rank} is stuck"):
+                    _print_main_thread_stack()
                 _leave(None)
 
     def _end_if_stuck(self) -> None:
@@ -187,6 +186,11 @@ class JobWatchdog:
                 if self.pulse.rank0_process is not None:  # rank 0 holds the store under deepspeed and srun
                     _kill_if_here(self.pulse.rank0_process, only_if_stopped=True)
                 _leave(f"yolods: rank {dist.get_rank()}: stopping, {_STORE_GONE}")
+
+
+def _print_main_thread_stack() -> None:
+    """Say where this rank's main thread hangs (the watchdog thread calls it before ending a stuck rank)."""
+    traceback.print_stack(sys._current_frames().get(threading.main_thread().ident), file=sys.stderr)
 
 
 def _bytes_written() -> int | None:

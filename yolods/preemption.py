@@ -60,7 +60,8 @@ class StopRequest:
             os._exit(exit_code_for(signal.SIGINT))
         if self.received is None or self._inferred:
             # a launcher that is killed with its ranks' group may be seen gone before Python runs this handler
-            self.received, self.cause, self._inferred = signal.Signals(signum), signal.Signals(signum).name, False
+            self.received, self._inferred = signal.Signals(signum), False
+            self.cause = self.received.name
             if signum == signal.SIGINT and dist.is_main_process():
                 print("\nyolods: Ctrl-C: saving a checkpoint at the next step (Ctrl-C again quits at once)", flush=True)
 

@@ -43,9 +43,8 @@ class StepProfiler:
         self.last_step = wait + warmup + active
         trace_dir = run_dir / "profile"
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if (
-            torch.device(engine.device).type == "cuda"
-        ):  # the run's device: a --device cpu run on a GPU host has no kernels
+        # the run's device, not the host's: a --device cpu run on a GPU host has no kernels to trace
+        if torch.device(engine.device).type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.torch_profiler = torch.profiler.profile(
             activities=activities,
