@@ -49,6 +49,11 @@ def test_micro_batch_from_the_config_when_no_batch_flag(tmp_path):
         ({"bf16": {"enabled": True}}, {"precision": "fp16"}, r"--precision fp16 disagrees .* bf16"),
         ({"train_batch_size": 100}, {"batch": 16, "batch_from_flag": True}, r"train_batch_size=100 .* = 64"),
         ({"optimizer": {"type": "Adam"}}, {}, r"defines an optimizer"),
+        (
+            {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 3000}},
+            {},
+            r"stage3_module_granularity_threshold=3000 .* fails at the first backward",
+        ),
     ],
 )
 def test_config_that_disagrees_with_flags(tmp_path, content, flags, pattern):

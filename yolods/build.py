@@ -42,6 +42,7 @@ from yolods.schedule import Schedule
 from yolods.step import TrainStep
 from yolods.sync_bn import convert_sync_batchnorm, describe_sync_bn
 from yolods.validation import EpochValidator
+from yolods.zero3_layers import mark_layers_as_zero3_leaves
 
 
 def seed_run(seed: int, *, deterministic: bool = False, paired_data: bool = False) -> None:
@@ -180,8 +181,11 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     """`deepspeed.initialize` on the model and Ultralytics' optimizer; returns the engine."""
     import deepspeed
 
-    if ds_config["zero_optimization"]["stage"] > 0:
+    stage = ds_config["zero_optimization"]["stage"]
+    if stage > 0:
         fuse_for_flat_partitions(optimizer)
+    if stage == 3:
+        mark_layers_as_zero3_leaves(model, stride=model_stride(model))  # one gather per layer, not per Conv
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

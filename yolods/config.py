@@ -566,6 +566,7 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
             # "expected scalar type BFloat16 but found Float"; casting the buffers too lets such configs run.
             resolved.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16" if precision == "bf16" else "fp16")
     _check_fp16_clipping(resolved, stage=stage, user_set_clipping="gradient_clipping" in user, source=source)
+    _check_no_granularity_threshold(resolved, stage=stage, source=source)
     if "optimizer" in resolved or "scheduler" in resolved:
         raise ConfigError(
             f"{source} defines an optimizer/scheduler: remove it; yolods builds Ultralytics' optimizer groups and lr schedule"
@@ -612,6 +613,24 @@ def _check_fp16_clipping(config: dict[str, Any], *, stage: int, user_set_clippin
             "clips these gradients before unscaling them, which stalls training; set gradient_clipping to 0, or use bf16 or --zero 0"
         )
     config["gradient_clipping"] = 0.0
+
+
+def _check_no_granularity_threshold(config: dict[str, Any], *, stage: int, source: str | None) -> None:
+    """DeepSpeed 0.19.8's `stage3_module_granularity_threshold` breaks every YOLO at the first backward.
+
+    It makes the first layer a leaf module, and the images it is fed need no gradient, so DeepSpeed reduces that
+    layer's gradients before they exist (yolods/zero3_layers.py). yolods already marks each layer it can.
+    """
+    threshold = config.get("zero_optimization", {}).get("stage3_module_granularity_threshold", 0)
+    if stage == 3 and _is_positive_number(threshold):
+        raise ConfigError(
+            f"stage3_module_granularity_threshold={threshold} in {source}: DeepSpeed 0.19.8 then fails at the first "
+            "backward of a YOLO model; remove it (yolods already fetches each YOLO layer's parameters as one unit at ZeRO-3)"
+        )
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def resolved_precision(ds_config: dict[str, Any]) -> str:

@@ -161,7 +161,9 @@ class CommSpec:
     overlap_comm: bool = True
     num_param_groups: int = 3  # Ultralytics' groups: decayed weights, norm weights, biases
     multi_rank_bucket_allreduce: bool = True
-    stage3_gather_calls: int = 1  # modules holding parameters: ZeRO-3 fetches each one's together
+    stage3_gather_calls: int = (
+        1  # ZeRO-3's fetch units: its leaf modules (one per YOLO layer) and other modules holding parameters
+    )
     stage3_regather_in_backward: bool = False  # only models above stage3_max_live_parameters
     stop_agreement: bool = False  # yolods' TrainStep: one tiny all-reduce after every step
 

@@ -49,6 +49,7 @@ from yolods.model import (
 )
 from yolods.preemption import StopRequest
 from yolods.step import TrainStep
+from yolods.zero3_layers import zero3_fetch_units
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,7 +135,7 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
         allgather_bucket_elements=int(zero.get("allgather_bucket_size", 500_000_000)),
         overlap_comm=bool(zero.get("overlap_comm", zero_stage == 3)),
         multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)),
-        stage3_gather_calls=sum(1 for module in model.modules() if any(True for _ in module.parameters(recurse=False))),
+        stage3_gather_calls=zero3_fetch_units(model, stride=model_stride(model)) if zero_stage == 3 else 1,
         stage3_regather_in_backward=num_params > max_live,
         stop_agreement=True,  # TrainStep's StopRequest.agreed(), which the DDP baseline does not issue
     )
