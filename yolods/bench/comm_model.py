@@ -12,7 +12,9 @@ read off DeepSpeed 0.19.8's stage_1_and_2.py / stage3.py and torch DDP):
                              every rank keeps its own slice: 2 Psi of ring traffic, not the paper's 1 Psi
                 all-gather   Psi*p  of updated parameters after the optimizer step (never overlapped)
                 all-reduce   8 B    gradient norm for clipping
-    ZeRO-3      all-gather   Psi*p  once per step, one call per module holding parameters: fetched in forward,
+    ZeRO-3      all-gather   Psi*p  once per step, at most one call per fetch unit (yolods' leaf modules, one per
+                             YOLO layer, and the other modules holding parameters; the prefetcher coalesces
+                             them further: the comms logger counted 2 calls for yolov8n, 5 for yolov8s): fetched in forward,
                              kept for backward (a YOLO is far below stage3_max_live_parameters; prefetched,
                              overlaps forward). Parameters below stage3_param_persistence_threshold would be
                              re-gathered one call each after the step; yolods' threshold is 0
@@ -161,9 +163,7 @@ class CommSpec:
     overlap_comm: bool = True
     num_param_groups: int = 3  # Ultralytics' groups: decayed weights, norm weights, biases
     multi_rank_bucket_allreduce: bool = True
-    stage3_gather_calls: int = (
-        1  # ZeRO-3's fetch units: its leaf modules (one per YOLO layer) and other modules holding parameters
-    )
+    stage3_gather_calls: int = 1  # ZeRO-3's fetch units (yolods.zero3_layers), an upper bound on its all-gathers
     stage3_regather_in_backward: bool = False  # only models above stage3_max_live_parameters
     stop_agreement: bool = False  # yolods' TrainStep: one tiny all-reduce after every step
 
