@@ -58,3 +58,10 @@ def test_marked_leaves_are_what_deepspeed_sees(name):
     count = mark_layers_as_zero3_leaves(model, stride=32)
     assert count == sum(1 for module in model.modules() if z3_leaf_module(module))
     assert not z3_leaf_module(model.model[0])
+
+
+def test_a_one_channel_model_is_probed_with_its_own_input_channels():
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov8n.yaml", ch=1, nc=3, verbose=False)
+    assert len(zero3_leaves(model, stride=32)) == 21

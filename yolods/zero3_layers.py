@@ -72,8 +72,16 @@ def _probe_calls(model: nn.Module, *, stride: int) -> Counter[nn.Module]:
         else:
             fed_without_grad.add(module)
 
-    parameter = next(model.parameters())
-    images = torch.zeros(2, 3, 2 * stride, 2 * stride, device=parameter.device, dtype=parameter.dtype)
+    first_conv = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    # the model's own input channels (1 for a grayscale-trained .pt), two images: BatchNorm trains on more than one
+    images = torch.zeros(
+        2,
+        first_conv.in_channels,
+        2 * stride,
+        2 * stride,
+        device=first_conv.weight.device,
+        dtype=first_conv.weight.dtype,
+    )
     saved_buffers = [buffer.clone() for buffer in model.buffers()]
     handles = [module.register_forward_pre_hook(count) for module in model.modules()]
     try:
