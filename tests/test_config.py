@@ -111,6 +111,11 @@ def test_buckets_split_even_the_smallest_yolo():
     assert zero["reduce_bucket_size"] < yolov8n_params and zero["overlap_comm"]
 
 
+def test_hyp_settings_yolods_implements_or_leaves_at_their_default_are_accepted():
+    hyp = parse_args(["--hyp", "freeze=10", "--hyp", "single_cls=True", "--hyp", "amp=True", "--hyp", "val=True"]).hyp
+    assert hyp == {"freeze": 10, "single_cls": True, "amp": True, "val": True}
+
+
 def test_parse_args_defaults_for_synthetic_and_real_data():
     synthetic = parse_args([])
     assert (synthetic.data, synthetic.epochs, synthetic.imgsz, synthetic.batch) == ("synthetic", 10, 128, 16)
@@ -125,6 +130,11 @@ def test_parse_args_defaults_for_synthetic_and_real_data():
         (["--precision", "fp8"], "fp8"),
         (["--hyp", "mosiac=0.5"], "mosiac"),
         (["--batch", "0"], "--batch 0"),
+        # Ultralytics settings yolods would silently ignore: its own flag, or only Ultralytics' trainer implements it
+        (["--hyp", "epochs=3"], r"--hyp epochs=3: yolods reads this from its own flag; pass --epochs"),
+        (["--hyp", "amp=False"], r"--hyp amp=False is not supported: set the precision with --precision"),
+        (["--hyp", "rect=True"], "rectangular training batches are not implemented"),
+        (["--hyp", "multi_scale=0.5"], "multi-scale training is not implemented"),
     ],
 )
 def test_bad_flags(argv, pattern):
@@ -203,6 +213,10 @@ def test_mistakes_are_found_before_any_process_group(shapes_data, tmp_path):
         resolve_run(parse_args([*flags, "--hyp", "mosaic=lots"]), world_size=2)
     with pytest.raises(ConfigError, match="--profile 1,x"):
         resolve_run(parse_args([*flags, "--profile", "1,x"]), world_size=1)
+    with pytest.raises(
+        ConfigError, match="--optimizer Foo: unknown; use one of SGD"
+    ):  # was a rank's NotImplementedError
+        resolve_run(parse_args([*flags, "--optimizer", "Foo"]), world_size=1)
     assert resolve_run(parse_args(flags), world_size=2).batch.micro_batch == 8
     # NHWC images at ZeRO 1-3 on CUDA killed an H200 run (cuDNN, misaligned parameter views); the check needs no GPU
     nhwc = replace(parse_args([*flags, "--zero", "2", "--hyp", "channels_last=True"]), device="cuda")

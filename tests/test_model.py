@@ -153,3 +153,24 @@ def test_activation_checkpointing_changes_no_number(hyp, shapes_data):
     plain, recomputed = two_steps(False), two_steps(True)
     for expected, actual in zip(plain, recomputed):
         assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(expected, actual))
+
+
+def test_freeze_follows_ultralytics_rule(hyp):
+    """`freeze=3` or `[0, 5]`: parameters under model.{i}. get no gradient, nor the DFL's fixed weights."""
+    from types import SimpleNamespace
+
+    for freeze, frozen_layers in ((3, {0, 1, 2}), ([0, 5], {0, 5}), (None, set())):
+        settings = SimpleNamespace(**{**vars(hyp), "freeze": freeze})
+        model = build_model("yolov8n.yaml", num_classes=3, class_names=NAMES, hyp=settings, verbose=False)
+        for name, parameter in model.named_parameters():
+            expected_frozen = int(name.split(".")[1]) in frozen_layers or ".dfl." in name
+            assert parameter.requires_grad is not expected_frozen, name
+
+
+@pytest.mark.parametrize(("freeze", "pattern"), [(23, "freezes all 23 layers"), ("backbone", "a number of layers")])
+def test_freeze_that_leaves_nothing_to_train_or_names_no_layer_is_refused(hyp, freeze, pattern):
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(**{**vars(hyp), "freeze": freeze})
+    with pytest.raises(ConfigError, match=pattern):
+        build_model("yolov8n.yaml", num_classes=3, class_names=NAMES, hyp=settings, verbose=False)

@@ -154,3 +154,41 @@ def test_corrupt_image_is_skipped_with_a_warning(shapes_data, projects, tmp_path
     assert_ok(result)
     assert "000000.jpg" in result.stdout + result.stderr and "corrupt" in (result.stdout + result.stderr).lower()
     assert (projects / "corrupt" / "weights" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_freeze_keeps_the_first_layers_as_loaded(zero_stage, zero2_run, shapes_data, projects):
+    """Ultralytics' `freeze=10` when fine-tuning: the backbone's weights stay as loaded, the head trains, at ZeRO-0
+    (the optimizer skips parameters without gradients) and ZeRO-3 (DeepSpeed partitions only trained ones)."""
+    import torch
+
+    source = zero2_run / "weights" / "best.pt"
+    name = f"freeze_zero{zero_stage}"
+    args = small_run_args(
+        shapes_data, projects, name, "--model", str(source), "--zero", str(zero_stage), "--hyp", "freeze=10", epochs=1
+    )
+    assert_ok(run_train(args, nproc=2))
+
+    def parameters(weights: Path) -> dict[str, torch.Tensor]:
+        model = torch.load(weights, map_location="cpu", weights_only=False)["ema"]
+        return {name: tensor.float() for name, tensor in model.named_parameters()}
+
+    before, after = parameters(source), parameters(projects / name / "weights" / "last.pt")
+    frozen = [key for key in before if int(key.split(".")[1]) < 10]
+    trained = [key for key in before if int(key.split(".")[1]) >= 10 and ".dfl" not in key]
+    assert frozen and trained
+    # the EMA of a constant is that constant, up to the rounding of its update
+    assert max((after[key] - before[key]).abs().max().item() for key in frozen) < 1e-6
+    assert max((after[key] - before[key]).abs().max().item() for key in trained) > 1e-3
+
+
+def test_single_cls_trains_one_class_named_item(shapes_data, projects):
+    """Ultralytics' `single_cls`: every box is class 0, the head has one class, and the weights call it 'item'."""
+    args = small_run_args(shapes_data, projects, "single_cls", "--hyp", "single_cls=True", epochs=1)
+    assert_ok(run_train(args))
+    from ultralytics import YOLO
+
+    model = YOLO(str(projects / "single_cls" / "weights" / "last.pt"))
+    assert model.names == {0: "item"}
+    metrics = model.val(data=str(shapes_data), imgsz=IMGSZ, batch=8, device="cpu", plots=False, single_cls=True)
+    assert 0.0 <= metrics.box.map50 <= 1.0 and len(metrics.box.ap_class_index) <= 1

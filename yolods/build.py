@@ -67,7 +67,18 @@ def seed_run(seed: int, *, deterministic: bool = False, paired_data: bool = Fals
 
 
 def resolve_data(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNamespace]:
-    """The parsed data.yaml and the hyperparameters naming it; the synthetic set is drawn by rank 0 into the run dir."""
+    """The parsed data.yaml and the hyperparameters naming it; the synthetic set is drawn by rank 0 into the run dir.
+
+    With Ultralytics' `single_cls` the data has one class, 'item', as Ultralytics' trainer makes it (its datasets
+    already label every box 0): the head is built for one class and the saved weights name it.
+    """
+    data, hyp = _data_and_hyp(plan, run_dir)
+    if hyp.single_cls:
+        data = {**data, "nc": 1, "names": {0: "item"}}
+    return data, hyp
+
+
+def _data_and_hyp(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNamespace]:
     if plan.data is not None:
         return plan.data, plan.hyp
     from yolods.data.synthetic import make_synthetic_dataset

@@ -267,20 +267,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Ultralytics train settings that yolods takes as its own flags: the run reads the flag, so the setting would be lost
+HYP_KEYS_WITH_FLAGS = {
+    key: f"--{key}"
+    for key in ("epochs", "batch", "imgsz", "workers", "seed", "model", "data", "device", "project", "name")
+} | {"exist_ok": "--exist_ok", "resume": "--resume", "verbose": "--verbose"}
+
+# Settings only Ultralytics' own trainer implements, which yolods does not run: any value but Ultralytics' default
+# would be silently ignored (rect=True would crash), so it is refused with what to do instead
+HYP_KEYS_NOT_IMPLEMENTED = {
+    "amp": "set the precision with --precision fp32|bf16|fp16 (or the DeepSpeed JSON)",
+    "multi_scale": "yolods trains at one --imgsz; multi-scale training is not implemented",
+    "time": "a time budget is not implemented; bound the run with --epochs (a stopped run resumes with --resume)",
+    "val": "yolods validates after every epoch (best.pt and --patience need it); skipping it is not implemented",
+    "save": "yolods always saves last.pt, best.pt and resumable DeepSpeed checkpoints",
+    "save_period": "per-epoch epochN.pt files are not implemented; --save_period_min/--save_period_steps add "
+    "resumable checkpoints within an epoch",
+    "pretrained": "pass the weights to start from as --model path/to/weights.pt",
+    "cls_pw": "class-weighted classification loss is not implemented",
+    "compile": "torch.compile is not implemented",
+    "cls_remap": "yolods always maps a .pt's classes to the data's by name",
+    "quantize": "quantization-aware training is not implemented",
+    "distill_model": "knowledge distillation is not implemented",
+    "profile": "Ultralytics' export-speed profiling is not implemented; yolods' own --profile records a torch.profiler trace",
+    "cfg": "a settings yaml is not read; pass each setting as --hyp KEY=VALUE",
+    "split": "yolods validates on the data.yaml's val split",
+    "rect": "rectangular training batches are not implemented (validation already uses them)",
+    "task": "yolods trains detection models",
+    "mode": "yolods.train trains; use yolods.val or yolods.predict for the others",
+}
+
+
 def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting."""
+    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting yolods honours."""
     import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
 
     overrides = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
+        key, sep, text = pair.partition("=")
         if not sep:
             raise ConfigError(f"--hyp {pair!r} is not KEY=VALUE: write e.g. --hyp mosaic=0.5")
         if not is_ultralytics_setting(key):
             raise ConfigError(
                 f"--hyp {key!r} is not an Ultralytics setting: see ultralytics/cfg/default.yaml for names"
             )
-        overrides[key] = yaml.safe_load(value)
+        value = yaml.safe_load(text)
+        if key in HYP_KEYS_WITH_FLAGS:
+            raise ConfigError(f"--hyp {pair}: yolods reads this from its own flag; pass {HYP_KEYS_WITH_FLAGS[key]}")
+        if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
+            raise ConfigError(f"--hyp {pair} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
+        overrides[key] = value
     return overrides
 
 
@@ -720,9 +757,10 @@ def resolve_run(cfg: RunConfig, *, world_size: int) -> RunPlan:
         ConfigError: the first user mistake found, in one line.
     """
     from yolods.data import load_data_yaml
-    from yolods.model import check_memory_format, check_model_spec
+    from yolods.model import check_memory_format, check_model_spec, check_optimizer_name
 
     hyp = hyperparameters(cfg)
+    check_optimizer_name(hyp.optimizer)
     ds_config, batch_plan = resolve_deepspeed_config(cfg, world_size=world_size, nbs=hyp.nbs)
     check_memory_format(hyp, device=cfg.device, zero_stage=int(ds_config["zero_optimization"].get("stage", 0)))
     profile = parse_profile_spec(cfg.profile) if cfg.profile is not None else None

@@ -174,6 +174,7 @@ def build_model(
     model.names = class_names
     model.args = hyp
     model.criterion = model.init_criterion()
+    freeze_layers(model, getattr(hyp, "freeze", None))  # before the optimizer groups and the EMA, as Ultralytics
     if summary and not verbose:  # verbose printed it with the table; before untying, as Ultralytics counts layers
         model.info()
     untie_shared_modules(model)
@@ -286,9 +287,47 @@ def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def freeze_layers(model: nn.Module, freeze: int | list[int] | None) -> None:
+    """Ultralytics' `freeze` setting: no gradient for the first `freeze` layers (an int) or the listed layer indices.
+
+    Ultralytics' trainer rule (`BaseTrainer._setup_train`): parameters under `model.{i}.` and the DFL's fixed
+    weights are frozen, every other floating-point parameter trains. BatchNorm statistics in frozen layers still
+    update, as in Ultralytics. DeepSpeed leaves frozen parameters out of its ZeRO 1-3 partitions; at ZeRO-0 they get
+    no gradient, so the optimizer skips them.
+
+    Raises:
+        ConfigError: `freeze` would leave nothing to train, or is neither an int nor a list of layer indices.
+    """
+    if freeze is None:
+        freeze = []
+    if isinstance(freeze, bool) or not isinstance(freeze, (int, list)):
+        raise ConfigError(f"--hyp freeze={freeze}: give a number of layers (freeze=10) or a list of indices ([0,1,2])")
+    indices = range(freeze) if isinstance(freeze, int) else freeze
+    frozen_names = [f"model.{index}." for index in indices] + [".dfl"]
+    for name, parameter in model.named_parameters():
+        if any(part in name for part in frozen_names):
+            parameter.requires_grad = False
+        elif parameter.dtype.is_floating_point:
+            parameter.requires_grad = True
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError(
+            f"--hyp freeze={freeze} freezes all {len(model.model)} layers, so nothing would train: freeze fewer"
+        )
+
+
 def model_stride(model: nn.Module) -> int:
     """Largest stride of the detection head, at least 32 (Ultralytics' grid size for letterboxing)."""
     return max(int(model.stride.max()), 32)
+
+
+# the names BaseTrainer.build_optimizer accepts in Ultralytics 8.4, matched case-insensitively as it does
+ULTRALYTICS_OPTIMIZERS = ("SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop", "auto")
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise ConfigError, before any work, for an optimizer Ultralytics would refuse only once the model is built."""
+    if str(name).lower() not in {known.lower() for known in ULTRALYTICS_OPTIMIZERS}:
+        raise ConfigError(f"--optimizer {name}: unknown; use one of {', '.join(ULTRALYTICS_OPTIMIZERS)}")
 
 
 def build_optimizer(
