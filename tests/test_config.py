@@ -213,10 +213,11 @@ def test_mistakes_are_found_before_any_process_group(shapes_data, tmp_path):
         resolve_run(parse_args([*flags, "--hyp", "mosaic=lots"]), world_size=2)
     with pytest.raises(ConfigError, match="--profile 1,x"):
         resolve_run(parse_args([*flags, "--profile", "1,x"]), world_size=1)
-    with pytest.raises(
-        ConfigError, match="--optimizer Foo: unknown; use one of SGD"
-    ):  # was a rank's NotImplementedError
+    # an unknown optimizer was a rank's NotImplementedError, a freeze beyond the model's layers went unnoticed
+    with pytest.raises(ConfigError, match="--optimizer Foo: unknown; use one of SGD"):
         resolve_run(parse_args([*flags, "--optimizer", "Foo"]), world_size=1)
+    with pytest.raises(ConfigError, match=r"--hyp freeze=\[0, 30\]: .* layer indices below 23"):
+        resolve_run(parse_args([*flags, "--hyp", "freeze=[0,30]"]), world_size=1)
     assert resolve_run(parse_args(flags), world_size=2).batch.micro_batch == 8
     # NHWC images at ZeRO 1-3 on CUDA killed an H200 run (cuDNN, misaligned parameter views); the check needs no GPU
     nhwc = replace(parse_args([*flags, "--zero", "2", "--hyp", "channels_last=True"]), device="cuda")

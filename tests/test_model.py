@@ -167,7 +167,16 @@ def test_freeze_follows_ultralytics_rule(hyp):
             assert parameter.requires_grad is not expected_frozen, name
 
 
-@pytest.mark.parametrize(("freeze", "pattern"), [(23, "freezes all 23 layers"), ("backbone", "a number of layers")])
+@pytest.mark.parametrize(
+    ("freeze", "pattern"),
+    [
+        (23, "freezes all 23 layers"),
+        ("backbone", "a number of layers"),
+        ([0, 30], "layer indices below 23"),
+        (-1, "a number of layers"),
+        (["a"], "a number of layers"),
+    ],
+)
 def test_freeze_that_leaves_nothing_to_train_or_names_no_layer_is_refused(hyp, freeze, pattern):
     from types import SimpleNamespace
 

@@ -764,6 +764,6 @@ def resolve_run(cfg: RunConfig, *, world_size: int) -> RunPlan:
     ds_config, batch_plan = resolve_deepspeed_config(cfg, world_size=world_size, nbs=hyp.nbs)
     check_memory_format(hyp, device=cfg.device, zero_stage=int(ds_config["zero_optimization"].get("stage", 0)))
     profile = parse_profile_spec(cfg.profile) if cfg.profile is not None else None
-    check_model_spec(cfg.model)
+    check_model_spec(cfg.model, freeze=hyp.freeze)
     data = None if cfg.is_synthetic else load_data_yaml(cfg.data)
     return RunPlan(cfg=cfg, hyp=hyp, ds_config=ds_config, batch=batch_plan, data=data, profile=profile)

@@ -41,8 +41,9 @@ def _load_weights_file(path: Path) -> nn.Module:
     return weights.float()
 
 
-def check_model_spec(model_spec: str) -> None:
-    """Fail early, in one line, for a model yolods cannot train: unknown name, missing file, not a detector.
+def check_model_spec(model_spec: str, *, freeze: Any = None) -> None:
+    """Fail early, in one line, for a model yolods cannot train: unknown name, missing file, not a detector, a
+    `freeze` setting that names no layer of it or freezes them all.
 
     Reads only the yaml (or the .pt's stored yaml): no model is built.
     """
@@ -62,6 +63,7 @@ def check_model_spec(model_spec: str) -> None:
     require_detection_head(
         model_yaml, model_spec=model_spec, advice="yolods trains detection models: use e.g. yolov8n.yaml"
     )
+    frozen_layers(freeze, num_layers=len(model_yaml["backbone"]) + len(model_yaml["head"]))
 
 
 def require_detection_head(model_yaml: dict[str, Any], *, model_spec: str, advice: str) -> None:
@@ -298,21 +300,37 @@ def freeze_layers(model: nn.Module, freeze: int | list[int] | None) -> None:
     Raises:
         ConfigError: `freeze` would leave nothing to train, or is neither an int nor a list of layer indices.
     """
-    if freeze is None:
-        freeze = []
-    if isinstance(freeze, bool) or not isinstance(freeze, (int, list)):
-        raise ConfigError(f"--hyp freeze={freeze}: give a number of layers (freeze=10) or a list of indices ([0,1,2])")
-    indices = range(freeze) if isinstance(freeze, int) else freeze
-    frozen_names = [f"model.{index}." for index in indices] + [".dfl"]
+    frozen_names = [f"model.{index}." for index in frozen_layers(freeze, num_layers=len(model.model))] + [".dfl"]
     for name, parameter in model.named_parameters():
         if any(part in name for part in frozen_names):
             parameter.requires_grad = False
         elif parameter.dtype.is_floating_point:
             parameter.requires_grad = True
-    if not any(parameter.requires_grad for parameter in model.parameters()):
+    if not any(parameter.requires_grad for parameter in model.parameters()):  # e.g. every layer holding parameters
+        raise ConfigError(f"--hyp freeze={freeze} leaves no parameter to train: freeze fewer layers")
+
+
+def frozen_layers(freeze: Any, *, num_layers: int) -> list[int]:
+    """The layer indices Ultralytics' `freeze` setting names: `range(freeze)` for an int, else the list itself.
+
+    Raises:
+        ConfigError: neither a count nor a list of indices below `num_layers`, or every layer (nothing would train).
+    """
+    indices = [] if freeze is None else list(range(freeze)) if _is_int(freeze) and freeze >= 0 else freeze
+    if not (isinstance(indices, list) and all(_is_int(index) and 0 <= index < num_layers for index in indices)):
         raise ConfigError(
-            f"--hyp freeze={freeze} freezes all {len(model.model)} layers, so nothing would train: freeze fewer"
+            f"--hyp freeze={freeze}: give a number of layers (freeze=10) or a list of layer indices below "
+            f"{num_layers} (freeze=[0,1,2])"
         )
+    if len(set(indices)) == num_layers:
+        raise ConfigError(
+            f"--hyp freeze={freeze} freezes all {num_layers} layers, so nothing would train: freeze fewer"
+        )
+    return indices
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def model_stride(model: nn.Module) -> int:
