@@ -39,12 +39,16 @@ class TrainState:
 
 
 def patience_exhausted(fitness_history: list[float | None], patience: int) -> bool:
-    """Ultralytics' patience rule: fitness has not improved for `patience` epochs (0: never stop early)."""
-    history = [f for f in fitness_history if f is not None]
-    if not history or not patience:
+    """Ultralytics' EarlyStopping: `patience` epochs have passed since fitness last rose strictly above its best
+    (0: never stop early). A tie is no improvement; while the best is still 0, early in training, every epoch
+    counts as one; an epoch without fitness never stops the run but counts towards the next."""
+    if not patience or not fitness_history or fitness_history[-1] is None:
         return False
-    best_epoch = max(range(len(history)), key=lambda i: (history[i], i))
-    return len(history) - 1 - best_epoch >= patience
+    best_epoch, best_fitness = 0, 0.0
+    for epoch, fitness in enumerate(fitness_history, start=1):
+        if fitness is not None and (fitness > best_fitness or best_fitness == 0):
+            best_epoch, best_fitness = epoch, fitness
+    return len(fitness_history) - best_epoch >= patience
 
 
 class Trainer:
