@@ -83,11 +83,13 @@ def _probe_calls(model: nn.Module, *, stride: int) -> Counter[nn.Module]:
         dtype=first_conv.weight.dtype,
     )
     saved_buffers = [buffer.clone() for buffer in model.buffers()]
+    was_training = model.training
     handles = [module.register_forward_pre_hook(count) for module in model.modules()]
     try:
         with torch.enable_grad():
-            model(images)
+            model.train()(images)  # the training forward: the head's branches differ in evaluation mode
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
         with torch.no_grad():
