@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from yolods.config import ConfigError, RunConfig, default_deepspeed_config, parse_args, resolve_deepspeed_config
+from yolods.config import (
+    ConfigError,
+    RunConfig,
+    default_deepspeed_config,
+    parse_args,
+    parse_hyp_overrides,
+    resolve_deepspeed_config,
+)
 
 DS_CONFIGS = Path(__file__).parents[1] / "ds_configs"
 
@@ -114,6 +121,8 @@ def test_buckets_split_even_the_smallest_yolo():
 def test_hyp_settings_yolods_implements_or_leaves_at_their_default_are_accepted():
     hyp = parse_args(["--hyp", "freeze=10", "--hyp", "single_cls=True", "--hyp", "amp=True", "--hyp", "val=True"]).hyp
     assert hyp == {"freeze": 10, "single_cls": True, "amp": True, "val": True}
+    # yolods.val hands its settings to Ultralytics' validator, which implements them: rect is a val setting there
+    assert parse_hyp_overrides(["rect=False", "split=test"]) == {"rect": False, "split": "test"}
 
 
 def test_parse_args_defaults_for_synthetic_and_real_data():

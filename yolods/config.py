@@ -299,26 +299,33 @@ HYP_KEYS_NOT_IMPLEMENTED = {
 
 
 def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting yolods honours."""
+    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting."""
     import yaml
-    from ultralytics.cfg import DEFAULT_CFG_DICT
 
     overrides = {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
+        key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--hyp {pair!r} is not KEY=VALUE: write e.g. --hyp mosaic=0.5")
         if not is_ultralytics_setting(key):
             raise ConfigError(
                 f"--hyp {key!r} is not an Ultralytics setting: see ultralytics/cfg/default.yaml for names"
             )
-        value = yaml.safe_load(text)
-        if key in HYP_KEYS_WITH_FLAGS:
-            raise ConfigError(f"--hyp {pair}: yolods reads this from its own flag; pass {HYP_KEYS_WITH_FLAGS[key]}")
-        if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
-            raise ConfigError(f"--hyp {pair} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
-        overrides[key] = value
+        overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def check_training_settings(overrides: dict[str, Any]) -> None:
+    """Refuse the `--hyp` settings yolods.train would silently ignore (yolods.val passes its own to Ultralytics)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    for key, value in overrides.items():
+        if key in HYP_KEYS_WITH_FLAGS:
+            raise ConfigError(
+                f"--hyp {key}={value}: yolods reads this from its own flag; pass {HYP_KEYS_WITH_FLAGS[key]}"
+            )
+        if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
+            raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
@@ -349,6 +356,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
     hyp = parse_hyp_overrides(args.hyp)
+    check_training_settings(hyp)
     hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
     if args.cos_lr:
         hyp["cos_lr"] = True
