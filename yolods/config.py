@@ -267,11 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Ultralytics train settings that yolods takes as its own flags: the run reads the flag, so the setting would be lost
-HYP_KEYS_WITH_FLAGS = {
-    key: f"--{key}"
-    for key in ("epochs", "batch", "imgsz", "workers", "seed", "model", "data", "device", "project", "name")
-} | {"exist_ok": "--exist_ok", "resume": "--resume", "verbose": "--verbose"}
+# Ultralytics train settings that yolods takes as its own flags of the same name: the run reads the flag, so the
+# setting would be lost
+HYP_KEYS_WITH_FLAGS = frozenset(
+    {
+        "epochs",
+        "batch",
+        "imgsz",
+        "workers",
+        "seed",
+        "model",
+        "data",
+        "device",
+        "project",
+        "name",
+        "exist_ok",
+        "resume",
+        "verbose",
+    }
+)
 
 # Settings only Ultralytics' own trainer implements, which yolods does not run: any value but Ultralytics' default
 # would be silently ignored (rect=True would crash), so it is refused with what to do instead
@@ -321,9 +335,7 @@ def check_training_settings(overrides: dict[str, Any]) -> None:
 
     for key, value in overrides.items():
         if key in HYP_KEYS_WITH_FLAGS:
-            raise ConfigError(
-                f"--hyp {key}={value}: yolods reads this from its own flag; pass {HYP_KEYS_WITH_FLAGS[key]}"
-            )
+            raise ConfigError(f"--hyp {key}={value}: yolods reads this from its own flag; pass --{key}")
         if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
             raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
 
