@@ -104,6 +104,19 @@ def test_shipped_configs_are_the_defaults(name, stage, precision):
     )
 
 
+def test_cpu_defaults_drop_the_overlap_deepspeeds_cpu_accelerator_cannot_give():
+    """No side streams on CPU: ZeRO-1 reduces once after backward, ZeRO-2 reduces each slice to its owner only."""
+    zero1 = resolve(zero=1, batch=16, world_size=2)[0]["zero_optimization"]
+    assert zero1["overlap_comm"] is False and zero1["contiguous_gradients"] is False
+    zero2 = resolve(zero=2, batch=16, world_size=2)[0]["zero_optimization"]
+    assert zero2["use_multi_rank_bucket_allreduce"] is False and zero2["overlap_comm"] is True
+    zero3 = resolve(zero=3, batch=16, world_size=2)[0]["zero_optimization"]
+    assert zero3 == default_deepspeed_config(zero_stage=3, precision="fp32")["zero_optimization"]
+    for stage in (1, 2):  # the shipped files, and CUDA runs, keep the GPU settings
+        cuda = default_deepspeed_config(zero_stage=stage, precision="bf16")["zero_optimization"]
+        assert cuda["overlap_comm"] and cuda["contiguous_gradients"] and "use_multi_rank_bucket_allreduce" not in cuda
+
+
 def test_offload_config_differs_from_zero2_only_by_offload():
     offload = json.loads((DS_CONFIGS / "zero2_offload_bf16.json").read_text())
     assert offload["zero_optimization"].pop("offload_optimizer") == {"device": "cpu", "pin_memory": True}

@@ -21,6 +21,7 @@ from yolods.config import RunPlan, place_monitor_outputs, resolved_precision
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.ema import build_ema
 from yolods.engine import Trainer
+from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo
 from yolods.hyp import with_data
 from yolods.large_batch import describe as describe_large_batch
 from yolods.large_batch import recipe_for
@@ -195,6 +196,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     stage = ds_config["zero_optimization"]["stage"]
     if stage > 0:
         fuse_for_flat_partitions(optimizer)
+        use_broadcast_all_gathers_on_gloo()
     if stage == 3:
         mark_layers_as_zero3_leaves(model, stride=model_stride(model))  # one gather per layer, not per Conv
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

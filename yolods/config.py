@@ -476,10 +476,12 @@ def check_batch_resplit(cfg: RunConfig, *, saved_world_size: int, world_size: in
 # DeepSpeed config
 
 
-def default_deepspeed_config(*, zero_stage: int, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config yolods uses when the user gives none (also what ds_configs/*.json hold).
+def default_deepspeed_config(*, zero_stage: int, precision: str, device: str = "cuda") -> dict[str, Any]:
+    """The DeepSpeed config yolods uses when the user gives none (ds_configs/*.json hold the CUDA ones).
 
-    Batch keys are filled in by `resolve_deepspeed_config`.
+    Batch keys are filled in by `resolve_deepspeed_config`. On `device="cpu"` (gloo) ZeRO 1-2 differ, as
+    measured there (ds_configs/README.md): DeepSpeed's CPU accelerator has no side streams, so reducing
+    gradients from backward hooks overlaps nothing.
     """
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage in (1, 2):
@@ -490,7 +492,13 @@ def default_deepspeed_config(*, zero_stage: int, precision: str) -> dict[str, An
             contiguous_gradients=True,
             reduce_scatter=True,
         )
-    elif zero_stage == 3:
+    if zero_stage == 1 and device == "cpu":
+        # No per-gradient hooks and copies: ZeRO-1 reduces once after backward
+        zero.update(overlap_comm=False, contiguous_gradients=False)
+    elif zero_stage == 2 and device == "cpu":
+        # Reduce each gradient slice to the rank that owns it (ZeRO's reduce-scatter), not to every rank
+        zero.update(use_multi_rank_bucket_allreduce=False)
+    if zero_stage == 3:
         zero.update(
             reduce_bucket_size=BUCKET_ELEMENTS,
             overlap_comm=True,
@@ -608,7 +616,11 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
             f"x {world_size} ranks = {plan.images_per_optimizer_step}: fix it or drop it"
         )
 
-    resolved = default_deepspeed_config(zero_stage=stage, precision=precision) if not user else copy.deepcopy(user)
+    resolved = (
+        default_deepspeed_config(zero_stage=stage, precision=precision, device=cfg.device)
+        if not user
+        else copy.deepcopy(user)
+    )
     if user:
         resolved.setdefault("zero_optimization", {})["stage"] = stage
         resolved.setdefault("gradient_clipping", GRADIENT_CLIP_NORM)

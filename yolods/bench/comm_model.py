@@ -159,7 +159,6 @@ class CommSpec:
     grad_bytes: int = 4  # torch_autocast keeps fp32 parameters, so fp32 gradients
     param_bytes: int = 4
     reduce_bucket_elements: int = 2_000_000
-    allgather_bucket_elements: int = 2_000_000
     overlap_comm: bool = True
     num_param_groups: int = 3  # Ultralytics' groups: decayed weights, norm weights, biases
     multi_rank_bucket_allreduce: bool = True
@@ -186,9 +185,9 @@ def _engine_collectives(spec: CommSpec) -> list[Collective]:
         return [Collective(ALL_REDUCE, grads, calls, "after_backward", False)]
     grad_norm = Collective(ALL_REDUCE, GRAD_NORM_BYTES, 1, "after_step", False)
     if spec.zero_stage in (1, 2):
-        # all_gather_dp_groups shards each parameter group by the allgather bucket: the big group takes several
-        # calls, Ultralytics' small norm-weight and bias groups one each.
-        gather_calls = math.ceil(spec.num_params / spec.allgather_bucket_elements) + spec.num_param_groups - 1
+        # all_gather_dp_groups gathers each parameter group whole, one all_gather_into_tensor each (its bucketed
+        # path serves only torch builds without that op): Ultralytics' three groups (the comms logger: 3 calls).
+        gather_calls = spec.num_param_groups
         # Without multi-rank bucket all-reduce, each bucket is reduced to each owner: a reduce-scatter's bytes
         # in N times the calls; the latency term below counts it as one reduce-scatter per bucket.
         reduce_op = ALL_REDUCE if spec.multi_rank_bucket_allreduce else REDUCE_SCATTER

@@ -132,7 +132,6 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
         grad_bytes=grad_bytes,
         param_bytes=param_bytes,
         reduce_bucket_elements=int(zero.get("reduce_bucket_size", 500_000_000)),
-        allgather_bucket_elements=int(zero.get("allgather_bucket_size", 500_000_000)),
         overlap_comm=bool(zero.get("overlap_comm", zero_stage == 3)),
         multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)),
         stage3_gather_calls=zero3_fetch_units(model, stride=model_stride(model)) if zero_stage == 3 else 1,

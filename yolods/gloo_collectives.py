@@ -1,0 +1,88 @@
+"""DeepSpeed's all-gathers on gloo, done as one broadcast per rank: the same result in a third of the time.
+
+ZeRO 1-2 all-gather the updated parameters after every optimizer step, and ZeRO-3 gathers each layer's parameters
+before using them; both go through `deepspeed.comm.all_gather_into_tensor`. On gloo (DeepSpeed's backend without a
+GPU) torch's all_gather_into_tensor is much slower than the broadcasts that move the same bytes: 2 ranks on this
+2-core machine, fp32, median of 20 (`/tmp/cb/coll3.py`, 2026-11-30): 44 MB (yolov8s) 31.6 ms against 11.4 ms for
+a copy of the rank's own slice plus one broadcast from each owner, 12 MB (yolov8n) 5.9 ms against 3.3 ms. NCCL's
+all-gather is the fast path on GPUs, so only gloo groups are rerouted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+
+class _AllOf:
+    """One work handle for several: DeepSpeed waits on what an async all-gather returns."""
+
+    def __init__(self, works: list) -> None:
+        self._works = works
+
+    def wait(self, timeout=None) -> bool:
+        for work in self._works:
+            work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self._works)
+
+
+def all_gather_by_broadcasts(output_tensor: torch.Tensor, input_tensor: torch.Tensor, *, group=None, async_op=False):
+    """`all_gather_into_tensor` as: copy this rank's input into its slice of the output, then each rank broadcasts
+    its slice. Contiguous tensors only (the caller checks)."""
+    num_ranks, rank = torch_dist.get_world_size(group), torch_dist.get_rank(group)
+    slice_numel = input_tensor.numel()
+    flat_output = output_tensor.view(-1)
+    own_slice = flat_output.narrow(0, rank * slice_numel, slice_numel)
+    if own_slice.data_ptr() != input_tensor.data_ptr():  # ZeRO 1-2 hand in the output's own slice
+        own_slice.copy_(input_tensor.view(-1))
+    works = [
+        torch_dist.broadcast(
+            flat_output.narrow(0, owner * slice_numel, slice_numel),
+            src=owner if group is None else torch_dist.get_global_rank(group, owner),
+            group=group,
+            async_op=True,
+        )
+        for owner in range(num_ranks)
+    ]
+    handle = _AllOf(works)
+    if async_op:
+        return handle
+    handle.wait()
+    return None
+
+
+def _broadcastable(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group) -> bool:
+    return (
+        output_tensor.device.type == "cpu"
+        and output_tensor.is_contiguous()
+        and input_tensor.is_contiguous()
+        and output_tensor.dtype == input_tensor.dtype
+        and output_tensor.numel() == input_tensor.numel() * torch_dist.get_world_size(group)
+    )
+
+
+def use_broadcast_all_gathers_on_gloo() -> bool:
+    """Route DeepSpeed's all_gather_into_tensor through `all_gather_by_broadcasts` when its backend is gloo.
+
+    Call after the process group exists. Returns whether the route is in place (it stays for the process).
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    if backend is None or torch_dist.get_backend() != "gloo":
+        return False
+    if getattr(backend, "_yolods_broadcast_all_gather", False):
+        return True
+    gloo_all_gather = backend.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if _broadcastable(output_tensor, input_tensor, group):
+            return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
+        return gloo_all_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+
+    backend.all_gather_into_tensor = all_gather_into_tensor
+    backend._yolods_broadcast_all_gather = True
+    return True
