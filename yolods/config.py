@@ -492,13 +492,11 @@ def default_deepspeed_config(*, zero_stage: int, precision: str, device: str = "
             contiguous_gradients=True,
             reduce_scatter=True,
         )
-    if zero_stage == 1 and device == "cpu":
-        # No per-gradient hooks and copies: ZeRO-1 reduces once after backward
-        zero.update(overlap_comm=False, contiguous_gradients=False)
-    elif zero_stage == 2 and device == "cpu":
-        # Reduce each gradient slice to the rank that owns it (ZeRO's reduce-scatter), not to every rank
-        zero.update(use_multi_rank_bucket_allreduce=False)
-    if zero_stage == 3:
+        if device == "cpu":
+            # Nothing to overlap, so no copies into a contiguous bucket (ZeRO-1 then registers no gradient hooks
+            # and reduces once after backward), and each gradient slice reduced to its owner only, not to all ranks
+            zero.update(overlap_comm=False, contiguous_gradients=False, use_multi_rank_bucket_allreduce=False)
+    elif zero_stage == 3:
         zero.update(
             reduce_bucket_size=BUCKET_ELEMENTS,
             overlap_comm=True,
