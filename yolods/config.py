@@ -493,9 +493,9 @@ def default_deepspeed_config(*, zero_stage: int, precision: str, device: str = "
             reduce_scatter=True,
         )
         if device == "cpu":
-            # Nothing to overlap, so no copies into a contiguous bucket (ZeRO-1 then registers no gradient hooks
-            # and reduces once after backward), and each gradient slice reduced to its owner only, not to all ranks
-            zero.update(overlap_comm=False, contiguous_gradients=False, use_multi_rank_bucket_allreduce=False)
+            # Nothing to overlap, so no copies into a contiguous bucket: ZeRO-1 then registers no gradient hooks
+            # and reduces once after backward, ZeRO-2 reduces from its hooks without the copies
+            zero.update(overlap_comm=False, contiguous_gradients=False)
     elif zero_stage == 3:
         zero.update(
             reduce_bucket_size=BUCKET_ELEMENTS,

@@ -3,9 +3,10 @@
 ZeRO 1-2 all-gather the updated parameters after every optimizer step, and ZeRO-3 gathers each layer's parameters
 before using them; both go through `deepspeed.comm.all_gather_into_tensor`. On gloo (DeepSpeed's backend without a
 GPU) torch's all_gather_into_tensor is much slower than the broadcasts that move the same bytes: 2 ranks on this
-2-core machine, fp32, median of 20 (`/tmp/cb/coll3.py`, 2026-11-30): 44 MB (yolov8s) 31.6 ms against 11.4 ms for
-a copy of the rank's own slice plus one broadcast from each owner, 12 MB (yolov8n) 5.9 ms against 3.3 ms. NCCL's
-all-gather is the fast path on GPUs, so only gloo groups are rerouted.
+2-core machine, fp32, median of 20 (`benchmarks/gloo_allgather.py`, two runs, 2026-11-30): 45 MB (yolov8s)
+33.6 / 32.2 ms against 12.6 / 11.7 ms for a copy of the rank's own slice plus one broadcast from each owner,
+12 MB (yolov8n) 4.6 / 5.9 ms against 3.3 / 2.7 ms. NCCL's all-gather is the fast path on GPUs, so only gloo groups
+are rerouted.
 """
 
 from __future__ import annotations

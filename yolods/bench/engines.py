@@ -133,7 +133,9 @@ def comm_spec_for(model: nn.Module, *, zero_stage: int | None, ds_config: dict[s
         param_bytes=param_bytes,
         reduce_bucket_elements=int(zero.get("reduce_bucket_size", 500_000_000)),
         overlap_comm=bool(zero.get("overlap_comm", zero_stage == 3)),
-        multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True)),
+        # without contiguous gradients DeepSpeed all-reduces every bucket (buffered_reduce_fallback) either way
+        multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce", True))
+        or not zero.get("contiguous_gradients", True),
         stage3_gather_calls=zero3_fetch_units(model, stride=model_stride(model)) if zero_stage == 3 else 1,
         stage3_regather_in_backward=num_params > max_live,
         stop_agreement=True,  # TrainStep's StopRequest.agreed(), which the DDP baseline does not issue
