@@ -94,7 +94,11 @@ def run(spec: ChildSpec) -> int:
     verdict_path = Path(spec.out_dir) / f"rank{rank}.json"
 
     def write_verdict(verdict: dict[str, Any]) -> None:
-        verdict_path.write_text(json.dumps({"rank": rank, **verdict}))
+        # Whole or absent, never half-written: when one rank's watchdog ends the job, torchrun kills the others,
+        # perhaps mid-write (the parent then read an empty rank1.json and failed with a JSONDecodeError)
+        partial = verdict_path.with_suffix(".partial")
+        partial.write_text(json.dumps({"rank": rank, **verdict}))
+        os.replace(partial, verdict_path)
 
     dist.init_distributed(cfg.device, verbose=False)
     device = dist.local_device(cfg.device)
