@@ -11,6 +11,8 @@ are rerouted.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as torch_dist
 
@@ -65,8 +67,23 @@ def _broadcastable(output_tensor: torch.Tensor, input_tensor: torch.Tensor, grou
     )
 
 
+def all_gather_into_tensor(
+    output_tensor: torch.Tensor,
+    input_tensor: torch.Tensor,
+    *,
+    group=None,
+    async_op: bool = False,
+    otherwise=torch_dist.all_gather_into_tensor,
+):
+    """The all-gather yolods' DeepSpeed runs: `all_gather_by_broadcasts` on gloo where it applies, else `otherwise`
+    (DeepSpeed's own call once routed; the bench's link probe times this very choice)."""
+    if torch_dist.get_backend(group) == "gloo" and _broadcastable(output_tensor, input_tensor, group):
+        return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
+    return otherwise(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+
+
 def use_broadcast_all_gathers_on_gloo() -> bool:
-    """Route DeepSpeed's all_gather_into_tensor through `all_gather_by_broadcasts` when its backend is gloo.
+    """Route DeepSpeed's all_gather_into_tensor through `all_gather_into_tensor` above when its backend is gloo.
 
     Call after the process group exists. Returns whether the route is in place (it stays for the process).
     """
@@ -77,13 +94,6 @@ def use_broadcast_all_gathers_on_gloo() -> bool:
         return False
     if getattr(backend, "_yolods_broadcast_all_gather", False):
         return True
-    gloo_all_gather = backend.all_gather_into_tensor
-
-    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
-        if _broadcastable(output_tensor, input_tensor, group):
-            return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
-        return gloo_all_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
-
-    backend.all_gather_into_tensor = all_gather_into_tensor
+    backend.all_gather_into_tensor = functools.partial(all_gather_into_tensor, otherwise=backend.all_gather_into_tensor)
     backend._yolods_broadcast_all_gather = True
     return True

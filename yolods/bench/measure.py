@@ -20,7 +20,7 @@ import torch
 
 from yolods import dist
 from yolods.bench.comm_model import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fit_link
-from yolods.gloo_collectives import all_gather_by_broadcasts
+from yolods.gloo_collectives import all_gather_into_tensor
 from yolods.step import PHASES as STEP_PHASES
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
@@ -170,8 +170,6 @@ def probe_link(
         sync()
         return (time.perf_counter() - started) / repeats
 
-    # DeepSpeed's all-gathers take yolods' route on gloo (yolods.gloo_collectives), so the fit probes that route
-    all_gather = all_gather_by_broadcasts if torch_dist.get_backend() == "gloo" else torch_dist.all_gather_into_tensor
     fits: dict[str, Any] = {}
     for op in (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER):
         seconds = []
@@ -180,7 +178,8 @@ def probe_link(
             shard = torch.zeros(whole.numel() // world_size, dtype=torch.float32, device=device)
             run = {
                 ALL_REDUCE: lambda whole=whole: torch_dist.all_reduce(whole),
-                ALL_GATHER: lambda whole=whole, shard=shard: all_gather(whole, shard),
+                # the route DeepSpeed's all-gathers take in yolods (broadcasts on gloo: yolods.gloo_collectives)
+                ALL_GATHER: lambda whole=whole, shard=shard: all_gather_into_tensor(whole, shard),
                 REDUCE_SCATTER: lambda whole=whole, shard=shard: torch_dist.reduce_scatter_tensor(shard, whole),
             }[op]
             seconds.append(timed(run))
