@@ -1,4 +1,5 @@
-"""Threads per rank under each launcher: cores shared among the node's ranks, or what the user set."""
+"""Threads per rank under each launcher: cores shared among the node's ranks, or what the user set; and DeepSpeed's
+accelerator counting the node's ranks, not its NUMA nodes."""
 
 from __future__ import annotations
 
@@ -17,15 +18,26 @@ PROBE = str(REPO / "tests" / "threads_probe.py")
 CORES = len(os.sched_getaffinity(0))
 
 
-def threads_per_rank(command: list[str], *, omp_num_threads: str | None) -> dict[int, int]:
+# numactl as a one-NUMA-node machine reports it: DeepSpeed's CPU accelerator runs it when LOCAL_SIZE is unset
+ONE_NUMA_NODE = "#!/bin/sh\necho 'available: 1 nodes (0)'\necho 'node 0 cpus: 0 1'\n"
+
+
+def probe_ranks(command: list[str], *, omp_num_threads: str | None, tmp_path: Path) -> dict[int, tuple[int, int]]:
+    """{rank: (torch threads, ranks per node as DeepSpeed's accelerator counts them)} from tests/threads_probe.py."""
+    numactl = tmp_path / "bin" / "numactl"
+    numactl.parent.mkdir(parents=True)
+    numactl.write_text(ONE_NUMA_NODE)
+    numactl.chmod(0o755)
     env = train_env()
     env.pop("OMP_NUM_THREADS", None)
+    env["PATH"] = f"{numactl.parent}{os.pathsep}{env['PATH']}"
     if omp_num_threads is not None:
         env["OMP_NUM_THREADS"] = omp_num_threads
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    return {int(rank): int(threads) for rank, threads in re.findall(r"rank (\d) threads (\d+)", output)}
+    found = re.findall(r"rank (\d) threads (\d+) devices (\d+)", output)
+    return {int(rank): (int(threads), int(devices)) for rank, threads, devices in found}
 
 
 def deepspeed_probe() -> list[str]:
@@ -34,15 +46,17 @@ def deepspeed_probe() -> list[str]:
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_each_rank_gets_its_share_of_the_cores(launcher):
+def test_each_rank_gets_its_share_of_the_cores(launcher, tmp_path):
     command = deepspeed_probe() if launcher == "deepspeed" else [*torchrun_command(2), PROBE]
-    # torchrun sets OMP_NUM_THREADS=1 itself when unset; the deepspeed launcher leaves it unset
-    assert threads_per_rank(command, omp_num_threads=None) == {0: max(1, CORES // 2), 1: max(1, CORES // 2)}
+    # torchrun sets OMP_NUM_THREADS=1 itself when unset; the deepspeed launcher leaves it unset. Only the deepspeed
+    # launcher sets LOCAL_SIZE; under torchrun DeepSpeed would count the one NUMA node numactl reports
+    share = max(1, CORES // 2)
+    assert probe_ranks(command, omp_num_threads=None, tmp_path=tmp_path) == {0: (share, 2), 1: (share, 2)}
 
 
-def test_a_single_process_uses_every_core_and_a_users_setting_wins():
-    assert threads_per_rank([sys.executable, PROBE], omp_num_threads=None) == {0: CORES}
-    assert threads_per_rank(deepspeed_probe(), omp_num_threads="3") == {0: 3, 1: 3}
+def test_a_single_process_uses_every_core_and_a_users_setting_wins(tmp_path):
+    assert probe_ranks([sys.executable, PROBE], omp_num_threads=None, tmp_path=tmp_path / "one") == {0: (CORES, 1)}
+    assert probe_ranks(deepspeed_probe(), omp_num_threads="3", tmp_path=tmp_path / "two") == {0: (3, 2), 1: (3, 2)}
 
 
 def test_a_rank_that_cannot_see_its_gpu_is_told_how_to_launch(monkeypatch):

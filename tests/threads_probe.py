@@ -1,4 +1,5 @@
-"""Print this rank's torch thread count after yolods joins the process group (for tests/test_launchers.py)."""
+"""Print this rank's torch thread count, and the ranks per node DeepSpeed's accelerator counts, after yolods joins
+the process group (for tests/test_launchers.py)."""
 
 import importlib
 
@@ -9,5 +10,9 @@ from yolods import dist
 
 importlib.import_module("ultralytics")  # sets OMP_NUM_THREADS=1 when unset, as in every real run
 dist.init_distributed("cpu", verbose=False)
-print(f"rank {dist.get_rank()} threads {torch.get_num_threads()}", flush=True)
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+print(
+    f"rank {dist.get_rank()} threads {torch.get_num_threads()} devices {get_accelerator().device_count()}", flush=True
+)
 dist.shutdown()

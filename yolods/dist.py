@@ -111,6 +111,10 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed's CPU accelerator counts its devices (ranks per node) from LOCAL_SIZE, which only the deepspeed
+    # launcher sets; otherwise it runs `numactl --hardware` in a subprocess, at ZeRO-3 on every gradient bucket
+    # (3.4 ms a call where numactl is installed, measured here with a stand-in), and counts NUMA nodes, not ranks
+    os.environ.setdefault("LOCAL_SIZE", str(get_local_world_size()))
     if device_type == "cuda":
         bind_local_gpu()
     timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
