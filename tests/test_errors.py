@@ -63,6 +63,7 @@ def test_config_that_disagrees_with_flags(shapes_data, tmp_path):
         (["--workers", "-1"], ("--workers -1",)),
         (["--model", "yolov8n-cls.yaml"], ("yolov8n-cls.yaml", "classify", "detection")),
         (["--model", "yolov8n-seg.yaml"], ("yolov8n-seg.yaml", "segment")),
+        (["--model", "yolov8s-worldv2.yaml"], ("yolov8s-worldv2.yaml", "a WorldDetect head, not Detect")),
     ],
 )
 def test_bad_flag_values(flags, fragments, shapes_data, tmp_path):
@@ -124,6 +125,52 @@ def test_bad_data_sets(problem, shapes_data, tmp_path):
     result = run_train(small_run_args(data_yaml, tmp_path / "runs", "x"))
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "runs" / "x").exists(), "a failed start left a run directory"
+
+
+def run_dir_with_a_checkpoint(run_dir: Path, args_yaml: str) -> Path:
+    """A run directory as --resume and --exist_ok see it: args.yaml and one complete checkpoint tag (no weights)."""
+    from yolods.checkpoint import COMPLETE_MARKER
+
+    (run_dir / "checkpoints" / "epoch1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "epoch1" / COMPLETE_MARKER).write_text('{"world_size": 1}')
+    (run_dir / "args.yaml").write_text(args_yaml)
+    return run_dir
+
+
+@pytest.mark.parametrize("args_yaml", ["", "model: [unclosed\n", "- a list\n", "no_such_setting: 1\n"])
+def test_a_damaged_args_yaml_is_named_on_resume(tmp_path, args_yaml):
+    run_dir = run_dir_with_a_checkpoint(tmp_path / "run", args_yaml)
+    result = run_train(["--resume", str(run_dir)])
+    assert_one_line_error(result, f"{run_dir / 'args.yaml'} is not a yolods run's settings", "restore it")
+
+
+def test_a_run_whose_dataset_moved_resumes_with_the_new_path_only(shapes_data, tmp_path):
+    """Ultralytics resumes a run whose data.yaml moved with the one given; a data.yaml still in place stays."""
+    from yolods.config import RunConfig, given_flags, parse_args, resumed_config
+    from yolods.errors import ConfigError
+
+    run_dir = run_dir_with_a_checkpoint(tmp_path / "run", f"data: {tmp_path / 'gone' / 'data.yaml'}\n")
+    result = run_train(["--resume", str(run_dir)])
+    assert_one_line_error(result, "data.yaml is not there any more", "pass --data with its new path")
+
+    saved = RunConfig(device="cpu", data=str(tmp_path / "gone" / "data.yaml"), resume=str(run_dir))
+    argv = ["--resume", str(run_dir), "--data", str(shapes_data)]
+    assert resumed_config(saved, parse_args(argv), given=given_flags(argv)).data == str(shapes_data)
+    elsewhere = tmp_path / "copy" / "data.yaml"  # while the run's own data.yaml is in place, another is refused
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(shapes_data.read_text())
+    argv = ["--resume", str(run_dir), "--data", str(elsewhere)]
+    with pytest.raises(ConfigError, match="would change the run"):
+        resumed_config(RunConfig(device="cpu", data=str(shapes_data), resume="r"), parse_args(argv), given={"data"})
+
+
+def test_exist_ok_into_a_run_with_checkpoints_is_refused_and_keeps_them(shapes_data, tmp_path):
+    """Starting afresh there would mix two runs: a later --resume would load the old checkpoint with new settings."""
+    run_dir = run_dir_with_a_checkpoint(tmp_path / "runs" / "x", f"data: {shapes_data}\nmodel: yolov8n.yaml\n")
+    result = run_train(small_run_args(shapes_data, tmp_path / "runs", "x", "--exist_ok"))
+    assert_one_line_error(result, "already holds a run with checkpoints", f"--resume {run_dir.resolve()}")
+    assert (run_dir / "args.yaml").read_text() == f"data: {shapes_data}\nmodel: yolov8n.yaml\n"
+    assert list((run_dir / "checkpoints" / "epoch1").iterdir())
 
 
 def test_resume_refuses_flags_that_would_change_the_run(shapes_data, tmp_path):

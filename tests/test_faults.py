@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch.utils.data as torch_data
 from conftest import REPO, assert_ok, free_port, run_train, small_run_args, torchrun_command, train_command, train_env
 
 pytestmark = pytest.mark.multirank
@@ -237,3 +238,22 @@ def test_ctrl_c_to_a_single_process_exits_130_and_resumes(shapes_data, tmp_path)
     assert f"python -m yolods.train --resume {run_dir.resolve()}" in output, output[-2000:]  # the summary says how
     assert not wait_for_all(tree, timeout_s=FAULT_EXIT_S), "processes left running"
     assert_ok(run_train(["--resume", str(run_dir)], nproc=1))
+
+
+class _MissingImage(torch_data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise FileNotFoundError("Image Not Found /data/images/train/000007.jpg")
+
+
+def test_an_error_in_a_data_loader_worker_is_summed_up_by_the_workers_own_line():
+    """torch re-raises a worker's error as "Caught FileNotFoundError in DataLoader worker process 0." with the
+    worker's traceback below: the one line a failed rank prints must name the file, not the worker."""
+    from yolods.faults import _summary
+
+    with pytest.raises(FileNotFoundError) as caught:
+        next(iter(torch_data.DataLoader(_MissingImage(), num_workers=1)))
+    assert _summary(caught.value) == "Image Not Found /data/images/train/000007.jpg (in DataLoader worker process 0)"
+    assert _summary(ValueError("first line\nsecond line")) == "first line"

@@ -144,7 +144,7 @@ def test_an_ablation_applies_only_the_parts_it_names():
     assert (recipe.lr_scale, recipe.weight_decay_scale, recipe.batchnorm_steps) == (math.sqrt(8), 1 / math.sqrt(8), 1.0)
     recipe = large_batch_recipe(rule="decay+batchnorm", optimizer_name="AdamW", images_per_step=512, nbs=NBS)
     assert (recipe.lr_scale, recipe.weight_decay_scale, recipe.batchnorm_steps) == (1.0, 1.0, 8.0)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match=r"--large_batch_rule: .*'lr\+momentum'"):  # one line, not argparse's usage
         parse_args(["--large_batch_rule", "lr+momentum"])
 
 

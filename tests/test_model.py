@@ -64,8 +64,9 @@ def test_unknown_model_and_missing_weights(hyp, tmp_path):
         build_model(str(tmp_path / "yolo11n.pt"), num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="not a readable Ultralytics checkpoint"):
+    with pytest.raises(ConfigError, match=r"not a readable Ultralytics checkpoint .*; pass a \.pt saved") as caught:
         build_model(str(corrupt), num_classes=3, class_names=NAMES, hyp=hyp, verbose=False)
+    assert "\n" not in str(caught.value) and "download" not in str(caught.value)  # Ultralytics' advice is cut
 
 
 def test_ultralytics_parameter_groups(model, hyp):

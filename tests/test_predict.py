@@ -157,6 +157,15 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
         ],
         "both given": ["--model", weights, "--source", str(empty), "--half", "--bf16"],
         "the model has classes 0-2": ["--model", weights, "--source", str(inference_assets.source), "--classes", "5"],
+        "--line_width -3: use a width in pixels from 1": [
+            "--model",
+            weights,
+            "--source",
+            str(empty),
+            "--line_width",
+            "-3",
+        ],
+        "--line_width 100000": ["--model", weights, "--source", str(empty), "--line_width", "100000"],
     }
     for fragment, argv in cases.items():
         with pytest.raises(ConfigError, match=fragment):

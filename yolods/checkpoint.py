@@ -40,6 +40,13 @@ KEEP_CHECKPOINTS = 2  # the newest complete tag, and the one before it in case t
 def new_run_dir(cfg: RunConfig) -> Path:
     """project/name, or the next free name (exp, exp2, ...) unless --exist_ok, with weights/ in it."""
     run_dir = make_run_dir(project=cfg.project, name=cfg.name, exist_ok=cfg.exist_ok, subdir="weights")
+    # --exist_ok into a run that holds checkpoints would mix two runs: a later --resume would load the old run's
+    # newest checkpoint under the new run's settings. Rank 0 looks; the directory need not be shared.
+    if dist.broadcast_object(dist.is_main_process() and bool(complete_tags(run_dir))):
+        raise ConfigError(
+            f"--name {cfg.name} --exist_ok: {run_dir} already holds a run with checkpoints; continue it with "
+            f"--resume {run_dir}, or start this run under another --name (or delete {run_dir} first)"
+        )
     if dist.is_main_process():
         _write_job_record(run_dir)  # so that a restarted attempt of this launcher job continues it
     return run_dir
@@ -160,14 +167,28 @@ def check_resume_world_size(run_dir: Path, *, world_size: int, zero_stage: int) 
 
 def save_run_config(run_dir: Path, cfg: RunConfig) -> None:
     if dist.is_main_process():
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        _atomic_write(run_dir / "args.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    """The configuration a run started with; resuming continues it unchanged."""
-    saved = yaml.safe_load((run_dir / "args.yaml").read_text())
-    saved.setdefault("large_batch_rule", "ultralytics")  # runs saved before the flag existed had Ultralytics' rule
-    return RunConfig(**{**saved, "resume": str(run_dir)})
+    """The configuration a run started with; resuming continues it unchanged.
+
+    Raises:
+        ConfigError: args.yaml is empty, not YAML, or not a yolods run's settings.
+    """
+    args_yaml = run_dir / "args.yaml"
+    try:
+        saved = yaml.safe_load(args_yaml.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("empty" if saved is None else f"a {type(saved).__name__}, not settings")
+        saved.setdefault("large_batch_rule", "ultralytics")  # runs saved before the flag existed had Ultralytics' rule
+        return RunConfig(**{**saved, "resume": str(run_dir)})
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as caught:
+        reason = " ".join(str(caught).split())[:200]
+        raise ConfigError(
+            f"--resume {run_dir}: {args_yaml} is not a yolods run's settings ({reason}); restore it from a copy, "
+            "or start a new run (--model a checkpoint's weights/last.pt to keep its weights)"
+        ) from None
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
@@ -281,10 +302,10 @@ class Checkpointer:
         _watch_deepspeed_writes(engine, writing)
 
     def save_run_files(self, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
-        """args.yaml (what --resume continues; kept from the first start) and the resolved DeepSpeed config."""
+        """args.yaml (what --resume continues: this start's settings, which a resume keeps but for the flags it may
+        change) and the resolved DeepSpeed config."""
         if dist.is_main_process():
-            if not (self.run_dir / "args.yaml").exists():
-                save_run_config(self.run_dir, cfg)
+            save_run_config(self.run_dir, cfg)
             write_json(self.run_dir / "ds_config.json", ds_config)
 
     def save(self, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:

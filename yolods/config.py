@@ -116,14 +116,6 @@ HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the 
 }
 
 
-def _large_batch_rule(value: str) -> str:
-    try:
-        rule_parts(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m yolods.train` command line; flag names follow Ultralytics and DeepSpeed, grouped as in README."""
     parser = argparse.ArgumentParser(
@@ -230,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     large = parser.add_argument_group("large global batch (above nbs)")
     large.add_argument(
         "--large_batch_rule",
-        type=_large_batch_rule,
         default="yolods",
         help="above nbs images per optimizer step (k = images / nbs): 'yolods' (default) scales Adam-type lr by k, "
         "clipped SGD lr by sqrt(k), weight decay to keep decay per epoch, BatchNorm momentum per image (README: "
@@ -350,6 +341,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"--zero {args.zero} is not a ZeRO stage: use 0, 1, 2 or 3")
     if args.precision is not None and args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision} is unknown: use fp32, bf16 or fp16")
+    try:
+        rule_parts(args.large_batch_rule)
+    except ValueError as error:
+        raise ConfigError(f"--large_batch_rule: {error}") from None
     if args.batch is not None and args.batch < 1:
         raise ConfigError(f"--batch {args.batch} must be a positive global batch size")
     if args.epochs is not None and args.epochs < 1:
@@ -423,10 +418,18 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     """The saved settings of a run to resume, with the flags a resumed run may change taken from `flags`.
 
     Raises:
-        ConfigError: a given flag that would change the run (its saved value differs), naming each.
+        ConfigError: a given flag that would change the run (its saved value differs), naming each; the run's
+            data.yaml is gone and no --data says where it moved.
     """
+    # As Ultralytics' resume does: a data.yaml that is no longer where the run found it may be given anew
+    data_moved = saved.data != SYNTHETIC and not Path(saved.data).is_file()
+    if data_moved and "data" not in given:
+        raise ConfigError(
+            f"--resume {saved.resume}: the run's --data {saved.data} is not there any more; if the dataset moved, "
+            "pass --data with its new path"
+        )
     conflicts = []
-    for name in sorted(given - set(CHANGEABLE_ON_RESUME)):
+    for name in sorted(given - set(CHANGEABLE_ON_RESUME) - ({"data"} if data_moved else set())):
         if name in HYP_FLAGS or name in ("hyp", "cos_lr", "cache"):
             continue  # compared key by key below
         field_name = "deepspeed_config" if name in ("deepspeed_config", "deepscale_config") else name
@@ -438,11 +441,17 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     if conflicts:
         raise ConfigError(
             f"--resume {saved.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps its settings "
-            "(only --profile, --comms_logger and the --save_period_* flags may change): drop those flags, or start a new run"
+            "(only --profile, --comms_logger, the --save_period_* flags, and --data where the run's data.yaml moved, may "
+            "change): drop those flags, or start a new run"
         )
     periods = {name: getattr(flags, name) for name in ("save_period_steps", "save_period_min") if name in given}
     return dataclasses.replace(
-        saved, profile=flags.profile, comms_logger=flags.comms_logger, verbose=flags.verbose, **periods
+        saved,
+        data=flags.data if data_moved else saved.data,
+        profile=flags.profile,
+        comms_logger=flags.comms_logger,
+        verbose=flags.verbose,
+        **periods,
     )
 
 

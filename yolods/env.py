@@ -123,6 +123,9 @@ def prepare_process_env(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
     # Ultralytics must never reach the network: no analytics, no font/weight/dataset downloads, no pip checks.
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    # and never pip-installs what an optional feature lacks (faster-coco-eval for --save_json, pi_heif for a file
+    # it cannot decode): offline it would only print "attempting AutoUpdate..."; this way it names the package
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     os.environ.setdefault("YOLO_VERBOSE", "True")
     _translate_slurm_env()
     # DeepSpeed picks its accelerator at import; `--device cpu` on a GPU host must select the CPU one. Naming it

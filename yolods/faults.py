@@ -429,10 +429,22 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
             pass  # the store is gone too; the launcher or the peers' failed collectives end the job
     details = "".join(traceback.format_exception(error))
     log_path = _write_log(run_dir, rank, details)
-    summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    summary = _summary(error)
     where = f"traceback in {log_path}" if log_path else details.rstrip()
     # on a line of its own: rank 0's progress bar may hold the cursor mid-line
     _leave(f"\nyolods: rank {rank}: error: {type(error).__name__}: {summary}\n({where})")
+
+
+def _summary(error: BaseException) -> str:
+    """The error's first line; for an error a DataLoader worker re-raised ("Caught X in DataLoader worker process
+    0." and the worker's traceback), the worker's own last line, which names the file."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1].removeprefix(f"{type(error).__name__}: ")
+        return f"{last} (in {lines[0].removeprefix('Caught ').split(' in ', 1)[-1].rstrip('.')})"
+    return lines[0]
 
 
 def _write_log(run_dir: Path | None, rank: int, details: str) -> Path | None:

@@ -35,10 +35,17 @@ def _load_weights_file(path: Path) -> nn.Module:
     try:
         weights, _ = load_checkpoint(str(path))
     except Exception as error:  # torch.load / unpickling errors, one line for the user
-        raise ConfigError(
-            f"--model {path}: not a readable Ultralytics checkpoint ({type(error).__name__}: {error})"
-        ) from None
+        raise ConfigError(_unreadable_checkpoint(str(path), error)) from None
     return weights.float()
+
+
+def _unreadable_checkpoint(model_spec: str, error: Exception) -> str:
+    # the first line only: Ultralytics appends advice to re-download, which an offline tool cannot follow
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (
+        f"--model {model_spec}: not a readable Ultralytics checkpoint ({type(error).__name__}: {first_line}); "
+        "pass a .pt saved by Ultralytics or yolods (a run's weights/best.pt)"
+    )
 
 
 def check_model_spec(model_spec: str, *, freeze: Any = None) -> None:
@@ -73,7 +80,11 @@ def require_detection_head(model_yaml: dict[str, Any], *, model_spec: str, advic
     head = str(model_yaml.get("head", [[None, None, None]])[-1][2])
     if head not in DETECTION_HEADS:
         task = guess_model_task(model_yaml)
-        raise ConfigError(f"--model {model_spec}: a {task or head} model ({head} head); {advice}")
+        # YOLO-World's WorldDetect is a detect task for Ultralytics, but needs text embeddings DetectionModel lacks
+        kind = (
+            f"a {task} model ({head} head)" if task and task != "detect" else f"a {head} head, not {DETECTION_HEADS[0]}"
+        )
+        raise ConfigError(f"--model {model_spec}: {kind}; {advice}")
 
 
 @dataclass(frozen=True)
@@ -122,10 +133,7 @@ def load_trained_detector(model_spec: str) -> TrainedDetector:
     try:
         yolo = YOLO(str(path))
     except Exception as error:  # torch.load / unpickling errors, one line for the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(
-            f"--model {model_spec}: not a readable Ultralytics checkpoint ({type(error).__name__}: {first_line})"
-        ) from None
+        raise ConfigError(_unreadable_checkpoint(model_spec, error)) from None
     require_detection_head(
         yolo.model.yaml, model_spec=model_spec, advice="yolods validates and predicts with detection models"
     )

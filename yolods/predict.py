@@ -40,6 +40,7 @@ from yolods.errors import ConfigError
 from yolods.model import TrainedDetector, load_trained_detector
 
 DEFAULT_BATCH = 16  # per rank; YOLO.predict's default is 1, which leaves a GPU idle
+OPENCV_MAX_THICKNESS = 32767  # cv2.rectangle's limit on a line's thickness
 SETTINGS_FILE = "predict_args.json"  # what a rerun with --exist_ok must match to continue
 
 
@@ -107,6 +108,9 @@ def plan_prediction(argv: list[str] | None) -> PredictPlan:
     settings = inference.common_settings(args)
     if args.half and args.bf16:
         raise ConfigError("--half and --bf16 both given: choose one precision")
+    # a negative width crashes OpenCV's drawing (SIGSEGV, no message); above its MAX_THICKNESS it asserts
+    if args.line_width is not None and not 1 <= args.line_width <= OPENCV_MAX_THICKNESS:
+        raise ConfigError(f"--line_width {args.line_width}: use a width in pixels from 1 to {OPENCV_MAX_THICKNESS}")
     if args.classes is not None:
         settings["classes"] = args.classes
     if args.agnostic_nms:
