@@ -33,7 +33,8 @@ def record_counts(run_dir: Path) -> collections.Counter:
     counts = collections.Counter()
     for path in run_dir.glob("predictions_rank*.jsonl"):
         lines = path.read_text().splitlines(keepends=True)
-        counts.update(json.loads(line)["key"] for line in lines if line.endswith("\n"))
+        records = [json.loads(line) for line in lines if line.endswith("\n")]
+        counts.update(record["key"] for record in records if "key" in record)
     return counts
 
 
@@ -92,7 +93,8 @@ def test_a_rerun_skips_what_is_done(two_rank_run, inference_assets, tmp_path):
     shutil.copytree(two_rank_run, run_dir)
     (run_dir / "predictions.json").unlink()
     rank0 = run_dir / "predictions_rank0.jsonl"
-    rank0.write_text("".join(rank0.read_text().splitlines(keepends=True)[:4]))  # 2 batches of 2 images kept
+    kept = "".join(rank0.read_text().splitlines(keepends=True)[:4])  # 2 batches of 2 images kept
+    rank0.write_text(kept + '{"not": "a record yolods wrote"}\n')  # skipped when read back
     rank1 = run_dir / "predictions_rank1.jsonl"
     rank1.write_bytes(rank1.read_bytes()[:-20])  # a record cut off by a kill: its batch is redone
     result = run_module("yolods.predict", predict_args(inference_assets, tmp_path, "two", "--save", "--exist_ok"))
@@ -105,6 +107,10 @@ def test_a_rerun_skips_what_is_done(two_rank_run, inference_assets, tmp_path):
         "yolods.predict", predict_args(inference_assets, tmp_path, "two", "--save", "--exist_ok", "--conf", "0.5")
     )
     assert_one_line_error(changed, "other settings (conf=default; now conf=0.5)", "another --name")
+
+    (run_dir / "predict_args.json").write_text('{"conf": ')  # cut off
+    damaged = run_module("yolods.predict", predict_args(inference_assets, tmp_path, "two", "--save", "--exist_ok"))
+    assert_one_line_error(damaged, "predict_args.json is damaged", "another --name")
 
 
 def test_an_unreadable_image_is_skipped_and_listed(inference_assets, tmp_path):
@@ -173,3 +179,26 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
     result = run_module("yolods.predict", ["--model", weights, "--source", str(empty)])
     assert result.returncode == 2
     assert_one_line_error(result, str(empty), "No images or videos found")
+
+
+def test_output_names_never_collide():
+    """Label files and predictions.json's image_id stay one per image or frame: same stems in two folders, an image
+    named like a video's frame (clip_1.jpg and clip.avi's frame 1), numeric stems naming one COCO id (1 and 001)."""
+    from yolods.prediction import SourceListing, coco_image_id, output_bases, output_names
+
+    listing = SourceListing(
+        images=("a/001.jpg", "a/1.jpg", "a/clip_1.jpg", "b/clip_1.png", "a/img.jpg"),
+        videos=(("a/clip.avi", 3),),
+    )
+    bases = output_bases(listing)
+    assert bases == {
+        "a/001.jpg": "001",
+        "a/1.jpg": "1-2",
+        "a/clip_1.jpg": "clip_1",
+        "b/clip_1.png": "clip_1-2",
+        "a/img.jpg": "img",
+        "a/clip.avi": "clip-2",
+    }
+    names = [*(bases[image] for image in listing.images), *output_names(bases["a/clip.avi"], 3)]
+    assert len({coco_image_id(name) for name in names}) == len(names) == 8
+    assert coco_image_id("000000139") == 139  # COCO's numeric file names keep their numeric ids

@@ -54,10 +54,21 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
         "file not found": ["--model", weights, "--data", str(tmp_path / "data.yaml")],
         "no 'test' split": ["--model", weights, "--data", data, "--split", "test"],
         "multiple of the model stride": ["--model", weights, "--data", data, "--imgsz", "100"],
+        "--hyp batch=0: yolods.val takes it as a flag; pass --batch": ["--model", weights, "--hyp", "batch=0"],
+        "--hyp split=test: .* pass --split": ["--model", weights, "--data", data, "--hyp", "split=test"],
     }
     for fragment, argv in cases.items():
         with pytest.raises(ConfigError, match=fragment):
             plan(argv)
+
+
+def test_fraction_validates_that_share_of_the_split(inference_assets, tmp_path):
+    """Ultralytics applies a plain `fraction` to the train split only; --fraction is the split's share."""
+    args = ["--model", str(inference_assets.weights), "--data", str(inference_assets.data_yaml), "--batch", "2"]
+    result = run_module("yolods.val", [*args, "--fraction", "0.5", "--no-plots", "--project", str(tmp_path)])
+    assert_ok(result)
+    report = json.loads((tmp_path / "exp" / "metrics.json").read_text())
+    assert report["images"] == 4  # the first round(9 * 0.5) images, as Ultralytics' BaseDataset keeps them
 
 
 def test_a_run_directory_and_the_data_its_weights_name(inference_assets, tmp_path):

@@ -177,18 +177,30 @@ def _check_continuable(run_dir: Path, stamp: dict[str, Any]) -> None:
         if not path.exists():
             write_json(path, stamp)
         else:
-            earlier = json.loads(path.read_text())
-            changed = sorted(key for key in {*stamp, *earlier} if earlier.get(key) != stamp.get(key))
-            if changed:
-                was = ", ".join(f"{key}={earlier.get(key, 'default')}" for key in changed)
-                now = ", ".join(f"{key}={stamp.get(key, 'default')}" for key in changed)
-                error = (
-                    f"{run_dir} holds predictions made with other settings ({was}; now {now}): "
-                    "rerun with those to continue, or use another --name"
-                )
+            error = _settings_mismatch(path, stamp)
     error = dist.broadcast_object(error)
     if error:
         raise ConfigError(error)
+
+
+def _settings_mismatch(path: Path, stamp: dict[str, Any]) -> str | None:
+    """Why the predictions beside settings file `path` cannot be continued with `stamp`, or None if they can."""
+    run_dir = path.parent
+    try:
+        earlier = json.loads(path.read_text())
+        if not isinstance(earlier, dict):
+            raise ValueError(f"a {type(earlier).__name__}, not settings")
+    except ValueError as caught:  # JSONDecodeError too
+        return f"{path} is damaged ({caught}), so {run_dir} cannot be continued: use another --name, or delete it"
+    changed = sorted(key for key in {*stamp, *earlier} if earlier.get(key) != stamp.get(key))
+    if not changed:
+        return None
+    was = ", ".join(f"{key}={earlier.get(key, 'default')}" for key in changed)
+    now = ", ".join(f"{key}={stamp.get(key, 'default')}" for key in changed)
+    return (
+        f"{run_dir} holds predictions made with other settings ({was}; now {now}): "
+        "rerun with those to continue, or use another --name"
+    )
 
 
 def _predict(plan: PredictPlan, todo: list[WorkBatch], *, run_dir: Path, job: inference.Job) -> dict[str, Any]:
@@ -243,7 +255,7 @@ def _read_ahead(reader, batches: list[WorkBatch], *, enabled: bool):
 
 def _write_outputs(plan: PredictPlan, run_dir: Path, result, *, key: str, frame: int) -> dict[str, Any]:
     """The label file and (--save) annotated image of one image or frame; returns its record."""
-    from yolods.prediction import annotate, coco_detections, save_image, write_label
+    from yolods.prediction import annotate, coco_detections, coco_image_id, save_image, write_label
 
     base = plan.bases[result.path]
     name = f"{base}_{frame}" if frame else base
@@ -251,8 +263,7 @@ def _write_outputs(plan: PredictPlan, run_dir: Path, result, *, key: str, frame:
     if plan.save:
         image_path = run_dir / f"{base}_frames" / f"{name}.jpg" if frame else run_dir / f"{name}.jpg"
         save_image(annotate(result, **asdict(plan.annotation)), image_path)
-    image_id = int(name) if name.isnumeric() else name  # Ultralytics' JSON convention
-    return {"key": key, "name": name, "detections": coco_detections(result, image_id=image_id)}
+    return {"key": key, "name": name, "detections": coco_detections(result, image_id=coco_image_id(name))}
 
 
 def _finish(plan: PredictPlan, run_dir: Path, reports: list[dict[str, Any]]) -> None:

@@ -69,18 +69,34 @@ def _frame_count(video: str) -> int:
 
 
 def output_bases(listing: SourceListing) -> dict[str, str]:
-    """Each file's output name: its stem, or stem-2, stem-3, ... for a stem seen before (images, then videos)."""
+    """Each file's output name: its stem, or stem-2, stem-3, ... where that would collide (images, then videos).
+
+    An image is written as NAME, a video's frames as NAME_1 ... NAME_N (Ultralytics' names), and a numeric name is
+    the COCO image_id 7 whether it reads 7 or 007; a stem is suffixed when any of those is taken already, so no
+    label file is written twice and no two images share an image_id in predictions.json.
+    """
     bases: dict[str, str] = {}
-    taken: set[str] = set()
-    for path in (*listing.images, *(video for video, _ in listing.videos)):
+    taken: set[int | str] = set()
+    for path, num_frames in (*((image, 0) for image in listing.images), *listing.videos):
         stem = Path(path).stem
         base, copy = stem, 1
-        while base in taken:
+        while (ids := {coco_image_id(name) for name in output_names(base, num_frames)}) & taken:
             copy += 1
             base = f"{stem}-{copy}"
-        taken.add(base)
+        taken |= ids
         bases[path] = base
     return bases
+
+
+def output_names(base: str, num_frames: int) -> list[str]:
+    """The names an image (num_frames 0) or a video's frames are written under."""
+    return [f"{base}_{frame}" for frame in range(1, num_frames + 1)] if num_frames else [base]
+
+
+def coco_image_id(name: str) -> int | str:
+    """The image_id of predictions.json: the number a numeric name stands for, as Ultralytics writes it, else the
+    name."""
+    return int(name) if name.isascii() and name.isdigit() else name
 
 
 class BatchPredictor:

@@ -41,6 +41,8 @@ def read_records(run_dir: Path) -> dict[str, dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the last line of a rank killed mid-write
+            if not isinstance(record, dict) or "key" not in record:
+                continue  # not a record yolods wrote: its input is predicted again
             records[record["key"]] = record
     return records
 

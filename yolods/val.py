@@ -65,8 +65,13 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
     from yolods.config import parse_hyp_overrides
     from yolods.data import load_data_yaml
 
-    args = build_parser().parse_args(argv)
-    settings = {**parse_hyp_overrides(args.hyp), **inference.common_settings(args)}
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = parse_hyp_overrides(args.hyp)
+    flags = {action.dest for action in parser._actions} - {"help", "hyp"}
+    for key in sorted(set(overrides) & flags):  # past the flag's checks, and unrecorded where yolods reads the flag
+        raise ConfigError(f"--hyp {key}={overrides[key]}: yolods.val takes it as a flag; pass --{key} instead")
+    settings = {**overrides, **inference.common_settings(args)}
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 (load in the validating process) or more")
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -78,9 +83,9 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
     if args.data is None and not Path(data_yaml).is_file():
         raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data data.yaml")
     load_data_yaml(data_yaml, split=args.split)
-    settings.update(
-        {key: getattr(args, key) for key in ("workers", "fraction", *SWITCHES) if getattr(args, key) is not None}
-    )
+    settings.update({key: getattr(args, key) for key in ("workers", *SWITCHES) if getattr(args, key) is not None})
+    if args.fraction is not None:
+        settings["fraction"] = _fraction_of(args.split, args.fraction)
     device = inference.device_type(args)
     settings.update(data=str(data_yaml), split=args.split, device=inference.ultralytics_device(device))
     return ValPlan(
@@ -91,6 +96,15 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
         name=args.name,
         exist_ok=args.exist_ok,
     )
+
+
+def _fraction_of(split: str, fraction: float) -> float | list[float]:
+    """Ultralytics' `fraction` setting that takes `fraction` of `split`: a plain number applies to the train split
+    only (ultralytics.data.utils.get_split_fraction), a [train, val, test] list to each split."""
+    splits = ["train", "val", "test"]
+    if split not in splits[1:]:
+        return fraction
+    return [fraction if name == split else 1.0 for name in splits]
 
 
 def run(plan: ValPlan, job: inference.Job) -> int:
