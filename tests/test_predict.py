@@ -150,6 +150,8 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
     notes = tmp_path / "notes.txt"  # a .txt source is a list of paths to Ultralytics, not a file to predict on
     notes.write_text("remember the milk\n")
     weights = str(inference_assets.weights)
+    deepspeed_file = tmp_path / "mp_rank_00_model_states.pt"  # what a run's checkpoints/epochN/ holds
+    deepspeed_file.write_bytes(b"not Ultralytics weights")
     cases = {
         "no such file or directory": ["--model", weights, "--source", str(tmp_path / "missing")],
         "No images or videos found": ["--model", weights, "--source", str(empty)],
@@ -163,6 +165,13 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
         ],
         "both given": ["--model", weights, "--source", str(empty), "--half", "--bf16"],
         "the model has classes 0-2": ["--model", weights, "--source", str(inference_assets.source), "--classes", "5"],
+        "a file of a DeepSpeed checkpoint, not weights; pass the run's weights/best.pt": [
+            "--model",
+            str(deepspeed_file),
+            "--source",
+            str(empty),
+        ],
+        "expected trained weights": ["--model", str(inference_assets.images / "x.jpg"), "--source", str(empty)],
         "--line_width -3: use a width in pixels from 1": [
             "--model",
             weights,
@@ -202,3 +211,26 @@ def test_output_names_never_collide():
     names = [*(bases[image] for image in listing.images), *output_names(bases["a/clip.avi"], 3)]
     assert len({coco_image_id(name) for name in names}) == len(names) == 8
     assert coco_image_id("000000139") == 139  # COCO's numeric file names keep their numeric ids
+
+
+def test_a_broken_video_is_skipped_wherever_it_sorts(inference_assets, tmp_path):
+    """Ultralytics' loader opens the first video while listing: a broken one sorting first failed the source."""
+    from yolods.prediction import list_source
+
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(inference_assets.video, source / "z_clip.avi")
+    (source / "a_broken.mp4").write_bytes(b"")  # a zero-byte download, say
+    shutil.copy(sorted(inference_assets.images.glob("*.jpg"))[0], source / "image.jpg")
+    listing = list_source(str(source))
+    assert listing.images == (str(source / "image.jpg"),)
+    assert [(Path(video).name, frames > 0) for video, frames in listing.videos] == [
+        ("a_broken.mp4", False),
+        ("z_clip.avi", True),
+    ]
+    result = run_module("yolods.predict", predict_args(inference_assets, tmp_path, "run", source=source))
+    assert_ok(result)
+    assert f"1 unreadable, skipped: {source / 'a_broken.mp4'}" in result.stderr
+
+    with pytest.raises(ConfigError, match=r"OpenCV cannot open .*a_broken\.mp4, and there is nothing else"):
+        list_source(str(source / "a_broken.mp4"))

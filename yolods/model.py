@@ -40,6 +40,13 @@ def _load_weights_file(path: Path) -> nn.Module:
 
 
 def _unreadable_checkpoint(model_spec: str, error: Exception) -> str:
+    if Path(model_spec).name.endswith(("_model_states.pt", "_optim_states.pt")) or Path(model_spec).name.startswith(
+        "yolods_rank"
+    ):
+        return (
+            f"--model {model_spec}: a file of a DeepSpeed checkpoint, not weights; pass the run's weights/best.pt or "
+            "weights/last.pt (or --resume the run directory)"
+        )
     # the first line only: Ultralytics appends advice to re-download, which an offline tool cannot follow
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return (
@@ -121,8 +128,9 @@ def load_trained_detector(model_spec: str) -> TrainedDetector:
                 f"--model {model_spec}: a directory without weights/best.pt; pass a yolods.train run directory or a .pt file"
             )
     elif path.suffix != ".pt":
+        has_none = "; a yaml has none" if path.suffix in (".yaml", ".yml") else ""
         raise ConfigError(
-            f"--model {model_spec}: expected trained weights (a .pt file or a yolods.train run directory); a yaml has none"
+            f"--model {model_spec}: expected trained weights (a .pt file or a yolods.train run directory){has_none}"
         )
     elif not path.is_file():
         raise ConfigError(

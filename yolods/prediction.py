@@ -48,7 +48,8 @@ def list_source(source: str) -> SourceListing:
     if "*" not in source and not Path(source).exists():
         raise ConfigError(f"--source {source}: no such file or directory")
     try:
-        loader = LoadImagesAndVideos(source, batch=1)
+        with _broken_videos_listed():
+            loader = LoadImagesAndVideos(source, batch=1)
     except FileNotFoundError as error:  # a listed file that is missing, or no image/video suffix in it at all
         first_sentence = str(error).splitlines()[0].split(". ")[0]  # drop Ultralytics' list of every suffix
         if Path(source).suffix in (".txt", ".csv"):  # Ultralytics reads these as lists of paths, one per line
@@ -56,7 +57,34 @@ def list_source(source: str) -> SourceListing:
         raise ConfigError(f"--source {source}: {first_sentence}") from None
     loader.close()
     videos = tuple((path, _frame_count(path)) for path in loader.files[loader.ni :])
+    if not loader.ni and not any(num_frames for _, num_frames in videos):
+        broken = ", ".join(path for path, _ in videos[:3]) + (f" and {len(videos) - 3} more" if len(videos) > 3 else "")
+        raise ConfigError(f"--source {source}: OpenCV cannot open {broken}, and there is nothing else to predict")
     return SourceListing(images=tuple(loader.files[: loader.ni]), videos=videos)
+
+
+@contextlib.contextmanager
+def _broken_videos_listed():
+    """Ultralytics' LoadImagesAndVideos opens the first video of a source while listing it and raises if OpenCV
+    cannot: a broken video then failed the whole source when it sorted first among the videos, and was skipped
+    otherwise. Inside this block the listing keeps it with no frames, so it is skipped and listed wherever it sorts
+    (its frames are counted by `_frame_count`, not by the loader)."""
+    from ultralytics.data.loaders import LoadImagesAndVideos
+
+    open_video = LoadImagesAndVideos._new_video
+
+    def open_or_keep_unopened(loader, path: str) -> None:
+        try:
+            open_video(loader, path)
+        except FileNotFoundError:
+            loader.cap.release()
+            loader.cap, loader.frames = None, 0
+
+    LoadImagesAndVideos._new_video = open_or_keep_unopened
+    try:
+        yield
+    finally:
+        LoadImagesAndVideos._new_video = open_video
 
 
 def _frame_count(video: str) -> int:
@@ -119,7 +147,8 @@ class BatchPredictor:
         overrides = {**detector.defaults, **defaults, **settings, "verbose": False, "save_txt": False}
         self.predictor = DetectionPredictor(overrides=overrides)
         self.predictor.setup_model(model=detector.module, verbose=False)
-        self.predictor.setup_source(source)  # the image size and source type predict(source) would use
+        with _broken_videos_listed():
+            self.predictor.setup_source(source)  # the image size and source type predict(source) would use
         self.predictor.dataset.close()
         self.bf16 = bf16
 
