@@ -108,6 +108,9 @@ def test_missing_and_broken_data_yaml(tmp_path):
 
     with pytest.raises(ConfigError, match="file not found"):
         load_data_yaml(str(tmp_path / "missing.yaml"))
+    (tmp_path / "data.yaml").write_text("train: images/train\n")
+    with pytest.raises(ConfigError, match=f"a directory, not a data.yaml; pass {tmp_path / 'data.yaml'}"):
+        load_data_yaml(str(tmp_path))
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: images/train\nnames: {0: a}\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):

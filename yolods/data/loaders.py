@@ -46,6 +46,10 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
     `split` must be in it: training validates on 'val' every epoch; `yolods.val --split test` needs 'test'.
     """
     path = Path(data_yaml)
+    if path.is_dir():
+        inside = next((str(path / name) for name in ("data.yaml", "dataset.yaml") if (path / name).is_file()), None)
+        hint = f"pass {inside}" if inside else "pass the data.yaml that lists its train and val images"
+        raise ConfigError(f"--data {data_yaml}: a directory, not a data.yaml; {hint}")
     if not path.is_file():
         raise ConfigError(f"--data {data_yaml}: file not found; pass an Ultralytics data.yaml or 'synthetic'")
     try:
