@@ -302,7 +302,8 @@ def run_one(
         if record.get("settings") == settings and record.get("returncode") == 0 and same_code:
             print(f"parity: reusing {row.name} seed {seed} from {run_dir}", flush=True)
             return record
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's checkpoints and rows must not count
+    run_dir.mkdir(parents=True)
     if row.trainer == "ultralytics":
         command = ultralytics_command(settings=settings, seed=seed, run_dir=run_dir)
     else:
