@@ -4,6 +4,8 @@ through (yolods/gloo_collectives.py), at yolov8n's and yolov8s's parameter bytes
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/gloo_allgather.py
 """
 
+import os
+import sys
 import time
 
 import torch
@@ -41,4 +43,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if "RANK" not in os.environ:  # --help, or run without a launcher
+        sys.exit(__doc__)
     main()

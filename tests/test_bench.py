@@ -237,6 +237,19 @@ def test_sweep_at_two_ranks_drops_ultralytics_and_splits_the_global_batch():
         expand(_args("--batch", "16", "--micro-batch", "8", "--device", "cpu"), world_size=2)
 
 
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--imgsz", "100"), "--imgsz 100 is not a positive multiple of the model stride 32"),  # a traceback mid-run
+        (("--micro-batch", "0"), "--micro-batch 0: images per rank must be at least 1"),  # named nbs=0
+        (("--repeat", "0"), "--repeat 0: measure the sweep at least once"),  # ran once, silently
+    ],
+)
+def test_bad_sweep_flags_are_named(flags, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        expand(_args(*flags, "--device", "cpu"), world_size=1)
+
+
 def test_bucket_and_overlap_sweeps_apply_to_deepspeed_only():
     configs = expand(
         _args(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -44,6 +45,9 @@ def test_profile_writes_a_trace_per_rank_and_a_flops_summary(zero2_run):
     trace = json.loads(traces[0].read_text())
     assert any(event.get("name", "").startswith("train_step_") for event in trace["traceEvents"])
     assert "params" in (zero2_run / "flops_profile.txt").read_text().lower()
+    log = (zero2_run / "train.log").read_text()  # rank 0 prints the summary's figures, not the tables
+    assert re.search(r"params per GPU: +3\.0\d M", log) and "fwd FLOPS per GPU" in log
+    assert "Aggregated Profile" not in log
 
 
 def test_results_csv_and_png(zero2_run):
@@ -70,3 +74,18 @@ def test_plots_false_draws_no_results_png(tmp_path):
         logger.log_epoch(0, {"train/box_loss": 1.0, "metrics/mAP50(B)": 0.5})
         assert (logger.plot() is not None) == plot_results == (run_dir / "results.png").exists()
         logger.close()
+
+
+def test_a_resume_of_a_finished_run_reports_no_speed(tmp_path):
+    """`--resume` of a run that had finished trains nothing: no "completed in 0.0 min (0.0 img/s)"."""
+    from yolods.metrics import RunFacts, summary_text
+
+    facts = dict(epochs_done=10, epochs=10, world_size=1, zero_stage=0, precision="fp32", data_yaml="d.yaml")
+    idle = summary_text(
+        RunFacts(wall_s=3.0, imgs_per_s=0.0, latest_checkpoint="epoch10", **facts), best=None, run_dir=tmp_path
+    )
+    assert "10/10 epochs completed (none now) on 1 rank" in idle and "img/s" not in idle
+    trained = summary_text(
+        RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
+    )
+    assert "10/10 epochs completed in 2.0 min (32.5 img/s overall) on 1 rank" in trained

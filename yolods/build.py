@@ -82,14 +82,14 @@ def resolve_data(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNa
 def _data_and_hyp(plan: RunPlan, run_dir: Path) -> tuple[dict[str, Any], SimpleNamespace]:
     if plan.data is not None:
         return plan.data, plan.hyp
-    from yolods.data.synthetic import make_synthetic_dataset
+    from yolods.data.synthetic import make_synthetic_dataset, val_images
 
     cfg, root = plan.cfg, run_dir / "synthetic"
     if dist.is_main_process():
         make_synthetic_dataset(
             root,
             num_train=cfg.synthetic_images,
-            num_val=max(cfg.synthetic_images // 4, 8),
+            num_val=val_images(cfg.synthetic_images),
             imgsz=cfg.imgsz,
             seed=cfg.seed,
         )

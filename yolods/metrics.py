@@ -59,9 +59,11 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
     import importlib.util
 
     minutes = facts.wall_s / 60
+    # a resumed run that had finished already trains nothing: no speed to report
+    speed = f"in {minutes:.1f} min ({facts.imgs_per_s:.1f} img/s overall)" if facts.imgs_per_s else "(none now)"
     lines = [
         "",
-        f"{facts.epochs_done}/{facts.epochs} epochs completed in {minutes:.1f} min ({facts.imgs_per_s:.1f} img/s overall) on "
+        f"{facts.epochs_done}/{facts.epochs} epochs completed {speed} on "
         f"{dist.ranks_phrase(facts.world_size)}, ZeRO-{facts.zero_stage}, {facts.precision}",
     ]
     if best is not None:

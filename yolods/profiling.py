@@ -87,7 +87,7 @@ class StepProfiler:
             profiler.print_model_profile(
                 profile_step=self.flops_step, module_depth=2, top_modules=3, output_file=str(output)
             )
-            print(output.read_text().split("\n\n")[0] if output.exists() else "", flush=True)
+            print(_flops_summary(output.read_text()) if output.exists() else "", flush=True)
         profiler.end_profile()
 
     def close(self) -> None:
@@ -102,3 +102,11 @@ class StepProfiler:
 def trace_files(run_dir: Path) -> list[Path]:
     """The torch.profiler traces a run wrote, one or more per rank."""
     return sorted((run_dir / "profile").glob("*.pt.trace.json"))
+
+
+def _flops_summary(profile: str) -> str:
+    """The head of DeepSpeed's flops profile: its notations and the summary (params, MACs, flops, latencies, FLOPS),
+    without the per-module tables that follow."""
+    lines = profile.splitlines()
+    end = next((i for i, line in enumerate(lines) if "Aggregated Profile" in line), len(lines))
+    return "\n".join(lines[:end]).rstrip()

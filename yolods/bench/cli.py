@@ -173,16 +173,27 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     context["run_id"] = dist.broadcast_object(args.run_id or now)
     out_dir = Path(args.out or "benchmarks/results/local")
-    repeats = max(args.repeat, 1)
+    repeats = args.repeat
     _say(
         f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"
     )
     keep_going = args.keep_going and world_size == 1
     if args.keep_going and not keep_going:
         _say("--keep-going applies to one rank only: a failure on one of several ranks ends the job")
-    failed = _run_sweep(
-        configs, repeats=repeats, device=device, links=links, context=context, out_dir=out_dir, keep_going=keep_going
-    )
+    try:
+        failed = _run_sweep(
+            configs,
+            repeats=repeats,
+            device=device,
+            links=links,
+            context=context,
+            out_dir=out_dir,
+            keep_going=keep_going,
+        )
+    except Exception as error:  # as in yolods.train: one line per rank (the traceback in OUT/logs), the job ends
+        from yolods import faults
+
+        faults.abort_job(error, run_dir=out_dir)
     _say(f"appended to {out_dir / 'results.jsonl'}; report: python -m yolods.bench.report {out_dir}")
     if failed:
         _say(f"{failed} configuration(s) failed and were skipped")

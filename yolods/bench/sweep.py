@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from yolods.config import PRECISIONS, ConfigError, load_deepspeed_json, precision_of
+from yolods.config import IMGSZ_MULTIPLE, PRECISIONS, ConfigError, load_deepspeed_json, precision_of
 
 ENGINES = ("deepspeed", "ddp", "ultralytics")
 INPUTS = ("synthetic", "real")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--channels-last",
         **sweep,
-        help="LIST: on,off: NHWC memory format on CUDA (default on, as yolods.train; CPU always trains NCHW)",
+        help="LIST: on,off: NHWC images on CUDA at ZeRO-0 (default off, as yolods.train; CPU always trains NCHW)",
     )
     _flag(
         parser,
@@ -283,6 +283,9 @@ def _batch_pairs(args: argparse.Namespace, *, world_size: int, default_micro_bat
     for batch in global_batches:
         if batch < world_size or batch % world_size:
             raise ConfigError(f"--batch {batch} does not split over {world_size} ranks: use a multiple of {world_size}")
+    for micro in micro_batches:
+        if micro < 1:
+            raise ConfigError(f"--micro-batch {micro}: images per rank must be at least 1")
     pairs = [(batch // world_size, batch) for batch in global_batches]
     pairs += [(micro, micro * world_size) for micro in micro_batches]
     return pairs or [(default_micro_batch, default_micro_batch * world_size)]
@@ -310,12 +313,17 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     warmup_steps = SWEEP_STEPS[1] if args.warmup_steps is None else args.warmup_steps
     if steps < 1 or warmup_steps < 0:
         raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat {args.repeat}: measure the sweep at least once (--repeat 1)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     defaults = DEVICE_DEFAULTS[device]
     engines = _choices(split_list(args.engine) or list(ENGINES), ENGINES, "--engine")
     inputs = _choices(split_list(args.input) or ["synthetic"], INPUTS, "--input")
     models = [model_yaml(name) for name in split_list(args.model) or ["yolov8n.yaml"]]
     sizes = _ints(args.imgsz, "--imgsz") or [defaults["imgsz"]]
+    for size in sizes:  # as yolods.train: Ultralytics' model fails mid-forward on other sizes
+        if size < IMGSZ_MULTIPLE or size % IMGSZ_MULTIPLE:
+            raise ConfigError(f"--imgsz {size} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}")
     ds_configs: list[str | None] = list(split_list(args.deepspeed_config)) or [None]
     stages = _stages(args, ds_configs=ds_configs)
     precisions, json_precisions = _precisions(args, device=device, ds_configs=ds_configs)

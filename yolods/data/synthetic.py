@@ -80,13 +80,26 @@ def make_synthetic_dataset(
     return yaml_path
 
 
+def val_images(num_train: int) -> int:
+    """Validation images drawn beside `num_train` training images for `--data synthetic`."""
+    return max(num_train // 4, 8)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m yolods.data.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory to write images/, labels/ and data.yaml into")
-    parser.add_argument("--num-train", type=int, default=128)
-    parser.add_argument("--num-val", type=int, default=32)
-    parser.add_argument("--imgsz", type=int, default=160)
-    parser.add_argument("--seed", type=int, default=0)
+    from yolods.config import SYNTHETIC_DEFAULTS
+
+    # defaults: the set `python -m yolods.train` (--data synthetic) draws in its run directory
+    images = SYNTHETIC_DEFAULTS["images"]
+    parser.add_argument("--num-train", type=int, default=images, help="training images (default %(default)s)")
+    parser.add_argument(
+        "--num-val", type=int, default=val_images(images), help="validation images (default %(default)s)"
+    )
+    parser.add_argument(
+        "--imgsz", type=int, default=SYNTHETIC_DEFAULTS["imgsz"], help="image side (default %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="drawing seed; --data synthetic uses --seed (default 0)")
     args = parser.parse_args(argv)
     path = make_synthetic_dataset(
         args.out, num_train=args.num_train, num_val=args.num_val, imgsz=args.imgsz, seed=args.seed
