@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,24 @@ def test_single_cls_trains_one_class_named_item(shapes_data, projects):
     assert model.names == {0: "item"}
     metrics = model.val(data=str(shapes_data), imgsz=IMGSZ, batch=8, device="cpu", plots=False, single_cls=True)
     assert 0.0 <= metrics.box.map50 <= 1.0 and len(metrics.box.ap_class_index) <= 1
+
+
+def test_fp16_at_zero2_lowers_the_loss_scale_and_trains_as_zero0_does(shapes_data, tmp_path):
+    """DeepSpeed 0.19.8 at ZeRO 1-3 skips an fp16 step whose gradients overflowed without lowering its GradScaler's
+    scale: every later step overflowed too and the run trained nothing. yolods backs the scale off as torch's
+    GradScaler does, so the scale follows ZeRO-0's step for step, and the first step applied reports ZeRO-0's
+    gradient norm (DeepSpeed's is of the scaled gradients)."""
+    from test_metrics import scalars
+
+    series = {}
+    for zero in ("0", "2"):
+        args = small_run_args(shapes_data, tmp_path, f"z{zero}", "--zero", zero, "--precision", "fp16", epochs=2)
+        assert_ok(run_train(args))
+        series[zero] = {
+            tag: [event.value for event in events] for tag, events in scalars(tmp_path / f"z{zero}").items()
+        }
+    scales = series["2"]["train/loss_scale"]
+    assert scales == series["0"]["train/loss_scale"] and min(scales) < max(scales)  # overflowed, then backed off
+    norms = {zero: series[zero]["train/grad_norm"] for zero in series}
+    first_applied = next(i for i, norm in enumerate(norms["0"]) if math.isfinite(norm))
+    assert norms["2"][first_applied] == pytest.approx(norms["0"][first_applied], rel=1e-3)

@@ -68,6 +68,7 @@ class TrainStep:
         self.input_dtype = next(engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
         self.last_optimizer_iteration = -1
         self.stage0_grad_norm: float | None = None
+        self.scale_at_last_step: float | None = None  # the fp16 loss scale of the last optimizer step (ZeRO 1-3)
         self.on_phase: Callable[[str], None] | None = None
 
     def __call__(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> StepResult:
@@ -96,7 +97,11 @@ class TrainStep:
         self._phase_done("backward")
         if is_boundary and self.zero_stage == 0:
             self.stage0_grad_norm = self._clip_reduced_grads()
+        elif is_boundary:
+            self.scale_at_last_step = loss_scale(self.engine)  # before step() may grow it
         self.engine.step()
+        if is_boundary and self.zero_stage > 0:
+            back_off_after_skipped_step(self.engine)
         self.accumulating = not is_boundary
         if is_boundary:
             self.last_optimizer_iteration = iteration
@@ -113,7 +118,14 @@ class TrainStep:
 
     def grad_norm(self) -> float | None:
         """Global gradient norm before clipping at the last optimizer step (None before the first)."""
-        return self.engine.get_global_grad_norm() if self.zero_stage else self.stage0_grad_norm
+        if not self.zero_stage:
+            return self.stage0_grad_norm
+        norm = self.engine.get_global_grad_norm()
+        # at ZeRO 1-3 DeepSpeed reports the norm of fp16 autocast's scaled gradients (bf16, fp32: no scale)
+        scaler = grad_scaler(self.engine)
+        if norm is not None and scaler is not None and scaler.is_enabled() and self.scale_at_last_step:
+            return float(norm) / self.scale_at_last_step
+        return norm
 
     def _clip_reduced_grads(self) -> float:
         """ZeRO-0: clip at `clip_norm` (if set) as Ultralytics does; returns the norm before clipping, which
@@ -142,6 +154,23 @@ def grad_scaler(engine):
     return getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
         engine.optimizer, "torch_autocast_gradscaler", None
     )
+
+
+def back_off_after_skipped_step(engine) -> None:
+    """Lower the fp16 GradScaler's scale after DeepSpeed skipped a step for non-finite gradients, as torch's
+    GradScaler.update() does (x backoff_factor, growth count restarted).
+
+    DeepSpeed 0.19.8 at ZeRO 1-3 under fp16 torch_autocast skips such a step without calling update(), so the scale
+    never fell and every later step overflowed too: 16 of 16 steps skipped at scale 65536, a run that trained
+    nothing and exited 0. ZeRO-0 and bf16 are not affected (no scaler here, or DeepSpeed updates it).
+    """
+    scaler = grad_scaler(engine)
+    if scaler is None or not scaler.is_enabled() or engine.was_step_applied():
+        return
+    scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+    growth_tracker = getattr(scaler, "_growth_tracker", None)  # torch keeps the count of good steps here
+    if growth_tracker is not None:
+        growth_tracker.zero_()
 
 
 def loss_scale(engine) -> float | None:
