@@ -369,6 +369,7 @@ def build_trainer(
         describe_large_batch(
             plan,
             optimizer,
+            lr0_per_group=schedule.lr0_per_group,
             warmup_batches=schedule.warmup_iterations,
             batches_per_epoch=schedule.batches_per_epoch,
         )

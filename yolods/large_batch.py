@@ -187,11 +187,21 @@ def recipe_for(plan, optimizer: torch.optim.Optimizer) -> LargeBatchRecipe:
     )
 
 
-def describe(plan, optimizer: torch.optim.Optimizer, *, warmup_batches: int, batches_per_epoch: int) -> str:
-    """The start-of-run line naming the rule applied and the lr, weight decay and warmup it gave."""
+def describe(
+    plan,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr0_per_group: tuple[float, ...],
+    warmup_batches: int,
+    batches_per_epoch: int,
+) -> str:
+    """The start-of-run line naming the rule applied and the lr, weight decay and warmup it gave.
+
+    `lr0_per_group` is the schedule's: a resumed optimizer's groups hold the lr of the step it stopped at.
+    """
     recipe = recipe_for(plan, optimizer)
     groups = optimizer.param_groups
-    lr0 = min(group["lr"] for group in groups)  # MuSGD boosts some groups' lr x 3; the others have lr0
+    lr0 = min(lr0_per_group)  # MuSGD boosts some groups' lr x 3; the others have lr0
     weight_decay = max((group.get("weight_decay", 0.0) for group in groups), default=0.0)
     images = plan.batch.images_per_optimizer_step
     nbs = plan.hyp.nbs
