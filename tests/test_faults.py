@@ -209,17 +209,23 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
     assert (run_dir / "checkpoints" / "latest").is_file()  # resumed after a stop: test_resume, the SIGTERM tests
 
 
-def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path):
-    """A copy of the finished ZeRO-2 run (checkpoints epoch2 and epoch3) whose newest has a truncated rank file."""
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
+    """A copy of the finished ZeRO-2 run (checkpoints epoch2 and epoch3) whose newest has a truncated rank file, or
+    lost one of its ZeRO optimizer partitions (it failed in DeepSpeed's load, with no fallback)."""
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run, run_dir)
     newest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    damaged = newest / "yolods_rank1.pt"
-    damaged.write_bytes(damaged.read_bytes()[:500])  # cut off mid-write
+    if damage == "truncated":
+        damaged = newest / "yolods_rank1.pt"
+        damaged.write_bytes(damaged.read_bytes()[:500])  # cut off mid-write
+    else:
+        damaged = next(newest.glob("*zero_pp_rank_1_*optim_states.pt"))
+        damaged.unlink()
     result = run_train(["--resume", str(run_dir)], nproc=2)
     assert_ok(result)
     output = result.stdout + result.stderr
-    assert f"skipping checkpoint {newest.name}: yolods_rank1.pt" in output, output[-3000:]
+    assert f"skipping checkpoint {newest.name}: {damaged.name}" in output, output[-3000:]
     assert "Resuming" in output and "from epoch2" in output, output[-3000:]
 
 
@@ -257,3 +263,24 @@ def test_an_error_in_a_data_loader_worker_is_summed_up_by_the_workers_own_line()
         next(iter(torch_data.DataLoader(_MissingImage(), num_workers=1)))
     assert _summary(caught.value) == "Image Not Found /data/images/train/000007.jpg (in DataLoader worker process 0)"
     assert _summary(ValueError("first line\nsecond line")) == "first line"
+
+
+def test_a_full_disk_is_named_in_one_line(tmp_path):
+    """torch.save on a full disk fails as "unexpected pos ..."; the rank's log cannot be written either. The line
+    says the disk is full, and no traceback floods the console. (/dev/full fails every write with ENOSPC.)"""
+    logs = tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "rank0.log").symlink_to("/dev/full")
+    code = (
+        "from pathlib import Path; from yolods import faults; "
+        f"faults.abort_job(RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2'), run_dir=Path({str(tmp_path / 'run')!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=train_env())
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        lines[-2].startswith("yolods: rank 0: error: RuntimeError: [enforce fail")
+        and "is full: free space" in lines[-2]
+    )
+    assert lines[-1] == "(traceback not saved: no space left on device)"
+    assert not (logs / "rank0.log").exists()

@@ -89,3 +89,13 @@ def test_a_resume_of_a_finished_run_reports_no_speed(tmp_path):
         RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
     )
     assert "10/10 epochs completed in 2.0 min (32.5 img/s overall) on 1 rank" in trained
+
+
+def test_the_summary_names_the_epoch_best_pt_holds():
+    """best.pt is replaced on a tie of Ultralytics' fitness (mAP50-95 in 8.4): the latest best epoch is named."""
+    from yolods.metrics import best_epoch
+
+    assert best_epoch([0.1, 0.3, 0.3, 0.2]) == 3
+    assert best_epoch([0.0, 0.0]) == 2
+    assert best_epoch([None, 0.2, None]) == 2
+    assert best_epoch([]) is None

@@ -233,6 +233,28 @@ class LoadedCheckpoint:
     saved_world_size: int
 
 
+def missing_file(tag_dir: Path, *, zero_stage: int) -> str | None:
+    """The first file a complete tag should hold and does not (deleted or lost since), or None.
+
+    Every saved rank's yolods_rankN.pt; DeepSpeed's model states; at ZeRO 1-3 each rank's optimizer partition
+    (and at ZeRO-3 each rank's model partition), named as DeepSpeed names them (a dtype prefix such as bf16_).
+    """
+    ranks = saved_world_size(tag_dir)
+    names = {path.name for path in tag_dir.glob("*.pt")}
+    expected = [f"yolods_rank{rank}.pt" for rank in range(ranks)]
+    if not any(name.endswith("model_states.pt") for name in names):
+        return "its DeepSpeed model states (*model_states.pt) are missing"
+    for suffix in ("_model_states.pt", "_optim_states.pt"):
+        per_rank = sorted(name for name in names if name.endswith(suffix) and "zero_pp_rank_" in name)
+        if per_rank:
+            prefix = per_rank[0].split("zero_pp_rank_")[0]
+            expected += [f"{prefix}zero_pp_rank_{rank}_mp_rank_00{suffix}" for rank in range(ranks)]
+        elif suffix == "_optim_states.pt" and zero_stage > 0:
+            return "its ZeRO optimizer partitions (*_optim_states.pt) are missing"
+    missing = [name for name in expected if name not in names]
+    return f"{missing[0]} is missing" if missing else None
+
+
 def damaged_file(tag_dir: Path) -> str | None:
     """The first file of a tag that does not open as a torch checkpoint, with the reason; None if all open.
 
@@ -343,7 +365,7 @@ class Checkpointer:
         is re-split (yolods.reshard) and the saved ranks' own states merged.
         """
         for tag_dir in complete_tags(self.run_dir):
-            damage = damaged_file(tag_dir)
+            damage = missing_file(tag_dir, zero_stage=self.engine.zero_optimization_stage()) or damaged_file(tag_dir)
             if dist.any_rank(damage is not None):  # all ranks move on together
                 dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damage or 'damaged on another rank'}")
                 continue

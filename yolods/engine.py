@@ -19,7 +19,7 @@ from yolods import dist
 from yolods.checkpoint import Checkpointer, complete_tags
 from yolods.config import RunPlan
 from yolods.data import TrainData
-from yolods.metrics import RunFacts, RunLogger, peak_memory_gib
+from yolods.metrics import RunFacts, RunLogger, best_epoch, peak_memory_gib
 from yolods.model import advance_loss_schedule, floating_buffers, ultralytics_weights
 from yolods.preemption import TrainingInterrupted
 from yolods.profiling import StepProfiler
@@ -354,6 +354,7 @@ class Trainer:
             data_yaml=self.hyp.data,
             latest_checkpoint=tags[0].name if tags else None,
             stopped=stopped,
+            best_epoch=best_epoch(self.state.fitness_history),
         )
         self.logger.summary(facts)
 

@@ -35,6 +35,7 @@ group before reaches it, and it continues the run from its newest complete check
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -428,9 +429,16 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
         except Exception:
             pass  # the store is gone too; the launcher or the peers' failed collectives end the job
     details = "".join(traceback.format_exception(error))
-    log_path = _write_log(run_dir, rank, details)
+    log_path, log_error = _write_log(run_dir, rank, details)
     summary = _summary(error)
-    where = f"traceback in {log_path}" if log_path else details.rstrip()
+    if log_path is not None:
+        where = f"traceback in {log_path}"
+    elif log_error is not None and log_error.errno == errno.ENOSPC:
+        # torch.save reports a full disk as "unexpected pos ...": say what the log write found
+        summary += f"; the disk holding {run_dir} is full: free space there, then --resume"
+        where = "traceback not saved: no space left on device"
+    else:
+        where = details.rstrip()  # no run directory yet, or an unwritable one: the traceback goes to stderr
     # on a line of its own: rank 0's progress bar may hold the cursor mid-line
     _leave(f"\nyolods: rank {rank}: error: {type(error).__name__}: {summary}\n({where})")
 
@@ -447,13 +455,16 @@ def _summary(error: BaseException) -> str:
     return lines[0]
 
 
-def _write_log(run_dir: Path | None, rank: int, details: str) -> Path | None:
+def _write_log(run_dir: Path | None, rank: int, details: str) -> tuple[Path | None, OSError | None]:
+    """RUN_DIR/logs/rankN.log holding `details`, or (None, why not): a full or read-only disk may be the fault."""
     if run_dir is None:
-        return None
+        return None, None
+    path = run_dir / "logs" / f"rank{rank}.log"
     try:
-        path = run_dir / "logs" / f"rank{rank}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(details)
-        return path
-    except OSError:
-        return None  # a full or read-only disk may be the fault itself: the traceback goes to stderr instead
+        return path, None
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # not an empty log that looks like the record
+        return None, error

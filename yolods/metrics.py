@@ -44,14 +44,14 @@ class RunFacts:
     data_yaml: str
     latest_checkpoint: str | None
     stopped: str | None = None  # the stop signal's checkpoint tag, when a signal ended the run early
+    best_epoch: int | None = None  # the epoch best.pt holds (from 1)
 
 
-def best_epoch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The results.csv row with the best fitness (0.1 mAP50 + 0.9 mAP50-95, Ultralytics' rule)."""
-    scored = [row for row in rows if row.get(MAP50) not in (None, "")]
-    if not scored:
-        return None
-    return max(scored, key=lambda row: 0.1 * float(row[MAP50]) + 0.9 * float(row[MAP50_95]))
+def best_epoch(fitness_history: list[float | None]) -> int | None:
+    """The epoch (from 1) best.pt holds: the latest with the highest fitness, as the Trainer saves it (a tie
+    replaces best.pt); None before any epoch was validated."""
+    scored = [(fitness, epoch) for epoch, fitness in enumerate(fitness_history, start=1) if fitness is not None]
+    return max(scored)[1] if scored else None
 
 
 def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path) -> str:
@@ -224,7 +224,8 @@ class RunLogger:
     def summary(self, facts: RunFacts) -> None:
         """The run's last lines on rank 0: how good it got and when, how fast, where things are, what to run next."""
         if self.enabled:
-            best = best_epoch(self.read_results()) if self.csv_path.exists() else None
+            rows = self.read_results() if self.csv_path.exists() else []
+            best = next((row for row in rows if facts.best_epoch and int(row["epoch"]) == facts.best_epoch), None)
             self.info(summary_text(facts, best=best, run_dir=self.run_dir))
 
     def close(self) -> None:
