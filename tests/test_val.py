@@ -54,7 +54,7 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
         "file not found": ["--model", weights, "--data", str(tmp_path / "data.yaml")],
         "no 'test' split": ["--model", weights, "--data", data, "--split", "test"],
         "multiple of the model stride": ["--model", weights, "--data", data, "--imgsz", "100"],
-        "--hyp batch=0: yolods.val takes it as a flag; pass --batch": ["--model", weights, "--hyp", "batch=0"],
+        "--hyp batch=0: yolods reads this from its own flag; pass --batch": ["--model", weights, "--hyp", "batch=0"],
         "--hyp split=test: .* pass --split": ["--model", weights, "--data", data, "--hyp", "split=test"],
     }
     for fragment, argv in cases.items():

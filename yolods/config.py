@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -320,13 +321,27 @@ def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def check_imgsz(imgsz: int) -> None:
+    """Refuse an image size Ultralytics' models cannot take whole (train, val, predict and the bench alike)."""
+    if imgsz < IMGSZ_MULTIPLE or imgsz % IMGSZ_MULTIPLE:
+        rounded = max(IMGSZ_MULTIPLE, round(imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
+        raise ConfigError(
+            f"--imgsz {imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. --imgsz {rounded}"
+        )
+
+
+def refuse_flags_given_as_hyp(overrides: dict[str, Any], flags: Iterable[str]) -> None:
+    """A `--hyp` setting the command takes as a flag would bypass the flag's checks (and where it is recorded)."""
+    for key in sorted(set(overrides) & set(flags)):
+        raise ConfigError(f"--hyp {key}={overrides[key]}: yolods reads this from its own flag; pass --{key}")
+
+
 def check_training_settings(overrides: dict[str, Any]) -> None:
     """Refuse the `--hyp` settings yolods.train would silently ignore (yolods.val passes its own to Ultralytics)."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
+    refuse_flags_given_as_hyp(overrides, HYP_KEYS_WITH_FLAGS)
     for key, value in overrides.items():
-        if key in HYP_KEYS_WITH_FLAGS:
-            raise ConfigError(f"--hyp {key}={value}: yolods reads this from its own flag; pass --{key}")
         if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
             raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
 
@@ -349,11 +364,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"--batch {args.batch} must be a positive global batch size")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs} must be at least 1")
-    if args.imgsz is not None and (args.imgsz < IMGSZ_MULTIPLE or args.imgsz % IMGSZ_MULTIPLE):
-        rounded = max(IMGSZ_MULTIPLE, round(args.imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
-        raise ConfigError(
-            f"--imgsz {args.imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. --imgsz {rounded}"
-        )
+    if args.imgsz is not None:
+        check_imgsz(args.imgsz)
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 (load in the training process) or more")
     if args.save_period_steps < 0 or args.save_period_min < 0:

@@ -25,7 +25,7 @@ from typing import NoReturn, Protocol, TypeVar
 import torch
 
 from yolods import dist
-from yolods.config import IMGSZ_MULTIPLE
+from yolods.config import check_imgsz
 from yolods.errors import ConfigError
 from yolods.preemption import StopRequest, exit_code_for
 
@@ -139,11 +139,8 @@ def add_common_flags(parser: argparse.ArgumentParser, *, default_project: str) -
 
 def common_settings(args: argparse.Namespace) -> dict[str, object]:
     """The Ultralytics settings the common flags give (only those given), checked; raises ConfigError."""
-    if args.imgsz is not None and (args.imgsz < IMGSZ_MULTIPLE or args.imgsz % IMGSZ_MULTIPLE):
-        rounded = max(IMGSZ_MULTIPLE, round(args.imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
-        raise ConfigError(
-            f"--imgsz {args.imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. --imgsz {rounded}"
-        )
+    if args.imgsz is not None:
+        check_imgsz(args.imgsz)
     if args.batch is not None and args.batch < 1:
         raise ConfigError(f"--batch {args.batch} must be at least 1 (images per forward on each rank)")
     for flag in ("conf", "iou"):

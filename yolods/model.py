@@ -40,9 +40,8 @@ def _load_weights_file(path: Path) -> nn.Module:
 
 
 def _unreadable_checkpoint(model_spec: str, error: Exception) -> str:
-    if Path(model_spec).name.endswith(("_model_states.pt", "_optim_states.pt")) or Path(model_spec).name.startswith(
-        "yolods_rank"
-    ):
+    name = Path(model_spec).name
+    if name.endswith(("_model_states.pt", "_optim_states.pt")) or name.startswith("yolods_rank"):
         return (
             f"--model {model_spec}: a file of a DeepSpeed checkpoint, not weights; pass the run's weights/best.pt or "
             "weights/last.pt (or --resume the run directory)"

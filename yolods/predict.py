@@ -255,10 +255,10 @@ def _read_ahead(reader, batches: list[WorkBatch], *, enabled: bool):
 
 def _write_outputs(plan: PredictPlan, run_dir: Path, result, *, key: str, frame: int) -> dict[str, Any]:
     """The label file and (--save) annotated image of one image or frame; returns its record."""
-    from yolods.prediction import annotate, coco_detections, coco_image_id, save_image, write_label
+    from yolods.prediction import annotate, coco_detections, coco_image_id, output_name, save_image, write_label
 
     base = plan.bases[result.path]
-    name = f"{base}_{frame}" if frame else base
+    name = output_name(base, frame)
     write_label(result, run_dir / "labels" / f"{name}.txt")
     if plan.save:
         image_path = run_dir / f"{base}_frames" / f"{name}.jpg" if frame else run_dir / f"{name}.jpg"

@@ -118,7 +118,12 @@ def output_bases(listing: SourceListing) -> dict[str, str]:
 
 def output_names(base: str, num_frames: int) -> list[str]:
     """The names an image (num_frames 0) or a video's frames are written under."""
-    return [f"{base}_{frame}" for frame in range(1, num_frames + 1)] if num_frames else [base]
+    return [output_name(base, frame) for frame in range(1, num_frames + 1)] if num_frames else [base]
+
+
+def output_name(base: str, frame: int) -> str:
+    """An image's output name (frame 0), or frame `frame` of a video's (counted from 1, as Ultralytics does)."""
+    return f"{base}_{frame}" if frame else base
 
 
 def coco_image_id(name: str) -> int | str:

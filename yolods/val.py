@@ -62,15 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_validation(argv: list[str] | None) -> ValPlan:
     """Flags -> ValPlan on every rank before any process group; every user mistake raises ConfigError."""
-    from yolods.config import parse_hyp_overrides
+    from yolods.config import parse_hyp_overrides, refuse_flags_given_as_hyp
     from yolods.data import load_data_yaml
 
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = parse_hyp_overrides(args.hyp)
-    flags = {action.dest for action in parser._actions} - {"help", "hyp"}
-    for key in sorted(set(overrides) & flags):  # past the flag's checks, and unrecorded where yolods reads the flag
-        raise ConfigError(f"--hyp {key}={overrides[key]}: yolods.val takes it as a flag; pass --{key} instead")
+    refuse_flags_given_as_hyp(overrides, {action.dest for action in parser._actions} - {"help", "hyp"})
     settings = {**overrides, **inference.common_settings(args)}
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 (load in the validating process) or more")

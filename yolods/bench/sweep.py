@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from yolods.config import IMGSZ_MULTIPLE, PRECISIONS, ConfigError, load_deepspeed_json, precision_of
+from yolods.config import PRECISIONS, ConfigError, check_imgsz, load_deepspeed_json, precision_of
 
 ENGINES = ("deepspeed", "ddp", "ultralytics")
 INPUTS = ("synthetic", "real")
@@ -322,8 +322,7 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     models = [model_yaml(name) for name in split_list(args.model) or ["yolov8n.yaml"]]
     sizes = _ints(args.imgsz, "--imgsz") or [defaults["imgsz"]]
     for size in sizes:  # as yolods.train: Ultralytics' model fails mid-forward on other sizes
-        if size < IMGSZ_MULTIPLE or size % IMGSZ_MULTIPLE:
-            raise ConfigError(f"--imgsz {size} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}")
+        check_imgsz(size)
     ds_configs: list[str | None] = list(split_list(args.deepspeed_config)) or [None]
     stages = _stages(args, ds_configs=ds_configs)
     precisions, json_precisions = _precisions(args, device=device, ds_configs=ds_configs)
