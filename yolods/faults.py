@@ -52,6 +52,9 @@ from yolods import dist, env
 from yolods.preemption import StopRequest
 
 ABORT_KEY = "yolods/abort"  # holds the phrase that names who failed: "rank 3 failed"
+# Set by abort_job before it sets ABORT_KEY: this rank's own watchdog then leaves the report to the main thread
+# (seen once in CI: it polled the key before the main thread had printed, and said "rank 1: stopping, rank 1 failed")
+_ABORTING = threading.Event()
 HEARTBEAT_KEY = "yolods/heartbeat/{rank}"
 FINISHED_KEY = "yolods/finished/{rank}"  # set when a rank leaves cleanly: its silence from then on is no fault
 PROCESS_KEY = "yolods/process/{rank}"  # 'host pid start-time' of each rank
@@ -167,7 +170,7 @@ class JobWatchdog:
                 )
                 self.stop_request.request(signal.SIGTERM, cause="the launcher's exit")
             failed_rank = _failed_rank(self.store)
-            if failed_rank is not None and not self._stopped.is_set():
+            if failed_rank is not None and not self._stopped.is_set() and not _ABORTING.is_set():
                 rank = dist.get_rank()
                 # on a line of its own: rank 0's progress bar may hold the cursor mid-line
                 print(f"\nyolods: rank {rank}: stopping, {failed_rank}", file=sys.stderr, flush=True)
@@ -423,6 +426,7 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
     earlier = _failed_rank(store)
     if earlier is not None:
         _leave(f"yolods: rank {rank}: stopping, {earlier}")
+    _ABORTING.set()
     if store is not None:
         try:
             store.set(ABORT_KEY, f"rank {rank} failed")
