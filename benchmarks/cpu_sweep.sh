@@ -2,7 +2,8 @@
 # The committed CPU figures (benchmarks/results/cpu/): this repository's 2-core machine, gloo, 1 and 2 ranks.
 #
 #   bash benchmarks/cpu_sweep.sh            # ~35 min on 2 cores; OUT=... RUN_ID=... to override
-#   ONLY=stages REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the ZeRO-stage comparison alone (~30 min)
+#   ONLY=stages REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the ZeRO-stage comparison alone (~10 min)
+#   ONLY=stages IMGSZ=320 RANKS=2 REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the same at 320 px, 2 ranks only
 #
 # One rank = one core (OMP_NUM_THREADS=1), so the ideal 2-rank throughput is twice the 1-rank one. The 1-rank and
 # 2-rank invocations alternate under one --run-id, so drifts in machine load fall on both; the report takes the
@@ -22,11 +23,24 @@ two() { "$PYTHON" -m torch.distributed.run --nproc_per_node 2 -m yolods.bench "$
 
 # ZeRO stages against DDP (and Ultralytics at 1 rank), synthetic and real input: the main comparison, on yolov8n
 # and on yolov8s (3.7x the parameters and 3x the compute per image; fewer steps, as each takes 3x longer)
-for _ in $(seq "${REPEATS:-3}"); do
-  one --imgsz 160 --steps 20 --warmup-steps 5 --zero 0,1,2,3 --input synthetic,real
-  two --imgsz 160 --steps 20 --warmup-steps 5 --zero 0,1,2,3 --input synthetic,real --comms-logger
-  one --model s --imgsz 160 --steps 10 --warmup-steps 3 --zero 0,1,2,3 --input synthetic,real
-  two --model s --imgsz 160 --steps 10 --warmup-steps 3 --zero 0,1,2,3 --input synthetic,real
+# IMGSZ: ZeRO's extra work per step is mostly per layer and per parameter, not per pixel, so its share (and the
+# ratio to DDP) depends on the image size; RANKS=2 skips the 1-rank invocations.
+IMGSZ=${IMGSZ:-160}
+RANKS=${RANKS:-1,2}
+stages() {  # $1: one|two; the rest: model flags
+  local launcher=$1; shift
+  if [[ ,$RANKS, == *,$([[ $launcher == one ]] && echo 1 || echo 2),* ]]; then
+    "$launcher" --imgsz "$IMGSZ" --zero 0,1,2,3 --input synthetic,real "$@"
+  fi
+}
+# Each invocation measures its configurations in one process, DDP first; every second pass runs them in reverse
+# (--reverse), so what one configuration leaves in the process (a ZeRO-3 engine is never freed) falls on all.
+for pass in $(seq "${REPEATS:-3}"); do
+  order=(); (( pass % 2 == 0 )) && order=(--reverse)
+  stages one --steps 20 --warmup-steps 5 "${order[@]}"
+  stages two --steps 20 --warmup-steps 5 --comms-logger "${order[@]}"
+  stages one --model s --steps 10 --warmup-steps 3 "${order[@]}"
+  stages two --model s --steps 10 --warmup-steps 3 "${order[@]}"
 done
 if [[ ${ONLY:-} == stages ]]; then
   exec "$PYTHON" -m yolods.bench.report "$OUT" --require-clean

@@ -20,6 +20,7 @@ import torch
 
 from yolods.bench import comm_model as cm
 from yolods.bench.analysis import ratio_vs, select_lines
+from yolods.bench.cli import sweep_schedule
 from yolods.bench.measure import StepRecord, mean_phases, step_stats, time_steps
 from yolods.bench.memory import model_state_bytes
 from yolods.bench.results import REQUIRED_KEYS, append_line, make_line, read_lines
@@ -225,6 +226,20 @@ def test_sweep_expands_comma_lists_and_repeated_flags_with_baselines():
     # Ultralytics trains in fp32 only on CPU: no bf16 baseline there
     bf16 = expand(_args("--zero", "2", "--precision", "fp32,bf16", "--device", "cpu"), world_size=1)
     assert [(c.engine, c.precision) for c in bf16 if c.engine == "ultralytics"] == [("ultralytics", "fp32")]
+
+
+def test_odd_repeats_measure_in_reverse_with_the_ultralytics_child_last():
+    configs = expand(_args("--zero", "0,3", "--device", "cpu"), world_size=1)
+    labels = [(cfg.engine, cfg.zero_stage) for cfg in configs]
+    assert labels == [("ddp", None), ("deepspeed", 0), ("deepspeed", 3), ("ultralytics", None)]
+    schedule = [(repeat, (cfg.engine, cfg.zero_stage)) for repeat, cfg in sweep_schedule(configs, 3)]
+    assert schedule == [
+        *[(0, label) for label in labels],
+        *[(1, label) for label in [*labels[2::-1], labels[3]]],  # ZeRO-3 first, DDP last, Ultralytics still last
+        *[(2, label) for label in labels],
+    ]
+    assert [cfg for _, cfg in sweep_schedule(configs, 1, reverse_first=True)] == [*configs[2::-1], configs[3]]
+    assert _args("--reverse").reverse and not _args().reverse
 
 
 def test_sweep_at_two_ranks_drops_ultralytics_and_splits_the_global_batch():

@@ -148,7 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"burn-in steps, not timed (default {SWEEP_STEPS[1]}; --tune 2, --fit 1)",
     )
-    _flag(parser, "--repeat", type=int, default=1, help="measure the whole sweep this many times, interleaved")
+    _flag(
+        parser,
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the whole sweep this many times, interleaved; every other repeat in reverse order",
+    )
+    _flag(
+        parser,
+        "--reverse",
+        action="store_true",
+        help="start in reverse order (the Ultralytics baseline stays last): alternate it between invocations of one "
+        "--run-id, so no configuration always runs first in its process",
+    )
     _flag(
         parser,
         "--run-id",
