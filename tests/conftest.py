@@ -161,7 +161,9 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="session")
 def zero2_run(shapes_data, projects) -> Path:
     """A finished 2-rank ZeRO-2 fp32 run with a few profiled steps (read by several tests)."""
-    args = small_run_args(shapes_data, projects, "zero2", "--zero", "2", "--profile", "1,1,1", plots=True)
+    args = small_run_args(
+        shapes_data, projects, "zero2", "--zero", "2", "--profile", "1,1,1", "--comms_logger", plots=True
+    )
     result = run_train(args, nproc=2)
     assert_ok(result)
     (projects / "zero2" / "train.log").write_text(result.stdout + result.stderr)

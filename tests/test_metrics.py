@@ -48,6 +48,10 @@ def test_profile_writes_a_trace_per_rank_and_a_flops_summary(zero2_run):
     log = (zero2_run / "train.log").read_text()  # rank 0 prints the summary's figures, not the tables
     assert re.search(r"params per GPU: +3\.0\d M", log) and "fwd FLOPS per GPU" in log
     assert "Aggregated Profile" not in log
+    table = log[log.index("yolods: collectives on rank 0") :].splitlines()
+    all_reduce = next(row.split() for row in table if row.startswith("all_reduce "))
+    calls, megabytes, seconds, ms_per_call = int(all_reduce[1]), *map(float, all_reduce[2:5])
+    assert calls > 0 and megabytes > 0 and ms_per_call == pytest.approx(seconds * 1e3 / calls, rel=0.01, abs=1e-3)
 
 
 def test_results_csv_and_png(zero2_run):
@@ -99,3 +103,44 @@ def test_the_summary_names_the_epoch_best_pt_holds():
     assert best_epoch([0.0, 0.0]) == 2
     assert best_epoch([None, 0.2, None]) == 2
     assert best_epoch([]) is None
+
+
+def test_a_tensorboard_step_covers_all_its_micro_batches():
+    """With accumulation a step's point is the mean loss of its micro-batches and their summed time, not the last's."""
+    import torch
+
+    from yolods.engine import OptimizerStepWindow
+
+    window = OptimizerStepWindow()
+    for losses, seconds, data_wait_s in (([1.0, 2.0, 3.0], 0.2, 0.05), ([3.0, 4.0, 5.0], 0.3, 0.15)):
+        window.add(torch.tensor(losses), images=16, seconds=seconds, data_wait_s=data_wait_s)
+    assert window.mean_losses().tolist() == [2.0, 3.0, 4.0]
+    assert window.seconds == pytest.approx(0.5) and window.imgs_per_s() == pytest.approx(64.0)
+    assert window.data_wait_s / window.seconds == pytest.approx(0.4)
+
+
+def test_comm_totals_undo_deepspeed_logging_running_totals():
+    """DeepSpeed 0.19.8 logs each call with its op's running timer total: 2, 3 and 4 ms calls log 2, 5 and 9 ms."""
+    from yolods.profiling import comm_totals, comms_summary
+
+    raw = {"all_reduce": {1024: [2, [2.0, 5.0], [], []], 4096: [1, [9.0], [], []]}}
+    assert comm_totals(raw) == {"all_reduce": (3, 2 * 1024 + 4096, pytest.approx(0.009))}
+    row = next(line for line in comms_summary(raw).splitlines() if line.startswith("all_reduce"))
+    assert row.split()[1:5] == ["3", "0.01", "0.009", "3.000"]
+
+
+def test_a_profile_window_past_the_last_step_says_so(tmp_path, capsys):
+    """`--profile 50,1,1` on a 4-step run recorded nothing and said nothing; the flops step is never reached."""
+    from types import SimpleNamespace
+
+    from yolods.config import ProfileSpec
+    from yolods.profiling import StepProfiler
+
+    profiler = StepProfiler(
+        ProfileSpec(wait=50, warmup=1, active=1), run_dir=tmp_path, engine=SimpleNamespace(device="cpu")
+    )
+    for _ in range(4):
+        with profiler.step():
+            pass
+    profiler.close()
+    assert "--profile 50,1,1 recorded no step: this run trained 4 steps" in capsys.readouterr().err

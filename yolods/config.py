@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", nargs="?", const="1,2,3", metavar="WAIT,WARMUP,ACTIVE", help="torch.profiler trace of steps"
     )
     watch.add_argument(
-        "--comms_logger", action="store_true", help="with --profile: DeepSpeed comms summary (syncs every collective)"
+        "--comms_logger",
+        action="store_true",
+        help="print each collective's calls, bytes and time at the end (DeepSpeed's comms logger; syncs every "
+        "collective)",
     )
     return parser
 

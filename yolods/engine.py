@@ -29,6 +29,32 @@ from yolods.validation import EpochValidator
 
 
 @dataclass
+class OptimizerStepWindow:
+    """The micro-batches since the last optimizer step, summed: one TensorBoard point per optimizer step covers all
+    of them, as Ultralytics' `accumulate` sums their gradients. An optimizer step can span an epoch's end (the
+    accumulation carries over, as in Ultralytics); only the micro-batches' own seconds count, not validation's."""
+
+    loss_sums: torch.Tensor | None = None
+    micro_batches: int = 0
+    images: int = 0  # on all ranks
+    seconds: float = 0.0  # waiting for data + the train step, per micro-batch
+    data_wait_s: float = 0.0
+
+    def add(self, loss_items: torch.Tensor, *, images: int, seconds: float, data_wait_s: float) -> None:
+        self.loss_sums = loss_items.clone() if self.loss_sums is None else self.loss_sums + loss_items
+        self.micro_batches += 1
+        self.images += images
+        self.seconds += seconds
+        self.data_wait_s += data_wait_s
+
+    def mean_losses(self) -> torch.Tensor:
+        return self.loss_sums / self.micro_batches
+
+    def imgs_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
 class TrainState:
     """What a checkpoint must carry beyond DeepSpeed's own state."""
 
@@ -89,6 +115,7 @@ class Trainer:
         self.state = TrainState()
         self.started_s = time.perf_counter()
         self.images_trained = 0  # by all ranks, in this process's run (a resumed run counts from its start)
+        self.step_window = OptimizerStepWindow()  # checkpoints fall on optimizer steps: a resumed run starts one
         self.stop_after_epoch = False
         self.finished = False
         self.checkpoint_due = False  # an epoch ended mid-accumulation: checkpoint at the next optimizer step
@@ -133,6 +160,7 @@ class Trainer:
                 # already trained on before the interruption; counted, so that a rank still replaying (minutes into
                 # a large epoch) is not taken for stuck by one that is done (yolods.faults.PeerPulse)
                 self._passed("replay")
+                step_started = time.perf_counter()  # the replay is not the next batch's wait for data
                 continue
             data_wait_s = time.perf_counter() - step_started
             with self.profiler.step():
@@ -143,10 +171,11 @@ class Trainer:
                     last_in_epoch=batch_index == num_batches - 1,
                 )
             loss_sums += result.loss_items
-            step_time_s = time.perf_counter() - step_started
             images = batch["img"].shape[0] * dist.get_world_size()
             self.images_trained += images
-            imgs_per_s = images / step_time_s
+            self.step_window.add(
+                result.loss_items, images=images, seconds=time.perf_counter() - step_started, data_wait_s=data_wait_s
+            )
             self.logger.update_bar(
                 epoch=epoch,
                 epochs=self.epochs,
@@ -156,10 +185,8 @@ class Trainer:
                 imgsz=batch["img"].shape[-1],
             )
             if result.stepped:
-                scalars = self._step_scalars(
-                    result.loss_items, imgs_per_s=imgs_per_s, step_time_s=step_time_s, data_wait_s=data_wait_s
-                )
-                self.logger.log_step(self.engine.global_steps, scalars)
+                self.logger.log_step(self.engine.global_steps, self._step_scalars(self.step_window))
+                self.step_window = OptimizerStepWindow()
             mid_epoch_boundary = result.stepped and batch_index < num_batches - 1  # the epoch's end saves anyway
             if mid_epoch_boundary and (
                 result.stop or self.checkpoint_due or self.checkpointer.mid_epoch_save_due(self.engine.global_steps)
@@ -190,17 +217,16 @@ class Trainer:
             self._log_stop(tag)
             raise TrainingInterrupted(tag, exit_code=self.step.stop_request.agreed_exit_code)
 
-    def _step_scalars(
-        self, loss_items: torch.Tensor, *, imgs_per_s: float, step_time_s: float, data_wait_s: float
-    ) -> dict[str, float]:
-        """TensorBoard scalars for one optimizer step; names carry their units."""
-        scalars = {f"train/{name}": float(value) for name, value in zip(self.loss_names, loss_items)}
+    def _step_scalars(self, window: OptimizerStepWindow) -> dict[str, float]:
+        """TensorBoard scalars for one optimizer step (the mean loss of its micro-batches on this rank, its time and
+        images over all of them); names carry their units."""
+        scalars = {f"train/{name}": float(value) for name, value in zip(self.loss_names, window.mean_losses())}
         scalars.update({f"lr/pg{index}": group["lr"] for index, group in enumerate(self.engine.optimizer.param_groups)})
         scalars.update(
             {
-                "throughput/imgs_per_s": imgs_per_s,
-                "time/step_s": step_time_s,
-                "time/data_wait_share": data_wait_s / step_time_s,
+                "throughput/imgs_per_s": window.imgs_per_s(),
+                "time/step_s": window.seconds,
+                "time/data_wait_share": window.data_wait_s / max(window.seconds, 1e-9),
                 "memory/peak_gib": peak_memory_gib(self.step.device),
             }
         )

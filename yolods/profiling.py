@@ -3,8 +3,8 @@
 `--profile WAIT,WARMUP,ACTIVE` skips WAIT steps, warms up WARMUP and records ACTIVE steps of the first epoch;
 each rank writes `profile/rank{N}.*.pt.trace.json` in the run dir (TensorBoard's profiler view and Perfetto
 open it). The first recorded step also goes through DeepSpeed's flops profiler (rank 0 prints the summary and
-writes flops_profile.txt). `--comms_logger` adds DeepSpeed's per-collective summary at the end; it
-synchronises every collective, so it is off unless asked.
+writes flops_profile.txt). `--comms_logger` adds a per-collective summary at the end (calls, bytes, time, from
+DeepSpeed's comms logger); it synchronises every collective, so it is off unless asked.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class StepProfiler:
 
     def __init__(self, spec: ProfileSpec | None, *, run_dir: Path, engine, comms_logger: bool = False):
         self.enabled = spec is not None
+        self.spec = spec
         self.run_dir = run_dir
         self.engine = engine
         self.comms_logger = comms_logger
@@ -93,10 +94,21 @@ class StepProfiler:
     def close(self) -> None:
         if self.enabled and self.steps_seen < self.last_step:
             self.torch_profiler.stop()  # fewer steps ran than asked for: write what was recorded
+            dist.print_main(self._short_window_note())
         if self.comms_logger:
             import deepspeed.comm
 
-            deepspeed.comm.log_summary()
+            dist.print_main(comms_summary(deepspeed.comm.comms_logger.get_raw_data()))
+
+    def _short_window_note(self) -> str:
+        spec, recorded = self.spec, max(self.steps_seen - self.flops_step, 0)
+        flag = f"--profile {spec.wait},{spec.warmup},{spec.active}"
+        if recorded == 0:
+            return (
+                f"yolods: WARNING: {flag} recorded no step: this run trained {self.steps_seen} steps (micro-batches), "
+                f"and recording starts after WAIT + WARMUP = {self.flops_step}; lower them"
+            )
+        return f"yolods: WARNING: {flag} recorded {recorded} of {spec.active} steps: the run ended first"
 
 
 def trace_files(run_dir: Path) -> list[Path]:
@@ -110,3 +122,33 @@ def _flops_summary(profile: str) -> str:
     lines = profile.splitlines()
     end = next((i for i, line in enumerate(lines) if "Aggregated Profile" in line), len(lines))
     return "\n".join(lines[:end]).rstrip()
+
+
+def comm_totals(raw: dict) -> dict[str, tuple[int, int, float]]:
+    """(calls, bytes, seconds) of each collective from DeepSpeed's comms logger (`comms_logger.get_raw_data()`).
+
+    DeepSpeed 0.19.8 logs each call with its op's running timer total (`timed_op`: `elapsed(reset=False)`), not
+    the call's own time, so its own summary (`log_summary`) shows latencies and bandwidths that grow with every
+    call. The largest record of an op is that op's total; calls and message sizes are logged right.
+    """
+    totals = {}
+    for op_name, by_size in raw.items():
+        calls = sum(record[0] for record in by_size.values())
+        total_bytes = sum(size * record[0] for size, record in by_size.items())
+        total_ms = max(max(record[1]) for record in by_size.values())
+        totals[op_name] = (calls, total_bytes, total_ms / 1000)
+    return totals
+
+
+def comms_summary(raw: dict) -> str:
+    """A table of each collective's calls, bytes and time on this rank (rank 0's, printed at the end)."""
+    rows = [f"{'collective':<28} {'calls':>8} {'MB':>10} {'total s':>9} {'ms/call':>9} {'MB/s':>9}"]
+    for op_name, (calls, total_bytes, seconds) in sorted(comm_totals(raw).items()):
+        rate = total_bytes / 1e6 / seconds if seconds > 0 else float("nan")
+        rows.append(
+            f"{op_name:<28} {calls:>8} {total_bytes / 1e6:>10.2f} {seconds:>9.3f} "
+            f"{seconds * 1e3 / max(calls, 1):>9.3f} {rate:>9.1f}"
+        )
+    if len(rows) == 1:
+        rows.append("(no collective was logged)")
+    return "yolods: collectives on rank 0 (DeepSpeed comms logger; each call synchronised):\n" + "\n".join(rows)

@@ -21,6 +21,7 @@ import torch
 from yolods import dist
 from yolods.bench.comm_model import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fit_link
 from yolods.gloo_collectives import all_gather_into_tensor
+from yolods.profiling import comm_totals
 from yolods.step import PHASES as STEP_PHASES
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
@@ -201,9 +202,8 @@ def probe_link(
 def logged_comm_per_step(run_steps: Callable[[int], None], *, steps: int) -> dict[str, dict[str, float]]:
     """Calls, bytes and seconds per step of each collective, from DeepSpeed's comms logger.
 
-    The logger synchronizes after every collective, so these steps are run apart from the timed window.
-    DeepSpeed 0.19.8 records each op's running timer total (`elapsed(reset=False)`), not the op's own time,
-    so op timers are reset first and the largest record is the op's total.
+    The logger synchronizes after every collective, so these steps are run apart from the timed window. Its op
+    timers run on across calls (`yolods.profiling.comm_totals`), so they are reset first.
     """
     import deepspeed.comm as ds_comm
     from deepspeed.comm import comm as ds_comm_module
@@ -217,17 +217,10 @@ def logged_comm_per_step(run_steps: Callable[[int], None], *, steps: int) -> dic
         raw = ds_comm.comms_logger.get_raw_data()
     finally:
         ds_comm.configure(enabled=False)
-    per_step = {}
-    for op_name, by_size in raw.items():
-        calls = sum(record[0] for record in by_size.values())
-        total_bytes = sum(size * record[0] for size, record in by_size.items())
-        total_ms = max(max(record[1]) for record in by_size.values())
-        per_step[op_name] = {
-            "calls": calls / steps,
-            "message_bytes": total_bytes / steps,
-            "seconds": total_ms / 1000 / steps,
-        }
-    return per_step
+    return {
+        op_name: {"calls": calls / steps, "message_bytes": total_bytes / steps, "seconds": seconds / steps}
+        for op_name, (calls, total_bytes, seconds) in comm_totals(raw).items()
+    }
 
 
 def all_gather_object(value: Any) -> list[Any]:
