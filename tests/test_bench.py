@@ -610,6 +610,68 @@ def test_bench_require_clean_refuses_a_dirty_tree_before_measuring(tmp_path, mon
     code = cli.main(["--engine", "ddp", "--zero", "0", "--require-clean", "--out", str(tmp_path)])
     assert code == 2 and "yolods/step.py" in capsys.readouterr().err
     assert not (tmp_path / "results.jsonl").exists()
+    # --fit and --tune measure too: they ran on a dirty tree and exited 0
+    fit = ["--fit", "micro-batch", "--memory-budget-gib", "1", "--require-clean", "--out", str(tmp_path)]
+    assert cli.main(fit) == 2 and "--require-clean" in capsys.readouterr().err
+
+
+TINY_SWEEP = ["--model", "n", "--imgsz", "64", "--micro-batch", "2", "--steps", "1", "--warmup-steps", "1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        # each failed only after the link probe or the first configuration, or exited 0 having measured nothing
+        (["--engine", "ultralytics", "--data", "nope.yaml"], "--data nope.yaml: file not found"),
+        (["--engine", "ultralytics", "--precision", "bf16"], "Ultralytics trains in fp32 only on a CPU"),
+        (["--engine", "ddp", "--device", "cuda"], "torch sees no CUDA device here"),
+        (["--engine", "ddp", "--out", "{file}"], "is a file: name a directory"),
+        (["--fit", "micro-batch", "--engine", "ultralytics", "--memory-budget-gib", "1"], "not the Ultralytics"),
+        (["--fit", "micro-batch", "--memory-budget-gib", "-1"], "--memory-budget-gib -1 must be above 0"),
+    ],
+)
+def test_bench_inputs_that_cannot_run_are_one_line_before_measuring(flags, fragment, tmp_path, capsys):
+    from yolods.bench import cli
+
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    (tmp_path / "afile").write_text("")
+    flags = [flag.replace("{file}", str(tmp_path / "afile")) for flag in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "out")]
+    assert cli.main([*TINY_SWEEP, *flags, *out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert fragment in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--link-gbps", "foo"], "takes Gb/s numbers"),  # a ValueError traceback
+        (["--link-gbps", "0"], "must be above 0 Gb/s"),  # ZeroDivisionError
+        (["--ranks-per-node", "0"], "--ranks-per-node 0 must be at least 1"),
+        (["--gpu-imgs-per-s", "-5"], "a rate must be above 0"),  # an AssertionError
+        (["--goal-micro-batch", "0"], "--goal-micro-batch 0 must be at least 1"),
+        (["--goal-imgsz", "100"], "not a multiple of YOLO's stride 32"),
+        (["--network-latency-us", "-5"], "must be at least 0"),  # reported with a negative latency
+    ],
+)
+def test_report_flags_no_projection_can_use_are_one_line(flags, fragment, tmp_path, capsys):
+    from yolods.bench.report import main
+
+    assert main([str(tmp_path), *flags]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_report_leaves_out_foreign_and_truncated_lines_and_needs_a_yolods_line(tmp_path, capsys):
+    from yolods.bench.report import main
+
+    baseline = _line("ultralytics", 20.0, world_size=1)
+    (tmp_path / "results.jsonl").write_text(json.dumps(baseline) + "\n" + '{"a": 1}\n' + json.dumps(baseline)[:40])
+    assert main([str(tmp_path)]) == 2  # it crashed in the plots: no yolods line to plot
+    err = capsys.readouterr().err
+    assert "results.jsonl:2: not a bench line" in err and "results.jsonl:3: not JSON" in err
+    assert "holds no yolods line (DeepSpeed or DDP) to report on (1 Ultralytics baseline line(s))" in err
 
 
 def test_report_flags_dirty_rows_labels_assumptions_and_refuses_with_require_clean(tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ from yolods.bench.memory import release_memory
 from yolods.bench.results import append_line, make_line, run_context
 from yolods.bench.runner import dataset_images, measure_training, measure_ultralytics
 from yolods.bench.sweep import BenchConfig, build_parser, expand
-from yolods.config import ConfigError
+from yolods.config import SYNTHETIC, ConfigError
+from yolods.data import load_data_yaml
 
 
 def _say(message: str) -> None:
@@ -57,15 +58,6 @@ def _probe(device: torch.device) -> tuple[dict | None, dict[str, Link] | None]:
             f"{link.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
         )
     return probe, links
-
-
-def _ultralytics_or_none(cfg: BenchConfig, *, data_yaml: str) -> dict | None:
-    """The Ultralytics baseline (one rank only); its failure is reported and skipped: it runs in a child process."""
-    try:
-        return measure_ultralytics(cfg, data_yaml=data_yaml)
-    except (RuntimeError, subprocess.TimeoutExpired) as error:
-        _say(f"skipped {cfg.label}: {error}")
-        return None
 
 
 def sweep_schedule(
@@ -109,14 +101,16 @@ def _run_sweep(
     for index, (repeat, cfg) in enumerate(schedule, start=1):
         data_yaml = _data_yaml(cfg)
         try:
-            if cfg.engine == "ultralytics":
-                measured = _ultralytics_or_none(cfg, data_yaml=data_yaml)
+            if cfg.engine == "ultralytics":  # one rank only, in a child process
+                measured = measure_ultralytics(cfg, data_yaml=data_yaml)
             else:
                 measured = measure_training(cfg, device=device, data_yaml=data_yaml, links=links)
         except Exception as error:
             if not keep_going:
                 raise
             message = " ".join(str(error).split())[:300]
+            if isinstance(error, subprocess.TimeoutExpired):
+                message = f"the Ultralytics child ran past {error.timeout:.0f} s"
             _say(f"[{index}/{total}] {cfg.label}: FAILED, skipped (--keep-going): {type(error).__name__}: {message}")
             failed += 1
             measured = None
@@ -148,35 +142,58 @@ def _run_mode(args) -> int:
         return 2
 
 
+def _check_before_measuring(configs: list[BenchConfig], args, *, world_size: int) -> None:
+    """What would otherwise fail after the link probe or the first configuration, as one line now.
+
+    Raises:
+        ConfigError: nothing to measure, a data.yaml that is not there, no CUDA device, an --out that cannot be
+            written, or a configuration yolods.train would reject.
+    """
+    if not configs:
+        if world_size > 1:
+            raise ConfigError("nothing to measure: the Ultralytics baseline alone runs only at world size 1")
+        raise ConfigError("nothing to measure: Ultralytics trains in fp32 only on a CPU: add --precision fp32")
+    for cfg in configs:  # every run resolves as yolods.train would, before any process group or model exists
+        if cfg.input == "real" and cfg.data != SYNTHETIC:
+            load_data_yaml(cfg.data)
+        if cfg.engine != "ultralytics":
+            bench_plan(cfg, world_size=world_size)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu")
+    out_dir = Path(args.out or "benchmarks/results/local")
+    if dist.is_main_process():
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir} is a file: name a directory")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--out {out_dir}: cannot write results there ({error.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep (or --tune, or --fit); returns the exit code (2 for a user mistake, reported in one line; 1
     when --keep-going skipped a configuration that failed)."""
     args = build_parser().parse_args(argv)
+    source = provenance.source_record()
+    if args.require_clean and source and source["dirty"]:  # the sweep, --fit and --tune alike
+        if dist.is_main_process():
+            print(
+                f"yolods.bench: error: --require-clean: yolods/ has {source['num_changes']} uncommitted "
+                f"change(s) on {source['commit'][:12]} ({', '.join(source['changes'][:3])}); commit them first",
+                file=sys.stderr,
+            )
+        return 2
     if args.tune or args.fit:
         return _run_mode(args)
     world_size = dist.get_world_size()
     try:
         configs = expand(args, world_size=world_size)
-        for cfg in configs:  # every run resolves as yolods.train would, before any process group or model exists
-            if cfg.engine != "ultralytics":
-                bench_plan(cfg, world_size=world_size)
+        _check_before_measuring(configs, args, world_size=world_size)
     except ConfigError as error:
         if dist.is_main_process():
             print(f"yolods.bench: error: {error}", file=sys.stderr)
         return 2
-    if not configs:
-        _say("nothing to measure (the Ultralytics baseline alone runs only at world size 1)")
-        return 0
-    source = provenance.source_record()
     if source and source["dirty"]:
-        if args.require_clean:
-            if dist.is_main_process():
-                print(
-                    f"yolods.bench: error: --require-clean: yolods/ has {source['num_changes']} uncommitted "
-                    f"change(s) on {source['commit'][:12]} ({', '.join(source['changes'][:3])}); commit them first",
-                    file=sys.stderr,
-                )
-            return 2
         # Lines from a dirty tree measure code no commit holds: they are marked, and the report counts them.
         _say(
             f"WARNING: yolods/ has {source['num_changes']} uncommitted change(s): every line is marked dirty "

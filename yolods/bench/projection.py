@@ -160,19 +160,23 @@ def goal_compute(
     step_s = goal.micro_batch / assumed_imgs_per_s
     sentence = (
         f"ASSUMED, not measured here: {assumed_imgs_per_s:g} img/s per GPU ({step_s * 1e3:.1f} ms per step of "
-        f"{goal.micro_batch} images{_provenance(assumed_imgs_per_s)}), split {ASSUMED_COMPUTE_SPLIT}; no 1-GPU line "
+        f"{goal.micro_batch} images{_provenance(assumed_imgs_per_s, goal)}), split {ASSUMED_COMPUTE_SPLIT}; no 1-GPU line "
         f"of {goal.model}@{goal.imgsz} with {goal.micro_batch} images per rank in these results"
     )
     return assumed_compute(step_s), sentence, False
 
 
-def _measured_on_h200(imgs_per_s: float) -> bool:
-    """Whether a rate is the H200's measured one (the default), to name where it came from."""
-    return round(imgs_per_s) == round(H200_GOAL_IMGS_PER_S)
+def _measured_on_h200(imgs_per_s: float, goal: Goal) -> bool:
+    """Whether a rate is the one the H200 measured (the default) for the job it measured (the default goal:
+    yolov8s@640, 16 images), to name where it came from; for any other goal it is an assumption."""
+    h200_job = (Goal.model, Goal.imgsz, Goal.micro_batch)
+    return round(imgs_per_s) == round(H200_GOAL_IMGS_PER_S) and (goal.model, goal.imgsz, goal.micro_batch) == h200_job
 
 
-def _provenance(imgs_per_s: float) -> str:
-    return "; one H200 measured this rate: benchmarks/results/gpu, 2026-11-29" if _measured_on_h200(imgs_per_s) else ""
+def _provenance(imgs_per_s: float, goal: Goal) -> str:
+    if _measured_on_h200(imgs_per_s, goal):
+        return "; one H200 measured this rate: benchmarks/results/gpu, 2026-11-29"
+    return ""
 
 
 def project_goal(
@@ -278,7 +282,7 @@ def assumptions(projection: Projection, goal: Goal, *, cluster: Cluster) -> list
                 "no 1-GPU line of the goal model in these results; "
                 + (
                     "one H200 measured it (benchmarks/results/gpu), the same on the cluster's H100s"
-                    if _measured_on_h200(rate)
+                    if _measured_on_h200(rate, goal)
                     else "--assumed-gpu-imgs-per-s"
                 ),
                 f"sensitivity table ({', '.join(f'{r:g}' for r in SENSITIVITY_IMGS_PER_S)}) and plot",

@@ -44,6 +44,7 @@ from yolods.bench.report_options import options_section
 from yolods.bench.report_projection import projection_section
 from yolods.bench.report_scaling import heldout_section, scaling_section
 from yolods.bench.results import RESULTS_FILE, read_lines
+from yolods.bench.sweep import model_yaml
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 PRECISION_ORDER = ("fp32", "bf16", "fp16")
@@ -77,10 +78,9 @@ def _environment_section(lines: list[Line]) -> list[str]:
     threads = sorted({row["hardware"].get("torch_threads_per_rank") for row in lines} - {None})
     out.append(f"- torch threads per rank: {threads}")
     if loads:
-        out.append(
-            f"- 1-minute load average when each line was written: {min(loads):.2f} to {max(loads):.2f} "
-            "(above the core count: other work shared the machine)"
-        )
+        cores = min((row["hardware"].get("cpu_count") or 0 for row in lines), default=0)
+        crowded = f" (above the {cores} cores: other work shared the machine)" if cores and max(loads) > cores else ""
+        out.append(f"- 1-minute load average when each line was written: {min(loads):.2f} to {max(loads):.2f}{crowded}")
     repeats = sorted({row.get("repeats", 1) for row in lines})
     out.append(
         f"- repeats per configuration: {repeats}; tables show the median repeat, `range` its spread; "
@@ -401,7 +401,16 @@ def write_report(
     results = out_dir / RESULTS_FILE
     if not results.is_file():
         raise FileNotFoundError(f"{results} not found: run `python -m yolods.bench --out {out_dir}` first")
-    all_lines = read_lines(results)
+    skipped: list[str] = []
+    all_lines = read_lines(results, skipped=skipped)
+    for where in skipped:
+        print(f"yolods.bench.report: WARNING: {where}: left out", file=sys.stderr)
+    if not any(line["engine"] != "ultralytics" for line in all_lines):
+        raise FileNotFoundError(
+            f"{results} holds no yolods line (DeepSpeed or DDP) to report on"
+            + (f" ({len(all_lines)} Ultralytics baseline line(s))" if all_lines else "")
+            + f": measure one with `python -m yolods.bench --out {out_dir}`"
+        )
     lines = select_lines(all_lines)
     state = provenance.provenance(lines)
     if require_clean and not state.all_clean:
@@ -451,6 +460,39 @@ def write_report(
     return report
 
 
+def _goal_and_cluster(args: argparse.Namespace) -> tuple[Goal, Cluster]:
+    """The projection's goal and cluster from the flags; a value no projection can use raises ValueError."""
+    for flag, value, least in (
+        ("--ranks-per-node", args.ranks_per_node, 1),
+        ("--goal-micro-batch", args.goal_micro_batch, 1),
+        ("--goal-imgsz", args.goal_imgsz, 32),
+        ("--network-latency-us", args.network_latency_us, 0),
+    ):
+        if value < least:
+            raise ValueError(f"{flag} {value:g} must be at least {least}")
+    if args.goal_imgsz % 32:
+        raise ValueError(f"--goal-imgsz {args.goal_imgsz} is not a multiple of YOLO's stride 32")
+    for flag, rate in (
+        ("--assumed-gpu-imgs-per-s", args.assumed_gpu_imgs_per_s),
+        ("--gpu-imgs-per-s", args.gpu_imgs_per_s),
+    ):
+        if rate is not None and not rate > 0:
+            raise ValueError(f"{flag} {rate:g}: a rate must be above 0 img/s")
+    try:
+        rates = [float(value) for value in args.link_gbps.split(",")]
+    except ValueError:
+        raise ValueError(f"--link-gbps {args.link_gbps!r} takes Gb/s numbers, e.g. --link-gbps 100,200,400") from None
+    if not all(rate > 0 for rate in rates):
+        raise ValueError(f"--link-gbps {args.link_gbps}: line rates must be above 0 Gb/s")
+    goal = Goal(model=model_yaml(args.goal_model), imgsz=args.goal_imgsz, micro_batch=args.goal_micro_batch)
+    cluster = Cluster(
+        ranks_per_node=args.ranks_per_node,
+        link_gbps=tuple(dict.fromkeys([*rates, goal.link_gbps])),
+        network_latency_s=args.network_latency_us * 1e-6,
+    )
+    return goal, cluster
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m yolods.bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="directory holding results.jsonl")
@@ -479,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         help="refuse (exit 2, nothing written) when a configuration was measured from a dirty or unrecorded tree",
     )
     args = parser.parse_args(argv)
-    goal = Goal(model=args.goal_model, imgsz=args.goal_imgsz, micro_batch=args.goal_micro_batch)
-    link_gbps = tuple(dict.fromkeys([*(float(v) for v in args.link_gbps.split(",")), goal.link_gbps]))
-    cluster = Cluster(
-        ranks_per_node=args.ranks_per_node, link_gbps=link_gbps, network_latency_s=args.network_latency_us * 1e-6
-    )
+    try:
+        goal, cluster = _goal_and_cluster(args)
+    except ValueError as error:
+        print(f"yolods.bench.report: error: {error}", file=sys.stderr)
+        return 2
     try:
         report = write_report(
             args.dir,

@@ -116,6 +116,28 @@ def append_line(out_dir: Path, line: dict[str, Any]) -> Path:
     return path
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line of a results.jsonl (blank lines skipped)."""
-    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+# what every line the bench has ever written holds (later keys are newer: old committed lines lack them)
+_ESSENTIAL_KEYS = ("engine", "model", "imgsz", "world_size", "imgs_per_s", "timestamp")
+
+
+def read_lines(path: Path, *, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every results line of a results.jsonl. Blank lines are passed over; a line that is not one of the bench's
+    (a bench killed mid-write leaves a truncated last line; a hand edit, anything) is left out, and where
+    `skipped` is given, `path:N: why` is appended to it."""
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            why = f"not JSON ({error.msg})"
+        else:
+            missing = [key for key in _ESSENTIAL_KEYS if not isinstance(line, dict) or key not in line]
+            if not missing:
+                lines.append(line)
+                continue
+            why = f"not a bench line (no {', '.join(missing)})"
+        if skipped is not None:
+            skipped.append(f"{path}:{number}: {why}")
+    return lines
