@@ -258,6 +258,8 @@ def test_sweep_at_two_ranks_drops_ultralytics_and_splits_the_global_batch():
         (("--imgsz", "100"), "--imgsz 100 is not a positive multiple of the model stride 32"),  # a traceback mid-run
         (("--micro-batch", "0"), "--micro-batch 0: images per rank must be at least 1"),  # named nbs=0
         (("--repeat", "0"), "--repeat 0: measure the sweep at least once"),  # ran once, silently
+        (("--reduce-bucket-size", "-5"), "a bucket holds at least 1 element"),  # DeepSpeed's pydantic error, mid-run
+        (("--workers", "-1"), "--workers -1: dataloader workers per rank are 0 or more"),  # torch's, mid-run
     ],
 )
 def test_bad_sweep_flags_are_named(flags, fragment):
@@ -625,6 +627,7 @@ TINY_SWEEP = ["--model", "n", "--imgsz", "64", "--micro-batch", "2", "--steps", 
         (["--engine", "ultralytics", "--data", "nope.yaml"], "--data nope.yaml: file not found"),
         (["--engine", "ultralytics", "--precision", "bf16"], "Ultralytics trains in fp32 only on a CPU"),
         (["--engine", "ddp", "--device", "cuda"], "torch sees no CUDA device here"),
+        (["--zero", "0", "--channels-last", "on,off"], "on a CPU yolods and Ultralytics both train NCHW"),
         (["--engine", "ddp", "--out", "{file}"], "is a file: name a directory"),
         (["--fit", "micro-batch", "--engine", "ultralytics", "--memory-budget-gib", "1"], "not the Ultralytics"),
         (["--fit", "micro-batch", "--memory-budget-gib", "-1"], "--memory-budget-gib -1 must be above 0"),

@@ -158,6 +158,11 @@ def _check_before_measuring(configs: list[BenchConfig], args, *, world_size: int
             load_data_yaml(cfg.data)
         if cfg.engine != "ultralytics":
             bench_plan(cfg, world_size=world_size)
+        if cfg.device == "cpu" and cfg.channels_last:
+            raise ConfigError(
+                "--channels-last on: on a CPU yolods and Ultralytics both train NCHW, so it would measure the off "
+                "run again under another label; drop it"
+            )
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu")
     out_dir = Path(args.out or "benchmarks/results/local")

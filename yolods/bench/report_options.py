@@ -92,7 +92,7 @@ def options_section(lines: list[Line]) -> list[str]:
         "Each row: a line with one option on, against the line that differs from it in that option only.",
         "Peak: MiB per rank (CUDA: max allocated, which leaves out what offload moved to CPU memory; CPU: peak",
         "resident set, where offload moves nothing off the device and only adds copies). Model states in host memory:",
-        "MiB of parameters, gradients and optimizer states in CPU memory mid-step (all of them on a CPU run).",
+        "MiB of parameters, gradients, optimizer states and the EMA in CPU memory mid-step (all of them on a CPU run).",
         "",
         *table(
             ["configuration", "option", "img/s with / without", "step ms", "peak MiB/rank", "states in host MiB"], rows

@@ -235,11 +235,12 @@ def parse_count(text: str) -> int:
     scale = {"K": 10**3, "M": 10**6, "G": 10**9}
     suffix = text[-1:].upper()
     try:
-        if suffix in scale:
-            return int(float(text[:-1]) * scale[suffix])
-        return int(float(text))
+        count = int(float(text[:-1]) * scale[suffix]) if suffix in scale else int(float(text))
     except ValueError:
         raise ConfigError(f"{text!r} is not a count: write 2e6, 2000000 or 2M") from None
+    if count < 1:
+        raise ConfigError(f"{text!r}: a bucket holds at least 1 element: write 2e6, 2000000 or 2M")
+    return count
 
 
 def parse_switch(text: str, flag: str = "--overlap-comm") -> bool:
@@ -355,6 +356,8 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
             comm_dtypes,
         )
     )
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers {args.workers}: dataloader workers per rank are 0 or more")
     common = {
         "steps": steps,
         "warmup_steps": warmup_steps,
