@@ -221,6 +221,9 @@ def test_sweep_expands_comma_lists_and_repeated_flags_with_baselines():
     engines = [c.engine for c in configs]
     assert engines.count("deepspeed") == 6 and engines.count("ddp") == 2 and engines.count("ultralytics") == 2
     assert {c.model for c in configs} == {"yolov8n.yaml", "yolov8s.yaml"}
+    twice = _args("--zero", "0", "--model", "n,yolov8n.yaml", "--engine", "deepspeed", "--device", "cpu")
+    twice = expand(twice, world_size=1)
+    assert len(twice) == 1  # one model named twice was measured twice and reported as 2 repeats
     assert all(c.input == "real" for c in configs if c.engine == "ultralytics")
     assert configs[-1].engine == "ultralytics"  # the child-process baseline runs last
     # Ultralytics trains in fp32 only on CPU: no bf16 baseline there
@@ -631,6 +634,8 @@ TINY_SWEEP = ["--model", "n", "--imgsz", "64", "--micro-batch", "2", "--steps", 
         (["--engine", "ddp", "--out", "{file}"], "is a file: name a directory"),
         (["--fit", "micro-batch", "--engine", "ultralytics", "--memory-budget-gib", "1"], "not the Ultralytics"),
         (["--fit", "micro-batch", "--memory-budget-gib", "-1"], "--memory-budget-gib -1 must be above 0"),
+        (["--tune", "--engine", "ddp"], "--tune searches DeepSpeed's settings only"),  # tuned DeepSpeed anyway
+        (["--tune", "--repeat", "3"], "--tune measures each candidate once"),  # the repeat was ignored
     ],
 )
 def test_bench_inputs_that_cannot_run_are_one_line_before_measuring(flags, fragment, tmp_path, capsys):

@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import REPO, assert_ok, run_module, run_train, torchrun_command, train_env
 
 from yolods.bench import tune
@@ -154,6 +155,7 @@ def _space(**changes) -> tune.TuneSpace:
     return replace(space, **changes)
 
 
+CPU = torch.device("cpu")
 BASE = BenchConfig(
     engine="deepspeed", model="yolov8n.yaml", imgsz=64, micro_batch=2, global_batch=4, precision="fp32",
     zero_stage=0, input="synthetic",
@@ -162,7 +164,7 @@ BASE = BenchConfig(
 
 def test_tune_descends_one_coordinate_at_a_time(monkeypatch):
     monkeypatch.setattr(tune, "measure_training", _fake_measure)
-    tuner = tune.Tuner(_space(), device=None, budget_s=600, keep_going=True)
+    tuner = tune.Tuner(_space(), device=CPU, budget_s=600, keep_going=True)
     best = tuner.search(BASE)
     assert (best.config.zero_stage, best.config.reduce_bucket_size, best.config.micro_batch, best.config.precision) == (
         1, 20_000_000, 8, "bf16"
@@ -177,12 +179,26 @@ def test_tune_descends_one_coordinate_at_a_time(monkeypatch):
 
 def test_tune_stops_doubling_at_the_memory_budget_and_the_search_at_the_time_budget(monkeypatch):
     monkeypatch.setattr(tune, "measure_training", _fake_measure)
-    tuner = tune.Tuner(_space(stages=(0,), memory_budget_bytes=6 * 2**30), device=None, budget_s=600, keep_going=True)
+    tuner = tune.Tuner(_space(stages=(0,), memory_budget_bytes=6 * 2**30), device=CPU, budget_s=600, keep_going=True)
     assert tuner.search(BASE).config.micro_batch == 4  # 8 would need 9 GiB: linear through 2 (3 GiB) and 4 (5 GiB)
     assert tuner.trials[-2].status == "skipped" and "predicted peak" in tuner.trials[-2].note
-    hurried = tune.Tuner(_space(), device=None, budget_s=0, keep_going=True)
+    hurried = tune.Tuner(_space(), device=CPU, budget_s=0, keep_going=True)
     hurried.search(BASE)  # the first candidate always runs; nothing else fits in no time
     assert [trial.status for trial in hurried.trials] == ["ok"] + ["skipped"] * 5  # 3 stages, 1 doubling, 1 precision
+
+
+def test_tune_on_cpu_measures_past_a_one_point_prediction_and_keeps_only_what_fits(monkeypatch):
+    """From one point the prediction scales the whole peak (torch's own memory too): on a CPU, where nothing runs
+    out, the doubling is measured and its measured peak judged; on a GPU the prediction still stops it."""
+    monkeypatch.setattr(tune, "measure_training", _fake_measure)
+    space = _space(stages=(0,), memory_budget_bytes=int(4.5 * 2**30), precisions=("fp32",))
+    cpu = tune.Tuner(space, device=CPU, budget_s=600, keep_going=True)
+    assert cpu.search(BASE).config.micro_batch == 2  # micro batch 4 peaked at 5 GiB
+    four = next(trial for trial in cpu.trials if trial.config.micro_batch == 4)
+    assert four.status == "ok" and "5.00 GiB > budget 4.50: not eligible" in four.note
+    gpu = tune.Tuner(space, device=torch.device("cuda"), budget_s=600, keep_going=True)
+    gpu.search(BASE)
+    assert any(trial.status == "skipped" and "predicted peak 6.00 GiB" in trial.note for trial in gpu.trials)
 
 
 def test_tuned_config_is_what_yolods_train_resolves_at_that_world_size(tmp_path):

@@ -333,8 +333,9 @@ def expand(args: argparse.Namespace, *, world_size: int) -> list[BenchConfig]:
     defaults = DEVICE_DEFAULTS[device]
     engines = _choices(split_list(args.engine) or list(ENGINES), ENGINES, "--engine")
     inputs = _choices(split_list(args.input) or ["synthetic"], INPUTS, "--input")
-    models = [model_yaml(name) for name in split_list(args.model) or ["yolov8n.yaml"]]
-    sizes = _ints(args.imgsz, "--imgsz") or [defaults["imgsz"]]
+    # a value listed twice (n and yolov8n.yaml are one model) would be measured twice and read as repeats
+    models = list(dict.fromkeys(model_yaml(name) for name in split_list(args.model) or ["yolov8n.yaml"]))
+    sizes = list(dict.fromkeys(_ints(args.imgsz, "--imgsz"))) or [defaults["imgsz"]]
     for size in sizes:  # as yolods.train: Ultralytics' model fails mid-forward on other sizes
         check_imgsz(size)
     ds_configs: list[str | None] = list(split_list(args.deepspeed_config)) or [None]

@@ -13,8 +13,10 @@ synthetic input: one batch made on the device, so the loader's speed does not de
 3. allgather_bucket_size (ZeRO-3: stage3_prefetch_bucket_size; --allgather-bucket-size) likewise;
 4. micro batch: doubled while it gains, at most 3 times, and only while its peak memory, extrapolated from the
    points measured, stays within the budget (--memory-budget-gib; default the GPU's memory, or on CPU 80% of the
-   memory available at start shared by this node's ranks); one --micro-batch value is where the doubling starts,
-   a list of several the micro batches to try instead;
+   memory available at start shared by this node's ranks); from a single point the extrapolation scales the whole
+   peak, so on a CPU such a doubling is measured instead, and any candidate whose measured peak passes the budget
+   is not eligible; one --micro-batch value is where the doubling starts, a list of several the micro batches to
+   try instead;
 5. precision (--precision; default fp32,bf16, with fp16 on CUDA only: on CPU it is ~50x slower).
 
 A candidate replaces the best so far only when faster by more than TUNE_MARGIN: differences below that are noise
@@ -134,8 +136,12 @@ class Tuner:
         for _ in range(MICRO_BATCH_DOUBLINGS):
             best_before = self.best
             candidate = _with_micro_batch(best_before.config, best_before.config.micro_batch * 2)
-            predicted = self._predicted_peak(candidate)
-            if predicted > self.space.memory_budget_bytes:
+            predicted, points = self._predicted_peak(candidate)
+            # From one point the prediction scales the whole peak, torch's own ~0.5 GiB included: on a GPU that
+            # errs on the safe side of an out-of-memory; on a CPU there is none to fear, so measure and judge the
+            # measured peak (try_candidate) instead.
+            trusted = points > 1 or self.device.type == "cuda"
+            if trusted and predicted > self.space.memory_budget_bytes:
                 self._record_skip(
                     "micro_batch",
                     candidate,
@@ -146,9 +152,10 @@ class Tuner:
             if self.best is best_before:  # the doubling did not win: larger ones will not either
                 return
 
-    def _predicted_peak(self, candidate: BenchConfig) -> float:
-        """Peak memory at `candidate`'s micro batch: linear through the two largest measured micro batches of the
-        same settings, or proportional to one (an overestimate: part of the peak does not grow with the batch)."""
+    def _predicted_peak(self, candidate: BenchConfig) -> tuple[float, int]:
+        """Peak memory at `candidate`'s micro batch, and how many measured points it rests on: linear through the
+        two largest measured micro batches of the same settings, or proportional to one (an overestimate: part of
+        the peak does not grow with the batch)."""
         settings = replace(candidate, micro_batch=0, global_batch=0)
         points = sorted(
             {
@@ -160,10 +167,10 @@ class Tuner:
             }.items()
         )
         if not points:
-            return 0.0
+            return 0.0, 0
         (mb_a, peak_a), (mb_b, peak_b) = (points[-2], points[-1]) if len(points) > 1 else ((0, 0), points[-1])
         per_image = (peak_b - peak_a) / (mb_b - mb_a)
-        return peak_b + per_image * (candidate.micro_batch - mb_b)
+        return peak_b + per_image * (candidate.micro_batch - mb_b), len(points)
 
     def try_candidate(self, phase: str, cfg: BenchConfig) -> None:
         """Measure `cfg` on every rank unless the budget is spent; it becomes the best if it wins by the margin."""
@@ -177,7 +184,12 @@ class Tuner:
         trial = self._measure(phase, cfg)
         trial = dist.broadcast_object(replace(trial, wall_s=time.monotonic() - started))
         best = self.best
-        if trial.ok and (best is None or trial.imgs_per_s > best.imgs_per_s * (1 + TUNE_MARGIN)):
+        budget = self.space.memory_budget_bytes
+        if trial.ok and trial.peak_mem_bytes and trial.peak_mem_bytes > budget:
+            trial = replace(
+                trial, note=f"peak {trial.peak_mem_bytes / GIB:.2f} GiB > budget {budget / GIB:.2f}: not eligible"
+            )
+        elif trial.ok and (best is None or trial.imgs_per_s > best.imgs_per_s * (1 + TUNE_MARGIN)):
             gain = "" if best is None else f"+{(trial.imgs_per_s / best.imgs_per_s - 1) * 100:.0f}% over #{best.index}"
             trial = replace(trial, note=f"best so far {gain}".strip())
             self.best = trial
@@ -414,6 +426,12 @@ def tune_markdown(trials: list[Trial], *, winner: Trial, command: str, context: 
 
 def run_tune(args: argparse.Namespace) -> int:
     """The --tune mode of the bench command line; returns the exit code."""
+    if args.engine and split_list(args.engine) != ["deepspeed"]:
+        raise ConfigError("--tune searches DeepSpeed's settings only: drop --engine")
+    if args.repeat != 1:
+        raise ConfigError(
+            "--tune measures each candidate once (its margin, not repeats, guards the noise): drop --repeat"
+        )
     world_size = dist.get_world_size()
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     space = tune_space(args, device=device_type)
