@@ -64,6 +64,9 @@ def _environment_section(lines: list[Line]) -> list[str]:
     loads = [row["load_avg"][0] for row in lines if row.get("load_avg")]
     out = ["## Where and how", ""]
     out += [f"- hardware: {name}, {cpus} logical CPUs per node" for name, cpus in hardware]
+    labels = sorted({row["interconnect"].get("label") for row in lines} - {None})
+    if labels:  # what the user said the links are (--interconnect)
+        out.append(f"- interconnect: {'; '.join(labels)}")
     out.append(
         f"- backends: {', '.join(sorted({row['interconnect']['backend'] for row in lines}))}; "
         f"world sizes {sorted({row['world_size'] for row in lines})}; nodes {sorted({row['num_nodes'] for row in lines})}"
@@ -79,7 +82,11 @@ def _environment_section(lines: list[Line]) -> list[str]:
     out.append(f"- torch threads per rank: {threads}")
     if loads:
         cores = min((row["hardware"].get("cpu_count") or 0 for row in lines), default=0)
-        crowded = f" (above the {cores} cores: other work shared the machine)" if cores and max(loads) > cores else ""
+        crowded = (
+            f" (above the {cores} cores: oversubscribed, by the job's own threads or by other work)"
+            if cores and max(loads) > cores
+            else ""
+        )
         out.append(f"- 1-minute load average when each line was written: {min(loads):.2f} to {max(loads):.2f}{crowded}")
     repeats = sorted({row.get("repeats", 1) for row in lines})
     out.append(
