@@ -660,7 +660,8 @@ def test_bench_inputs_that_cannot_run_are_one_line_before_measuring(flags, fragm
         (["--ranks-per-node", "0"], "--ranks-per-node 0 must be at least 1"),
         (["--gpu-imgs-per-s", "-5"], "a rate must be above 0"),  # an AssertionError
         (["--goal-micro-batch", "0"], "--goal-micro-batch 0 must be at least 1"),
-        (["--goal-imgsz", "100"], "not a multiple of YOLO's stride 32"),
+        (["--goal-imgsz", "100"], "--goal-imgsz 100 is not a positive multiple of the model stride 32"),
+        (["--goal-imgsz", "0"], "--goal-imgsz 0 is not a positive multiple of the model stride 32"),
         (["--network-latency-us", "-5"], "must be at least 0"),  # reported with a negative latency
     ],
 )

@@ -116,7 +116,7 @@ def test_a_tensorboard_step_covers_all_its_micro_batches():
         window.add(torch.tensor(losses), images=16, seconds=seconds, data_wait_s=data_wait_s)
     assert window.mean_losses().tolist() == [2.0, 3.0, 4.0]
     assert window.seconds == pytest.approx(0.5) and window.imgs_per_s() == pytest.approx(64.0)
-    assert window.data_wait_s / window.seconds == pytest.approx(0.4)
+    assert window.data_wait_share() == pytest.approx(0.4)
 
 
 def test_comm_totals_undo_deepspeed_logging_running_totals():

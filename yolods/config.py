@@ -324,12 +324,13 @@ def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def check_imgsz(imgsz: int) -> None:
-    """Refuse an image size Ultralytics' models cannot take whole (train, val, predict and the bench alike)."""
+def check_imgsz(imgsz: int, flag: str = "--imgsz") -> None:
+    """Refuse an image size Ultralytics' models cannot take whole (train, val, predict, the bench and its report's
+    goal alike); `flag` names it in the message."""
     if imgsz < IMGSZ_MULTIPLE or imgsz % IMGSZ_MULTIPLE:
         rounded = max(IMGSZ_MULTIPLE, round(imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
         raise ConfigError(
-            f"--imgsz {imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. --imgsz {rounded}"
+            f"{flag} {imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. {flag} {rounded}"
         )
 
 

@@ -53,6 +53,9 @@ class OptimizerStepWindow:
     def imgs_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    def data_wait_share(self) -> float:
+        return self.data_wait_s / max(self.seconds, 1e-9)
+
 
 @dataclass
 class TrainState:
@@ -226,7 +229,7 @@ class Trainer:
             {
                 "throughput/imgs_per_s": window.imgs_per_s(),
                 "time/step_s": window.seconds,
-                "time/data_wait_share": window.data_wait_s / max(window.seconds, 1e-9),
+                "time/data_wait_share": window.data_wait_share(),
                 "memory/peak_gib": peak_memory_gib(self.step.device),
             }
         )

@@ -142,7 +142,7 @@ def _run_mode(args) -> int:
         return 2
 
 
-def _check_before_measuring(configs: list[BenchConfig], args, *, world_size: int) -> None:
+def _check_before_measuring(configs: list[BenchConfig], *, world_size: int, out_dir: Path) -> None:
     """What would otherwise fail after the link probe or the first configuration, as one line now.
 
     Raises:
@@ -165,7 +165,6 @@ def _check_before_measuring(configs: list[BenchConfig], args, *, world_size: int
             )
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: torch sees no CUDA device here; use --device cpu")
-    out_dir = Path(args.out or "benchmarks/results/local")
     if dist.is_main_process():
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out {out_dir} is a file: name a directory")
@@ -191,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune or args.fit:
         return _run_mode(args)
     world_size = dist.get_world_size()
+    out_dir = Path(args.out or "benchmarks/results/local")
     try:
         configs = expand(args, world_size=world_size)
-        _check_before_measuring(configs, args, world_size=world_size)
+        _check_before_measuring(configs, world_size=world_size, out_dir=out_dir)
     except ConfigError as error:
         if dist.is_main_process():
             print(f"yolods.bench: error: {error}", file=sys.stderr)
@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     # latest run and the median of its repeats. Repeats go round the whole sweep, so load drifts hit every engine.
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     context["run_id"] = dist.broadcast_object(args.run_id or now)
-    out_dir = Path(args.out or "benchmarks/results/local")
     repeats = args.repeat
     _say(
         f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"

@@ -45,6 +45,7 @@ from yolods.bench.report_projection import projection_section
 from yolods.bench.report_scaling import heldout_section, scaling_section
 from yolods.bench.results import RESULTS_FILE, read_lines
 from yolods.bench.sweep import model_yaml
+from yolods.config import check_imgsz
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 PRECISION_ORDER = ("fp32", "bf16", "fp16")
@@ -472,13 +473,11 @@ def _goal_and_cluster(args: argparse.Namespace) -> tuple[Goal, Cluster]:
     for flag, value, least in (
         ("--ranks-per-node", args.ranks_per_node, 1),
         ("--goal-micro-batch", args.goal_micro_batch, 1),
-        ("--goal-imgsz", args.goal_imgsz, 32),
         ("--network-latency-us", args.network_latency_us, 0),
     ):
         if value < least:
             raise ValueError(f"{flag} {value:g} must be at least {least}")
-    if args.goal_imgsz % 32:
-        raise ValueError(f"--goal-imgsz {args.goal_imgsz} is not a multiple of YOLO's stride 32")
+    check_imgsz(args.goal_imgsz, flag="--goal-imgsz")  # a ConfigError, which is a ValueError
     for flag, rate in (
         ("--assumed-gpu-imgs-per-s", args.assumed_gpu_imgs_per_s),
         ("--gpu-imgs-per-s", args.gpu_imgs_per_s),
