@@ -65,25 +65,3 @@ def test_a_one_channel_model_is_probed_with_its_own_input_channels():
 
     model = DetectionModel("yolov8n.yaml", ch=1, nc=3, verbose=False)
     assert len(zero3_leaves(model, stride=32)) == 21
-
-
-@pytest.mark.parametrize("name", ["yolov8n.yaml", "yolo11n.yaml"])
-def test_no_module_deepspeed_hooks_outside_the_leaves_is_also_called_inside_one(name):
-    """Ultralytics shares one SiLU between every Conv: hooked as the first layer's, it fired at every activation."""
-    from deepspeed.utils import z3_leaf_module
-
-    model = detection_model(name)
-    shared_act = model.model[0].act
-    assert any(module is shared_act for module in model.model[1].modules())  # the premise: one SiLU for all
-    mark_layers_as_zero3_leaves(model, stride=32)
-    leaves = [module for module in model.modules() if z3_leaf_module(module)]
-    inside_leaves = {id(module) for leaf in leaves for module in leaf.modules()}
-
-    def hooked(module):  # what DeepSpeed's _register_deepspeed_module reaches: a leaf, but nothing inside it
-        yield module
-        if not z3_leaf_module(module):
-            for child in module.children():
-                yield from hooked(child)
-
-    assert not [module for module in hooked(model) if not z3_leaf_module(module) and id(module) in inside_leaves]
-    assert type(model.model[0].act) is type(shared_act) and model.model[0].act is not shared_act

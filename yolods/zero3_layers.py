@@ -17,13 +17,6 @@ head, Concat) or detached tensors (YOLO26's one-to-one head). So the leaves are 
 is a leaf if it was called exactly once with a tensor argument that requires grad, and every parameter in it is
 trained; otherwise its children are tried. Modules without children gain nothing and keep DeepSpeed's hooks.
 
-A hooked module fires its hooks wherever it is called, also inside a leaf. Ultralytics' `Conv.default_act` is one
-`nn.SiLU` shared by every Conv, so the first layer's (hooked: no leaf) made DeepSpeed fetch, release and wrap for
-backward at each of the 57 activations of yolov8n, inside the leaves too: 89 hooked calls a forward instead of 33.
-A module without parameters or buffers outside the leaves that is also used inside one gets its own copy (it has no
-state to keep in step). At 2 CPU ranks (yolov8n @160, 8 images a rank, fp32, bare DeepSpeed steps, 40 steps, three
-runs each) that took ZeRO-3 from 192-204 to 188-192 ms a step; in yolods' bench, about 1%, inside the noise.
-
 Examples:
     >>> mark_layers_as_zero3_leaves(model, stride=32)  # yolov8n, before deepspeed.initialize
     21
@@ -31,7 +24,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import torch
@@ -48,7 +40,6 @@ def mark_layers_as_zero3_leaves(model: nn.Module, *, stride: int) -> int:
     leaves = zero3_leaves(model, stride=stride)
     for module in leaves:
         set_z3_leaf_module(module, True)
-    _unshare_stateless_modules_outside(leaves, model=model)
     return len(leaves)
 
 
@@ -68,28 +59,6 @@ def zero3_fetch_units(model: nn.Module, *, stride: int) -> int:
         if any(id(parameter) not in in_leaves for parameter in module.parameters(recurse=False))
     ]
     return len(leaves) + len(outside)
-
-
-def _unshare_stateless_modules_outside(leaves: list[nn.Module], *, model: nn.Module) -> None:
-    """Give each stateless module that DeepSpeed will hook (reached from `model` without entering a leaf) and that a
-    leaf also uses its own copy, so its hooks no longer fire inside the leaves."""
-    leaf_ids = {id(leaf) for leaf in leaves}
-    used_in_leaves = {id(module) for leaf in leaves for module in leaf.modules()} - leaf_ids
-
-    def visit(module: nn.Module) -> None:
-        for name, child in list(module.named_children()):
-            if id(child) in leaf_ids:
-                continue
-            if id(child) in used_in_leaves and _stateless(child):
-                setattr(module, name, copy.deepcopy(child))
-            else:
-                visit(child)
-
-    visit(model)
-
-
-def _stateless(module: nn.Module) -> bool:
-    return not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
 
 
 def _probe_calls(model: nn.Module, *, stride: int) -> Counter[nn.Module]:
