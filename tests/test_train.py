@@ -214,3 +214,29 @@ def test_fp16_at_zero2_lowers_the_loss_scale_and_trains_as_zero0_does(shapes_dat
     norms = {zero: series[zero]["train/grad_norm"] for zero in series}
     first_applied = next(i for i, norm in enumerate(norms["0"]) if math.isfinite(norm))
     assert norms["2"][first_applied] == pytest.approx(norms["0"][first_applied], rel=1e-3)
+
+
+def test_grayscale_data_trains_a_one_channel_model_that_predicts_like_ultralytics(shapes_data, tmp_path):
+    """data.yaml `channels: 1`: the images load as grayscale, so the model's first layer must take one channel (as
+    Ultralytics' trainer builds it), and yolods.predict must read images as Ultralytics reads them for that model."""
+    from conftest import run_module
+    from ultralytics import YOLO
+
+    gray_yaml = tmp_path / "gray.yaml"
+    gray_yaml.write_text(shapes_data.read_text() + "\nchannels: 1\n")  # its path: is absolute
+    assert_ok(run_train(small_run_args(gray_yaml, tmp_path, "gray", epochs=1)))
+    best = tmp_path / "gray" / "weights" / "best.pt"
+    model = YOLO(str(best))
+    assert model.model.yaml["channels"] == 1 and model.model.model[0].conv.in_channels == 1
+
+    val_images = shapes_data.parent / "images" / "val"
+    settings = ["--imgsz", str(IMGSZ), "--conf", "0.001"]
+    assert_ok(
+        run_module(
+            "yolods.predict",
+            ["--model", str(best), "--source", str(val_images), *settings, "--project", str(tmp_path / "pred")],
+        )
+    )
+    ours = json.loads((tmp_path / "pred" / "exp" / "predictions.json").read_text())
+    theirs = model.predict(str(val_images), imgsz=IMGSZ, conf=0.001, verbose=False)
+    assert len(ours) == sum(len(result.boxes) for result in theirs) > 0

@@ -307,6 +307,7 @@ def build_trainer(
         hyp=hyp,
         verbose=cfg.verbose and main,
         summary=main,
+        channels=data.get("channels", 3),
     )
     names, stride = loss_names(model), model_stride(model)
     train_data = build_train_loader(plan, hyp, data, stride=stride, device=device)

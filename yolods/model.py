@@ -109,6 +109,11 @@ class TrainedDetector:
     def names(self) -> dict[int, str]:
         return self.module.names
 
+    @property
+    def channels(self) -> int:
+        """Image channels the model takes: 1 for one trained on grayscale data, else 3 (as Ultralytics reads it)."""
+        return self.module.yaml.get("channels", 3)
+
 
 def load_trained_detector(model_spec: str) -> TrainedDetector:
     """A local Ultralytics .pt, or a yolods run directory (its weights/best.pt), loaded as ultralytics.YOLO loads it.
@@ -155,6 +160,7 @@ def build_model(
     hyp: SimpleNamespace,
     verbose: bool,
     summary: bool = False,
+    channels: int = 3,
 ) -> nn.Module:
     """An Ultralytics DetectionModel from a yaml name, or from a local .pt with its classes adapted to the data.
 
@@ -165,6 +171,8 @@ def build_model(
         hyp: Ultralytics hyperparameters; the loss reads box/cls/dfl gains from `model.args`.
         verbose: print Ultralytics' layer table (rank 0 only).
         summary: print Ultralytics' one-line summary (layers, parameters, GFLOPs) without the table.
+        channels: the data's image channels (data.yaml `channels`, 1 for grayscale); the first layer takes them, as
+            in Ultralytics' trainer, also when a .pt was trained on another number.
 
     Examples:
         >>> model = build_model("yolov8n.yaml", num_classes=3, class_names={0: "a", 1: "b", 2: "c"}, hyp=hyp, verbose=False)
@@ -178,8 +186,15 @@ def build_model(
         cfg = weights.yaml
     elif not model_spec.endswith((".yaml", ".yml")):
         raise ConfigError(f"--model {model_spec}: expected an Ultralytics yaml name (yolov8n.yaml) or a local .pt file")
+    if weights is not None and weights.yaml.get("channels", channels) != channels:
+        from ultralytics.utils import LOGGER
+
+        LOGGER.warning(
+            f"--model {model_spec} was trained on {weights.yaml['channels']}-channel images and the data has {channels}: "
+            "its first layer starts untrained"
+        )
     try:
-        model = DetectionModel(cfg, nc=num_classes, verbose=verbose)
+        model = DetectionModel(cfg, nc=num_classes, ch=channels, verbose=verbose)
     except FileNotFoundError:
         raise ConfigError(
             f"--model {model_spec}: unknown model; use an Ultralytics detection yaml such as yolov8n.yaml, yolo11s.yaml or a local .pt"

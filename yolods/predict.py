@@ -210,7 +210,7 @@ def _predict(plan: PredictPlan, todo: list[WorkBatch], *, run_dir: Path, job: in
     from yolods.records import RecordWriter
 
     predictor = BatchPredictor(plan.detector, settings=plan.settings, source=plan.source, bf16=plan.bf16)
-    reader = BatchReader()
+    reader = BatchReader(channels=plan.detector.channels)
     bar = progress_bar(total=sum(len(batch) for batch in todo), desc="predict", unit="img")
     num_images, unreadable = 0, []
     started_s = time.perf_counter()

@@ -189,16 +189,16 @@ def _to_float32(outputs):
     return outputs
 
 
-def read_images(paths: list[str]) -> tuple[list[str], list[np.ndarray]]:
-    """The images of `paths` that decode, with their paths, read as LoadImagesAndVideos reads them; Ultralytics
-    warns about each one that does not."""
+def read_images(paths: list[str], *, channels: int = 3) -> tuple[list[str], list[np.ndarray]]:
+    """The images of `paths` that decode, with their paths, read as LoadImagesAndVideos reads them (grayscale for a
+    1-channel model); Ultralytics warns about each one that does not."""
     from ultralytics.data.loaders import LoadImagesAndVideos
 
     present = [path for path in paths if Path(path).is_file()]
     if not present:
         return [], []
     try:
-        decoded_paths, images, _ = next(iter(LoadImagesAndVideos(present, batch=len(present))))
+        decoded_paths, images, _ = next(iter(LoadImagesAndVideos(present, batch=len(present), channels=channels)))
     except StopIteration:  # none of them decodes
         return [], []
     return decoded_paths, images
@@ -212,8 +212,9 @@ class VideoFrames:
     before the first wanted one are grabbed (decoded, not converted): exact for every codec, unlike seeking.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, channels: int = 3):
         self.path = path
+        self.channels = channels
         self._open()
 
     def _open(self) -> None:
@@ -235,6 +236,8 @@ class VideoFrames:
             ok, frame = self.capture.retrieve()
             if not ok or frame is None:
                 break
+            if self.channels == 1:  # as LoadImagesAndVideos converts frames for a grayscale model
+                frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[..., None]
             frames.append(frame)
         return frames
 
@@ -254,21 +257,22 @@ class DecodedBatch:
 
 class BatchReader:
     """Decodes one WorkBatch after another: image files as LoadImagesAndVideos reads them, video frames with
-    VideoFrames (the current video stays open between its batches)."""
+    VideoFrames (the current video stays open between its batches). `channels`: the model's (1: grayscale)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, channels: int = 3) -> None:
+        self.channels = channels
         self.video: VideoFrames | None = None
 
     def read(self, batch: WorkBatch) -> DecodedBatch:
         keys = batch.keys()
         if not batch.is_video:
-            paths, images = read_images(list(batch.paths))
+            paths, images = read_images(list(batch.paths), channels=self.channels)
             decoded = set(paths)
             return DecodedBatch(keys=paths, paths=paths, images=images, missing=[k for k in keys if k not in decoded])
         path = batch.paths[0]
         if self.video is None or self.video.path != path:
             self.close()
-            self.video = VideoFrames(path)
+            self.video = VideoFrames(path, channels=self.channels)
         frames = self.video.read(batch.first_frame, batch.num_frames)
         count = len(frames)
         return DecodedBatch(keys=keys[:count], paths=[path] * count, images=frames, missing=keys[count:])

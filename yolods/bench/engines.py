@@ -281,7 +281,10 @@ def build_bench_engine(cfg: BenchConfig, *, data_yaml: str | None, synthetic_ima
     device = dist.local_device(plan.cfg.device)
     seed_run(cfg.seed)
     num_classes, names = (plan.data["nc"], plan.data["names"]) if plan.data else shapes_num_classes()
-    model = build_model(cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False)
+    channels = plan.data.get("channels", 3) if plan.data else 3  # synthetic input is RGB
+    model = build_model(
+        cfg.model, num_classes=num_classes, class_names=names, hyp=hyp, verbose=False, channels=channels
+    )
     stride = model_stride(model)
     train_data = build_train_loader(plan, hyp, plan.data, stride=stride, device=device) if plan.data else None
     num_images = train_data.num_images if train_data else synthetic_images
