@@ -135,6 +135,9 @@ def _run_mode(args) -> int:
     try:
         if args.tune and args.fit:
             raise ConfigError("--tune and --fit are two modes: pass one")
+        for flag, value in (("--memory-budget-gib", args.memory_budget_gib), ("--budget-min", args.budget_min)):
+            if value is not None and not value > 0:  # a budget of 0 would skip every candidate, or fit nothing
+                raise ConfigError(f"{flag} {value:g} must be above 0")
         return run_tune(args) if args.tune else run_fit(args)
     except ConfigError as error:
         if dist.is_main_process():
