@@ -447,6 +447,30 @@ def test_report_takes_the_median_repeat_of_the_latest_run_and_ratios_against_ddp
     assert zero0["imgs_per_s_repeats"] == [90, 45, 72]
 
 
+@pytest.mark.parametrize(
+    ("zero2_repeats", "verdict"),
+    [
+        ([96.0, 97.0, 98.0], "met"),  # every pair above 0.95, tightly: the lower bound clears it
+        ([90.0, 91.0, 92.0], "MISSED"),
+        ([90.0, 96.0, 100.0], "unresolved"),  # mean 0.953, but the pairs scatter across the goal
+        ([96.0, 90.0], "MISSED"),  # 2 pairs: too few for a bound, the median (0.93) decides
+    ],
+)
+def test_report_goal_2_says_when_the_repeats_cannot_tell_a_ratio_from_the_goal(zero2_repeats, verdict):
+    from yolods.bench.projection import Goal
+    from yolods.bench.report import _zero_against_ddp_goal
+
+    def repeats(engine, values, zero_stage=None):
+        return [
+            _line(engine, v, run_id="r", zero_stage=zero_stage) | {"timestamp": f"r{i}"} for i, v in enumerate(values)
+        ]
+
+    ddp = [100.0] * len(zero2_repeats)
+    selected = select_lines([*repeats("ddp", ddp), *repeats("deepspeed", zero2_repeats, zero_stage=2)])
+    rows = [row for row in _zero_against_ddp_goal(selected, Goal()) if row.startswith("| ZeRO-2")]
+    assert len(rows) == 1 and rows[0].rstrip(" |").endswith(verdict), rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Honest numbers: efficiency never above 100%, held-out validation, provenance, assumptions (no training)
 

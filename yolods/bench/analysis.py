@@ -168,18 +168,39 @@ def ratio_vs(line: Line, lines: list[Line], engine: str) -> float | None:
     With the same number of repeats on both sides, the median of the ratios repeat by repeat: the k-th repeats
     ran minutes apart under the same machine load, so the pairing cancels most of a shared machine's drift.
     """
+    ratios = paired_ratios(line, lines, engine)
+    return None if not ratios else statistics.median(ratios)
+
+
+def paired_ratios(line: Line, lines: list[Line], engine: str) -> list[float]:
+    """`ratio_vs`'s ratios one by one: the k-th repeat over the baseline's k-th, or the medians' ratio alone when
+    the repeats do not pair up; [] without a baseline."""
     if engine == "ultralytics":
         if line["world_size"] != 1 or line["input"] != "real":
-            return None
+            return []
         peer = _peer(line, lines, engine="ultralytics")
     else:
         peer = _peer(line, lines, engine="ddp")
     if peer is None or peer is line:
-        return None
+        return []
     mine, theirs = line.get("imgs_per_s_repeats", []), peer.get("imgs_per_s_repeats", [])
     if len(mine) > 1 and len(mine) == len(theirs):
-        return statistics.median(a / b for a, b in zip(mine, theirs))
-    return line["imgs_per_s"] / peer["imgs_per_s"]
+        return [a / b for a, b in zip(mine, theirs)]
+    return [line["imgs_per_s"] / peer["imgs_per_s"]]
+
+
+# One-sided 95% quantiles of Student's t by degrees of freedom (tables); above 10, 10's (a slightly wider bound)
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+
+
+def mean_bounds(values: list[float]) -> tuple[float, float] | None:
+    """One-sided 95% confidence bounds on the mean of `values` (each bound alone; together a 90% interval),
+    treating them as independent draws around it; None for fewer than 3 values, too few to estimate the spread."""
+    if len(values) < 3:
+        return None
+    mean = statistics.fmean(values)
+    half_width = _T95[min(len(values) - 1, 10)] * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half_width, mean + half_width
 
 
 # ----------------------------------------------------------------------------------------------------------------

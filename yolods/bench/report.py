@@ -17,6 +17,7 @@ it assumes is listed as such, and the report shows how the verdict moves when th
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from yolods.bench.analysis import (
     PeakAgainstZero0,
     default_series,
     engine_name,
+    mean_bounds,
     measured_scaling,
     memory_checks,
+    paired_ratios,
     peak_against_zero0,
     ratio_vs,
     report_order,
@@ -149,27 +152,7 @@ def _goal_section(lines: list[Line], projection: Projection, goal: Goal) -> list
     out += (
         table(["yolods configuration", "ranks", "baseline", "img/s ratio", "verdict"], rows) if rows else ["(no pairs)"]
     )
-    out += [
-        "",
-        f"**2. ZeRO-1/2 at >= {goal.ratio_vs_ddp_at_2:.2f}x DDP and ZeRO-3 at >= {goal.zero3_ratio_vs_ddp_at_2:.2f}x DDP "
-        "at 2 ranks**",
-        "",
-    ]
-    staged = [
-        line
-        for line in lines
-        if line["engine"] == "deepspeed"
-        and line["world_size"] == 2
-        and default_series(line)
-        and goal.ratio_vs_ddp_for(line["zero_stage"]) is not None
-    ]
-    for line in sorted(staged, key=report_order):
-        ratio = ratio_vs(line, lines, "ddp")
-        if ratio is not None:
-            verdict = "met" if ratio >= goal.ratio_vs_ddp_for(line["zero_stage"]) else "MISSED"
-            out.append(f"- {series_label(line)}: {ratio:.3f}x DDP, {verdict}")
-    if not staged:
-        out.append("- (no 2-rank ZeRO-1, 2 or 3 line)")
+    out += ["", *_zero_against_ddp_goal(lines, goal)]
     source = "measured" if projection.measured else "ASSUMED"
     out += [
         "",
@@ -185,6 +168,40 @@ def _goal_section(lines: list[Line], projection: Projection, goal: Goal) -> list
             rows.append([label, f"{efficiency:.1%}", "met" if efficiency >= goal.efficiency else "MISSED"])
     out += table(["engine", "efficiency", "verdict"], rows)
     return [*out, ""]
+
+
+def _zero_against_ddp_goal(lines: list[Line], goal: Goal) -> list[str]:
+    """Goal 2, with the repeats' spread: a 2-repeat cell moves by a few percent here, as much as the margins."""
+    out = [
+        f"**2. ZeRO-1/2 at >= {goal.ratio_vs_ddp_at_2:.2f}x DDP and ZeRO-3 at >= {goal.zero3_ratio_vs_ddp_at_2:.2f}x DDP "
+        "at 2 ranks** (each repeat over DDP's repeat in the same pass; `met` when the mean's lower 95% bound clears "
+        "the goal, `MISSED` when its upper bound is below it, `unresolved` between; with fewer than 3 pairs the "
+        "median decides)",
+        "",
+    ]
+    rows = []
+    for line in sorted(lines, key=report_order):
+        goal_ratio = goal.ratio_vs_ddp_for(line["zero_stage"]) if line["engine"] == "deepspeed" else None
+        ratios = paired_ratios(line, lines, "ddp")
+        if goal_ratio is None or line["world_size"] != 2 or not default_series(line) or not ratios:
+            continue
+        bounds = mean_bounds(ratios)
+        if bounds is None:
+            verdict = "met" if statistics.median(ratios) >= goal_ratio else "MISSED"
+        else:
+            verdict = "met" if bounds[0] >= goal_ratio else "MISSED" if bounds[1] < goal_ratio else "unresolved"
+        rows.append(
+            [
+                series_label(line),
+                f"{goal_ratio:.2f}x",
+                str(len(ratios)),
+                f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
+                "-" if bounds is None else f"{statistics.fmean(ratios):.3f}x ({bounds[0]:.3f}-{bounds[1]:.3f})",
+                verdict,
+            ]
+        )
+    header = ["yolods configuration", "goal", "pairs", "median ratio (range)", "mean (90% interval)", "verdict"]
+    return [*out, *(table(header, rows) if rows else ["(no 2-rank ZeRO-1, 2 or 3 line with a DDP line)"])]
 
 
 def _results_section(lines: list[Line]) -> list[str]:
