@@ -4,6 +4,7 @@
 #   bash benchmarks/cpu_sweep.sh            # ~35 min on 2 cores; OUT=... RUN_ID=... to override
 #   ONLY=stages REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the ZeRO-stage comparison alone (~10 min)
 #   ONLY=stages IMGSZ=320 RANKS=2 REPEATS=2 OUT=DIR bash benchmarks/cpu_sweep.sh   # the same at 320 px, 2 ranks only
+#   ONLY=stages RANKS=2 REPEATS=6 OUT=DIR bash benchmarks/cpu_sweep.sh   # enough passes for goal 2's intervals (~20 min; 320 px ~35)
 #
 # One rank = one core (OMP_NUM_THREADS=1), so the ideal 2-rank throughput is twice the 1-rank one. The 1-rank and
 # 2-rank invocations alternate under one --run-id, so drifts in machine load fall on both; the report takes the
