@@ -258,7 +258,7 @@ def test_sweep_at_two_ranks_drops_ultralytics_and_splits_the_global_batch():
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (("--imgsz", "100"), "--imgsz 100 is not a positive multiple of the model stride 32"),  # a traceback mid-run
+        (("--imgsz", "100"), "--imgsz 100 is not a positive multiple of the model stride 32: use e.g. --imgsz 128"),
         (("--micro-batch", "0"), "--micro-batch 0: images per rank must be at least 1"),  # named nbs=0
         (("--repeat", "0"), "--repeat 0: measure the sweep at least once"),  # ran once, silently
         (("--reduce-bucket-size", "-5"), "a bucket holds at least 1 element"),  # DeepSpeed's pydantic error, mid-run

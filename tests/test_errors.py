@@ -58,7 +58,7 @@ def test_config_that_disagrees_with_flags(shapes_data, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (["--imgsz", "33"], ("--imgsz 33", "multiple of", "--imgsz 32")),
+        (["--imgsz", "33"], ("--imgsz 33", "multiple of", "--imgsz 64")),  # up, where Ultralytics would round it
         (["--imgsz", "0"], ("--imgsz 0",)),
         (["--workers", "-1"], ("--workers -1",)),
         (["--model", "yolov8n-cls.yaml"], ("yolov8n-cls.yaml", "classify", "detection")),
@@ -97,7 +97,9 @@ def write_data_yaml(root: Path, **entries) -> Path:
     return path
 
 
-@pytest.mark.parametrize("problem", ["empty image directory", "every image unreadable", "no labels", "no names"])
+@pytest.mark.parametrize(
+    "problem", ["empty image directory", "every image unreadable", "no labels", "every class id beyond nc", "no names"]
+)
 def test_bad_data_sets(problem, shapes_data, tmp_path):
     import shutil
 
@@ -118,6 +120,12 @@ def test_bad_data_sets(problem, shapes_data, tmp_path):
         shutil.rmtree(root / "labels")
         data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
         fragments = ("train images", "no image has a label", "labels/train/*.txt", "class x_center")
+    elif problem == "every class id beyond nc":  # Ultralytics drops each such image; the hint named only images
+        shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
+        for label in (root / "labels").rglob("*.txt"):
+            label.write_text("".join("7" + line[line.index(" ") :] for line in label.read_text().splitlines(True)))
+        data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
+        fragments = ("train images", "No valid images", "class ids below nc")
     else:
         shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
         data_yaml = write_data_yaml(root, train="images/train", val="images/val")

@@ -328,7 +328,8 @@ def check_imgsz(imgsz: int, flag: str = "--imgsz") -> None:
     """Refuse an image size Ultralytics' models cannot take whole (train, val, predict, the bench and its report's
     goal alike); `flag` names it in the message."""
     if imgsz < IMGSZ_MULTIPLE or imgsz % IMGSZ_MULTIPLE:
-        rounded = max(IMGSZ_MULTIPLE, round(imgsz / IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
+        # the next multiple up, where Ultralytics' own check_imgsz rounds a size to (with a warning)
+        rounded = max(IMGSZ_MULTIPLE, -(-imgsz // IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
         raise ConfigError(
             f"{flag} {imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. {flag} {rounded}"
         )

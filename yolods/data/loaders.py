@@ -101,7 +101,8 @@ def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
             return build()
         except (FileNotFoundError, AssertionError, RuntimeError) as error:  # no images, no labels, a bad cache
             raise ConfigError(
-                f"{images}: {one_line(error)} Check that entry of the data.yaml and that the images there are readable"
+                f"{images}: {one_line(error)} Check that entry of the data.yaml, that the images there are readable "
+                "and that their labels are valid (class ids below nc; Ultralytics' warnings above name each file)"
             ) from None
         except ValueError as error:
             unlabelled = re.search(r"No labels found in (\S+?)(?:\.cache)?\. ", str(error))
