@@ -240,3 +240,14 @@ def test_grayscale_data_trains_a_one_channel_model_that_predicts_like_ultralytic
     ours = json.loads((tmp_path / "pred" / "exp" / "predictions.json").read_text())
     theirs = model.predict(str(val_images), imgsz=IMGSZ, conf=0.001, verbose=False)
     assert len(ours) == sum(len(result.boxes) for result in theirs) > 0
+
+
+def test_verbose_adds_deepspeed_info_lines_and_the_layer_table(shapes_data, zero2_run, tmp_path):
+    """README: `--verbose` adds Ultralytics' layer table and DeepSpeed's own messages. DeepSpeed's logger starts at
+    WARNING, so before `show_deepspeed_info_messages` the flag added the table alone."""
+    result = run_train(small_run_args(shapes_data, tmp_path, "verbose", "--verbose", epochs=1))
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "DeepSpeed info: version=" in output and "[INFO]" in output
+    assert "params  module" in output  # Ultralytics' layer table
+    assert "[INFO]" not in (zero2_run / "train.log").read_text()  # without the flag: neither

@@ -135,6 +135,18 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
         deepspeed.init_distributed(timeout=timeout)  # adopts a process group that already exists
 
 
+def show_deepspeed_info_messages() -> None:
+    """--verbose: let DeepSpeed's INFO lines through (its version, the resolved config, the engine's set-up). Its
+    logger and that logger's handler both start at WARNING (deepspeed/utils/logging.py), so both are lowered."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.INFO)
+    for handler in logger.handlers:
+        handler.setLevel(logging.INFO)
+
+
 def bind_local_gpu() -> int:
     """Make this rank's GPU (LOCAL_RANK) the current device, before any collective; returns its index.
 

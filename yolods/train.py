@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan, resume_dir = plan_run(argv)
         dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
+        if plan.cfg.verbose:
+            dist.show_deepspeed_info_messages()
         watchdog = faults.JobWatchdog(stop_request).start()
         from yolods import checkpoint
         from yolods.build import build_trainer
