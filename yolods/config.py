@@ -540,8 +540,6 @@ def default_deepspeed_config(*, zero_stage: int, precision: str, device: str = "
     }
     if precision in ("bf16", "fp16"):
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
-    if precision == "fp16" and zero_stage > 0:
-        config["gradient_clipping"] = 0.0  # see _check_fp16_clipping
     return config
 
 
@@ -658,7 +656,6 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
             # DeepSpeed's bf16/fp16 sections cast parameters but not buffers, and BatchNorm then fails with
             # "expected scalar type BFloat16 but found Float"; casting the buffers too lets such configs run.
             resolved.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16" if precision == "bf16" else "fp16")
-    _check_fp16_clipping(resolved, stage=stage, user_set_clipping="gradient_clipping" in user, source=source)
     _check_no_granularity_threshold(resolved, stage=stage, source=source)
     if "optimizer" in resolved or "scheduler" in resolved:
         raise ConfigError(
@@ -688,24 +685,6 @@ def place_monitor_outputs(ds_config: dict[str, Any], run_dir: Path) -> None:
         if section and section.get("enabled") and not section.get("output_path"):
             section["output_path"] = str(run_dir / "deepspeed")
             section.setdefault("job_name", monitor)
-
-
-def _check_fp16_clipping(config: dict[str, Any], *, stage: int, user_set_clipping: bool, source: str | None) -> None:
-    """fp16 torch_autocast at ZeRO 1-3 must run unclipped.
-
-    DeepSpeed 0.19.8's ZeRO optimizers take the gradient norm before the GradScaler unscales (the norm comes
-    out ~2^16 too large), so any clipping shrinks the update to almost nothing and training stalls.
-    """
-    autocast = config.get("torch_autocast", {})
-    is_fp16_autocast = autocast.get("enabled") and precision_of({"torch_autocast": autocast}) == "fp16"
-    if not (is_fp16_autocast and stage > 0 and config.get("gradient_clipping", 0) > 0):
-        return
-    if user_set_clipping:
-        raise ConfigError(
-            f"gradient_clipping={config['gradient_clipping']} in {source} with fp16 torch_autocast at ZeRO-{stage}: DeepSpeed "
-            "clips these gradients before unscaling them, which stalls training; set gradient_clipping to 0, or use bf16 or --zero 0"
-        )
-    config["gradient_clipping"] = 0.0
 
 
 def _check_no_granularity_threshold(config: dict[str, Any], *, stage: int, source: str | None) -> None:

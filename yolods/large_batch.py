@@ -19,7 +19,7 @@ Ultralytics' own rounding to `nbs` gives; then, with k = images per optimizer st
   usual for Adam (Malladi et al. 2022) reached a third of its mAP below.
 - SGD, MuSGD with a clipped gradient (the default): lr x sqrt(k), the square-root rule (Hoffer et al. 2017).
   Ultralytics' SGD lr0 0.01 is already large: x k made the run unstable for 4 of its 10 epochs below.
-- Without clipping (`gradient_clipping: 0` in a DeepSpeed JSON; fp16 under ZeRO 1-3) SGD and MuSGD keep
+- Without clipping (`gradient_clipping: 0` in a DeepSpeed JSON) SGD and MuSGD keep
   Ultralytics' lr and weight decay: their summed loss is the linear rule.
 - Weight decay x k / lr scale instead of Ultralytics' x k: decay shrinks the weights by about lr x wd per step
   (SGD adds it after the clip, AdamW decouples it, Adam's L2 joins a clipped gradient of fixed size), so this

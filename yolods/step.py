@@ -63,6 +63,7 @@ class TrainStep:
         self.stop_request = stop_request
         self.step_at_epoch_end = step_at_epoch_end
         self.clip_norm = clip_norm  # clipped here with torch's clip_grad_norm_ (ZeRO-0), not by DeepSpeed
+        self.zero_clip_norm = float(engine.gradient_clipping() or 0.0)  # clipped by DeepSpeed's ZeRO optimizer
         self.accumulating = False  # gradients summed since the last optimizer step, not applied yet
         self.zero_stage = engine.zero_optimization_stage()
         self.input_dtype = next(engine.module.parameters()).dtype  # bf16/fp16 only under DeepSpeed's own sections
@@ -99,6 +100,7 @@ class TrainStep:
             self.stage0_grad_norm = self._clip_reduced_grads()
         elif is_boundary:
             self.scale_at_last_step = loss_scale(self.engine)  # before step() may grow it
+            self._clip_where_the_gradients_are_scaled()
         self.engine.step()
         if is_boundary and self.zero_stage > 0:
             back_off_after_skipped_step(self.engine)
@@ -126,6 +128,19 @@ class TrainStep:
         if norm is not None and scaler is not None and scaler.is_enabled() and self.scale_at_last_step:
             return float(norm) / self.scale_at_last_step
         return norm
+
+    def _clip_where_the_gradients_are_scaled(self) -> None:
+        """fp16 torch_autocast at ZeRO 1-3: clip at `gradient_clipping` of the unscaled norm, as Ultralytics does.
+
+        DeepSpeed 0.19.8 compares the norm of the still-scaled gradients with its `clip_grad` and leaves the
+        unscaling to the GradScaler's step afterwards, so a threshold of 10 clipped at 10 / 65536 and every update
+        shrank to almost nothing. The threshold times the scale those gradients carry clips where Ultralytics
+        does: the clip factor is the same, and the GradScaler then unscales. Set before every step because the
+        scale moves.
+        """
+        scaler = grad_scaler(self.engine)
+        if self.zero_clip_norm > 0 and scaler is not None and scaler.is_enabled():
+            self.engine.optimizer.clip_grad = self.zero_clip_norm * float(scaler.get_scale())
 
     def _clip_reduced_grads(self) -> float:
         """ZeRO-0: clip at `clip_norm` (if set) as Ultralytics does; returns the norm before clipping, which
