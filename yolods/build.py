@@ -377,6 +377,8 @@ def build_trainer(
     )
     if synced_norms is not None:
         logger.info(describe_sync_bn(synced_norms, device=device))
+    if getattr(hyp, "channels_last", None) is True and memory_format != torch.channels_last:
+        logger.info(f"--hyp channels_last=True is ignored on {device.type}: NHWC images are for CUDA only")
     if cfg.paired_data and dist.get_world_size() > 1:
         logger.info(
             f"--paired_data: every rank loads each global batch of {train_data.global_batch} images, augmented as at "
