@@ -222,6 +222,24 @@ def test_fp16_at_zero2_lowers_the_loss_scale_and_clips_as_zero0_does(shapes_data
     assert series["2"]["train/box_loss"][after] == pytest.approx(series["0"]["train/box_loss"][after], rel=2e-3)
 
 
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_fp16_scale_grows_once_per_growth_interval_of_steps_under_zero(zero):
+    """DeepSpeed 0.19.8 updates the GradScaler once per parameter group: with 3 groups and an interval of 2 the scale
+    grew to 512 in 6 steps (2, 8, 16, 64, 128, 512), and mid-step, between groups. yolods counts steps instead."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, train_env
+
+    probe = [sys.executable, str(Path(__file__).with_name("grad_scaler_probe.py")), "--zero", str(zero)]
+    result = subprocess.run(
+        [*probe, "--port", str(free_port())], env=train_env(), capture_output=True, text=True, timeout=120
+    )
+    assert_ok(result)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("scales:"))
+    assert json.loads(line.removeprefix("scales:")) == [1.0, 2.0, 2.0, 4.0, 4.0, 8.0]
+
+
 def test_grayscale_data_trains_a_one_channel_model_that_predicts_like_ultralytics(shapes_data, tmp_path):
     """data.yaml `channels: 1`: the images load as grayscale, so the model's first layer must take one channel (as
     Ultralytics' trainer builds it), and yolods.predict must read images as Ultralytics reads them for that model."""

@@ -71,6 +71,8 @@ class TrainStep:
         self.stage0_grad_norm: float | None = None
         self.scale_at_last_step: float | None = None  # the fp16 loss scale of the last optimizer step (ZeRO 1-3)
         self.on_phase: Callable[[str], None] | None = None
+        if self.zero_stage > 0:
+            grow_scale_once_per_step(engine)
 
     def __call__(self, batch: dict[str, Any], *, iteration: int, epoch: int, last_in_epoch: bool) -> StepResult:
         """Train on one micro-batch; `iteration` counts micro-steps over the run (batch + epoch x batches)."""
@@ -169,6 +171,24 @@ def grad_scaler(engine):
     return getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
         engine.optimizer, "torch_autocast_gradscaler", None
     )
+
+
+def grow_scale_once_per_step(engine) -> None:
+    """Make the fp16 GradScaler of a ZeRO 1-3 optimizer count optimizer steps, not parameter groups.
+
+    DeepSpeed 0.19.8 calls the GradScaler's step() and update() once per parameter group (Ultralytics has 3), so
+    its growth interval of 2000 updates passed every 667 steps, and a growth after the first or second group
+    unscaled the later groups' gradients by twice the scale they carried: half their step. An interval of 2000 x
+    the groups grows the scale every 2000 steps, after a step's last group, as torch's GradScaler does for
+    Ultralytics. (yolods' back-off restarts the count at 0, so it stays in phase with the groups.)
+    """
+    scaler = grad_scaler(engine)
+    if scaler is None or not scaler.is_enabled():
+        return
+    optimizer = engine.optimizer
+    groups = getattr(optimizer, "fp16_groups", None) or getattr(optimizer, "bit16_groups", None)  # ZeRO-3, ZeRO-1/2
+    if groups:
+        scaler.set_growth_interval(scaler.get_growth_interval() * len(groups))
 
 
 def back_off_after_skipped_step(engine) -> None:
