@@ -156,7 +156,7 @@ def assert_resharding_is_exact(run_dir: Path, work: Path, *, saved_ranks: int, z
     Returns the copy the probe ran in, whose newest checkpoint is now the probe's.
     """
     copy = work / f"probed_on{3 - saved_ranks}"
-    shutil.copytree(run_dir, copy)  # keeps modification times, by which the newest checkpoint is found
+    shutil.copytree(run_dir, copy)
     source = (copy / "checkpoints" / "latest").read_text().strip()
     run_probe(copy, "probed", nproc=3 - saved_ranks)
     assert_same_state(copy / "checkpoints", (source, saved_ranks), ("probed", 3 - saved_ranks), zero_stage=zero_stage)

@@ -7,6 +7,7 @@ and, for stops, that the checkpoint resumes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -213,9 +214,13 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
 def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     """A copy of the finished ZeRO-2 run (checkpoints epoch2 and epoch3) whose newest has a truncated rank file, or
     lost one of its ZeRO optimizer partitions (it failed in DeepSpeed's load, with no fallback)."""
+    from yolods.checkpoint import COMPLETE_MARKER
+
     run_dir = tmp_path / "run"
     shutil.copytree(zero2_run, run_dir)
     newest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    marker = newest / COMPLETE_MARKER  # as if the run went on after it (a finished run's --resume trains nothing)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "finished": False}))
     if damage == "truncated":
         damaged = newest / "yolods_rank1.pt"
         damaged.write_bytes(damaged.read_bytes()[:500])  # cut off mid-write
@@ -227,6 +232,21 @@ def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     output = result.stdout + result.stderr
     assert f"skipping checkpoint {newest.name}: {damaged.name}" in output, output[-3000:]
     assert "Resuming" in output and "from epoch2" in output, output[-3000:]
+
+
+def test_a_finished_run_started_again_exits_0_on_any_number_of_ranks_from_a_copy(zero2_run, tmp_path):
+    """A job started again after its run finished (a requeue, an elastic restart on other nodes) finds it complete:
+    on 3 ranks, which its global batch of 8 does not split over, and in a copy that did not keep file times (the
+    older tag's marker now looks newer: found by file time, epoch2 was resumed and the batch refused, exit 2)."""
+    from yolods.checkpoint import COMPLETE_MARKER
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero2_run, run_dir)
+    later = time.time() + 60
+    os.utime(run_dir / "checkpoints" / "epoch2" / COMPLETE_MARKER, (later, later))
+    result = run_train(["--resume", str(run_dir)], nproc=3)
+    assert_ok(result)
+    assert "already finished (epoch3 of 3 epochs); nothing to resume." in result.stdout + result.stderr
 
 
 def test_ctrl_c_to_a_single_process_exits_130_and_resumes(shapes_data, tmp_path):

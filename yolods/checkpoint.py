@@ -123,9 +123,31 @@ def remove_unfinished_run_dir(run_dir: Path) -> None:
 
 
 def complete_tags(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoint tags, newest first."""
+    """The run's complete checkpoint tags, newest first.
+
+    Ordered by the save time each marker holds, not by file times: `cp -r`, scp and object stores do not keep
+    those, and a copied run directory resumed from whichever tag happened to be copied last.
+    """
     markers = (run_dir / CHECKPOINT_DIR).glob(f"*/{COMPLETE_MARKER}")
-    return [marker.parent for marker in sorted(markers, key=lambda m: m.stat().st_mtime, reverse=True)]
+    return sorted((marker.parent for marker in markers), key=_saved_at, reverse=True)
+
+
+def _saved_at(tag_dir: Path) -> float:
+    """When rank 0 marked a tag complete, from its marker's contents (which a copy keeps), else the file's time."""
+    marker = tag_dir / COMPLETE_MARKER
+    try:
+        return float(json.loads(marker.read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return marker.stat().st_mtime
+
+
+def run_finished(tag_dir: Path, *, epochs: int) -> bool:
+    """Whether a complete tag ends its run: the last epoch's, or one saved after patience ended the run early."""
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(marker.get("finished", tag_dir.name == f"epoch{epochs}"))
 
 
 def find_resume_dir(cfg: RunConfig) -> Path:
@@ -142,7 +164,7 @@ def find_resume_dir(cfg: RunConfig) -> Path:
     candidates = [run for run in Path(cfg.project).glob("*") if (run / "args.yaml").is_file() and complete_tags(run)]
     if not candidates:
         raise ConfigError(f"--resume: no run with a complete checkpoint under {cfg.project}; pass the run directory")
-    return max(candidates, key=lambda run: complete_tags(run)[0].stat().st_mtime).resolve()
+    return max(candidates, key=lambda run: _saved_at(complete_tags(run)[0])).resolve()
 
 
 def saved_world_size(tag_dir: Path) -> int:
@@ -330,15 +352,19 @@ class Checkpointer:
             save_run_config(self.run_dir, cfg)
             write_json(self.run_dir / "ds_config.json", ds_config)
 
-    def save(self, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
-        """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus this rank's own state. A collective."""
+    def save(
+        self, tag: str, *, client_state: dict[str, Any], rank_state: dict[str, Any], finished: bool = False
+    ) -> None:
+        """DeepSpeed checkpoint of model, optimizer and ZeRO partitions, plus this rank's own state. A collective.
+
+        `finished`: the run ends with this tag (its marker says so, and a later --resume exits at once)."""
         tag_dir = self.checkpoint_dir / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
         self._write(tag_dir / f"yolods_rank{dist.get_rank()}.pt", _torch_bytes(rank_state))
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's files are on disk
         if dist.is_main_process():
-            marker = {"tag": tag, "world_size": dist.get_world_size(), "saved_at": time.time()}
+            marker = {"tag": tag, "world_size": dist.get_world_size(), "saved_at": time.time(), "finished": finished}
             write_json(tag_dir / COMPLETE_MARKER, marker)
             _atomic_write(self.checkpoint_dir / "latest", tag.encode())  # for DeepSpeed's tools (zero_to_fp32)
             self._prune()

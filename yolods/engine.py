@@ -285,7 +285,7 @@ class Trainer:
             return metrics or {}
         tag = f"epoch{epoch + 1}"
         rank_state = self.rank_state_dict(None, data_state=self.train_data.state_dict())
-        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=rank_state)
+        self.checkpointer.save(tag, client_state=self.state_dict(), rank_state=rank_state, finished=self.finished)
         self.checkpoint_due = False
         if self.stop_after_epoch and not self.finished:  # a stop in the last epoch leaves nothing to resume
             self._log_stop(tag)

@@ -31,11 +31,11 @@ from yolods.config import (
 from yolods.preemption import StopRequest, TrainingInterrupted
 
 
-def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
+def plan_run(argv: list[str] | None) -> tuple[RunPlan | None, Path | None]:
     """Flags (or a resumed run's saved settings) -> RunPlan, checked on every rank before any process group exists.
 
     A run resumes on any number of ranks that keeps its global batch. Returns the plan and the run directory to
-    resume (None for a new run).
+    resume (None for a new run); no plan for a run that had finished, on whatever number of ranks finds it.
     """
     from yolods import checkpoint
 
@@ -46,6 +46,9 @@ def plan_run(argv: list[str] | None) -> tuple[RunPlan, Path | None]:
     resume_dir = checkpoint.find_resume_dir(cfg)
     cfg = resumed_config(checkpoint.load_run_config(resume_dir), cfg, given=given_flags(argv))
     newest = checkpoint.complete_tags(resume_dir)[0]
+    if checkpoint.run_finished(newest, epochs=cfg.epochs):
+        dist.print_main(f"{resume_dir} already finished ({newest.name} of {cfg.epochs} epochs); nothing to resume.")
+        return None, resume_dir
     check_batch_resplit(cfg, saved_world_size=checkpoint.saved_world_size(newest), world_size=world_size)
     plan = resolve_run(cfg, world_size=world_size)
     checkpoint.check_resume_world_size(resume_dir, world_size=world_size, zero_stage=plan.zero_stage)
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = resume_dir = watchdog = None
     try:
         plan, resume_dir = plan_run(argv)
+        if plan is None:  # a job started again after its run had finished
+            return 0
         dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
         if plan.cfg.verbose:
             dist.show_deepspeed_info_messages()
