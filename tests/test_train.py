@@ -240,6 +240,25 @@ def test_fp16_scale_grows_once_per_growth_interval_of_steps_under_zero(zero):
     assert json.loads(line.removeprefix("scales:")) == [1.0, 2.0, 2.0, 4.0, 4.0, 8.0]
 
 
+def test_val_losses_over_more_ranks_than_val_images_are_those_of_one_rank(shapes_data, tmp_path):
+    """One val image on 2 ranks: rank 1's shard is empty. The val losses are the mean over the ranks' batches, so
+    they match the 1-rank run's (a mean of the ranks' means halved them: 0.198 against 0.397). Weights frozen (lr 0)
+    and each global batch split as at 1 rank (--paired_data), so that only the number of ranks differs."""
+    config = yaml.safe_load(shapes_data.read_text())
+    one_image = tmp_path / "val.txt"
+    one_image.write_text(f"{sorted((Path(config['path']) / config['val']).iterdir())[0]}\n")
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump({**config, "val": str(one_image)}))
+    frozen = ("--optimizer", "SGD", "--lr0", "0", "--momentum", "0", "--weight_decay", "0", "--paired_data")
+    frozen += ("--hyp", "warmup_bias_lr=0", "--imgsz", "64")
+    losses = {}
+    for ranks in (1, 2):
+        assert_ok(run_train(small_run_args(data_yaml, tmp_path, f"on{ranks}", *frozen, epochs=1), nproc=ranks))
+        row = read_results(tmp_path / f"on{ranks}")[-1]
+        losses[ranks] = [row[f"val/{name}"] for name in ("box_loss", "cls_loss", "dfl_loss")]
+    assert losses[2] == pytest.approx(losses[1], rel=0.01)
+
+
 def test_grayscale_data_trains_a_one_channel_model_that_predicts_like_ultralytics(shapes_data, tmp_path):
     """data.yaml `channels: 1`: the images load as grayscale, so the model's first layer must take one channel (as
     Ultralytics' trainer builds it), and yolods.predict must read images as Ultralytics reads them for that model."""

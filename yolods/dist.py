@@ -233,8 +233,14 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> None:
+    """Sum a tensor over ranks in place; a no-op without a process group."""
+    if _initialized() and get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors over ranks in place (BatchNorm statistics, validation losses)."""
+    """Average tensors over ranks in place (BatchNorm statistics)."""
     if not (_initialized() and get_world_size() > 1) or not tensors:
         return
     for tensor in tensors:
@@ -301,6 +307,7 @@ __all__ = [
     "LAUNCHER_VARIABLES",
     "all_gather_objects",
     "all_reduce_mean_",
+    "all_reduce_sum_",
     "any_rank",
     "barrier",
     "bind_local_gpu",

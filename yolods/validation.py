@@ -83,9 +83,13 @@ class EpochValidator:
         if self._most_batches is None:  # once: the shards do not change
             self._most_batches = dist.max_over_ranks(len(self.validator.dataloader))
         metrics = self.validator(trainer=self._trainer_view(model, epoch=epoch, epochs=epochs))
-        num_batches = max(len(self.validator.dataloader), 1)
-        losses = [self.validator.loss[name].detach().float().reshape(1) / num_batches for name in self.loss_names]
-        dist.all_reduce_mean_(losses)
+        # the mean over every rank's batches: a rank with an empty shard (fewer val images than ranks) adds no batch,
+        # where a mean of the ranks' means counted it as a loss of 0
+        loss_sums = [self.validator.loss[name].detach().float().reshape(()) for name in self.loss_names]
+        batches = torch.tensor(float(len(self.validator.dataloader)), device=self.device)
+        sums_and_batches = torch.stack([*loss_sums, batches])
+        dist.all_reduce_sum_(sums_and_batches)
+        losses = sums_and_batches[:-1] / sums_and_batches[-1].clamp(min=1)
         if self.paired_data:
             self._draw_for_other_ranks_images()
         if not dist.is_main_process():
