@@ -156,6 +156,12 @@ def test_parse_args_defaults_for_synthetic_and_real_data():
         (["--hyp", "amp=False"], r"--hyp amp=False is not supported: set the precision with --precision"),
         (["--hyp", "rect=True"], "rectangular training batches are not implemented"),
         (["--hyp", "multi_scale=0.5"], "multi-scale training is not implemented"),
+        # argparse's own mistakes, in one line with the fix; a flag is never abbreviated (--epoch trained 3 epochs)
+        (["epochs=3"], r"unrecognized arguments: epochs=3; pass epochs=3 as --epochs 3 \(yolods takes flags"),
+        (["mosaic=0"], r"pass mosaic=0 as --hyp mosaic=0"),
+        (["nosuch=1"], r"nosuch is neither a flag of python -m yolods.train nor an Ultralytics setting"),
+        (["--epoch", "3"], r"unrecognized arguments: --epoch 3; did you mean --epochs"),
+        (["--batch", "x"], r"argument --batch: invalid int value: 'x'"),
     ],
 )
 def test_bad_flags(argv, pattern):

@@ -191,3 +191,30 @@ def test_resume_refuses_flags_that_would_change_the_run(shapes_data, tmp_path):
     (run_dir / "args.yaml").write_text(f"data: {shapes_data}\nepochs: 3\n")
     result = run_train(["--resume", str(run_dir), "--epochs", "9", "--lr0", "0.1"])
     assert_one_line_error(result, "--epochs 9 (run has 3)", "lr0=0.1", "drop those flags")
+
+
+def test_resume_hints_name_the_run_directory_and_the_default(tmp_path):
+    """Ultralytics' habit `resume=weights/last.pt` points at the run directory above; a flag the saved run left at its
+    default says so instead of "run has None"."""
+    from yolods.checkpoint import find_resume_dir
+    from yolods.config import RunConfig, given_flags, parse_args, resumed_config
+    from yolods.errors import ConfigError
+
+    run_dir = run_dir_with_a_checkpoint(tmp_path / "run", "")
+    (run_dir / "weights").mkdir()
+    for inside in (run_dir / "weights" / "last.pt", run_dir / "weights"):
+        with pytest.raises(ConfigError, match=f"pass the run directory, --resume {re.escape(str(run_dir))}$"):
+            find_resume_dir(RunConfig(resume=str(inside)))
+    argv = ["--resume", str(run_dir), "--zero", "2"]
+    with pytest.raises(ConfigError, match=r"--zero 2 \(run has the default\) would change the run"):
+        resumed_config(RunConfig(resume=str(run_dir)), parse_args(argv), given=given_flags(argv))
+
+
+def test_a_data_yaml_passed_as_the_model_is_named(tmp_path):
+    from yolods.errors import ConfigError
+    from yolods.model import check_model_spec
+
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
+    with pytest.raises(ConfigError, match=r"data.yaml: not a model yaml \(it has no backbone and head\)"):
+        check_model_spec(str(data_yaml))

@@ -155,7 +155,10 @@ def find_resume_dir(cfg: RunConfig) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume)
         if not (run_dir / "args.yaml").is_file():
-            raise ConfigError(f"--resume {cfg.resume}: not a yolods run directory (no args.yaml there)")
+            # Ultralytics resumes from weights/last.pt; yolods from the run directory that holds it
+            enclosing = next((parent for parent in run_dir.parents[:2] if (parent / "args.yaml").is_file()), None)
+            fix = f": pass the run directory, --resume {enclosing}" if enclosing else " (no args.yaml there)"
+            raise ConfigError(f"--resume {cfg.resume}: not a yolods run directory{fix}")
         if not complete_tags(run_dir):
             raise ConfigError(
                 f"--resume {cfg.resume}: no complete checkpoint in {run_dir / CHECKPOINT_DIR}; the run stopped before its first one, start it again"

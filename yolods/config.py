@@ -23,6 +23,7 @@ import torch
 
 from yolods import dist
 from yolods.errors import ConfigError
+from yolods.flags import FlagParser
 from yolods.hyp import is_ultralytics_setting, ultralytics_settings
 from yolods.large_batch import rule_parts
 
@@ -119,7 +120,7 @@ HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m yolods.train` command line; flag names follow Ultralytics and DeepSpeed, grouped as in README."""
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m yolods.train",
         description="Train an Ultralytics YOLO detector with DeepSpeed (any launcher: python, deepspeed, torchrun, srun).",
         epilog="README.md has every flag with examples; ds_configs/README.md explains the shipped DeepSpeed configs.",
@@ -451,7 +452,8 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
             continue  # compared key by key below
         field_name = "deepspeed_config" if name in ("deepspeed_config", "deepscale_config") else name
         if hasattr(saved, field_name) and getattr(flags, field_name) != getattr(saved, field_name):
-            conflicts.append(f"--{name} {getattr(flags, field_name)} (run has {getattr(saved, field_name)})")
+            had = getattr(saved, field_name)
+            conflicts.append(f"--{name} {getattr(flags, field_name)} (run has {'the default' if had is None else had})")
     for key, value in sorted(flags.hyp.items()):
         if saved.hyp.get(key) != value:
             conflicts.append(f"{key}={value} (run has {saved.hyp.get(key, 'the default')})")

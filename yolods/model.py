@@ -83,6 +83,8 @@ def require_detection_head(model_yaml: dict[str, Any], *, model_spec: str, advic
     """Raise ConfigError naming the task of a model whose last layer is no detection head (from its yaml)."""
     from ultralytics.nn.tasks import guess_model_task
 
+    if not model_yaml.get("backbone") or not model_yaml.get("head"):  # a data.yaml passed as the model, say
+        raise ConfigError(f"--model {model_spec}: not a model yaml (it has no backbone and head); {advice}")
     head = str(model_yaml.get("head", [[None, None, None]])[-1][2])
     if head not in DETECTION_HEADS:
         task = guess_model_task(model_yaml)

@@ -37,6 +37,7 @@ from typing import Any
 from yolods import dist, inference
 from yolods.batches import WorkBatch
 from yolods.errors import ConfigError
+from yolods.flags import FlagParser
 from yolods.model import TrainedDetector, load_trained_detector
 
 DEFAULT_BATCH = 16  # per rank; YOLO.predict's default is 1, which leaves a GPU idle
@@ -83,7 +84,7 @@ class PredictPlan:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m yolods.predict",
         description="Predict with trained YOLO weights over images or videos, sharded over every rank (any launcher).",
     )

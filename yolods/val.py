@@ -24,6 +24,7 @@ from typing import Any
 
 from yolods import dist, inference
 from yolods.errors import ConfigError
+from yolods.flags import FlagParser
 from yolods.model import TrainedDetector, load_trained_detector
 
 # Ultralytics val settings taken as flags of the same name; any other one through --hyp KEY=VALUE.
@@ -43,7 +44,7 @@ class ValPlan:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m yolods.val",
         description="Validate trained YOLO weights, the split sharded over every rank (any launcher).",
     )
