@@ -79,6 +79,8 @@ def test_bad_flag_values(flags, fragments, shapes_data, tmp_path):
         ('{"zero_optimisation": {"stage": 2}}', ("zero_optimisation", "did you mean zero_optimization")),
         ('{"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}', ("reduce_bucket_sise", "reduce_bucket_size")),
         ('{"zero_optimization": ', ("invalid JSON",)),
+        # DeepSpeed refused it only once the model was built, in a traceback (rc 1, a run directory left behind)
+        ('{"fp16": {"enabled": true}}', ("fp16 section", "CPU accelerator refuses", "--precision fp16")),
     ],
 )
 def test_bad_deepspeed_config(config, fragments, shapes_data, tmp_path):

@@ -2,6 +2,7 @@
 the process group (for tests/test_launchers.py)."""
 
 import importlib
+import os
 
 import torch
 
@@ -9,6 +10,8 @@ import yolods  # noqa: F401  (records OMP_NUM_THREADS before Ultralytics touches
 from yolods import dist
 
 importlib.import_module("ultralytics")  # sets OMP_NUM_THREADS=1 when unset, as in every real run
+if "PROBE_CORES" in os.environ:  # a machine with more cores than this one, as taskset or cgroups report them
+    os.sched_getaffinity = lambda pid: set(range(int(os.environ["PROBE_CORES"])))
 dist.init_distributed("cpu", verbose=False)
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 

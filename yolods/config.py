@@ -474,6 +474,12 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     )
 
 
+def _multiples_around(batch: int, world_size: int) -> str:
+    """The multiples of `world_size` either side of `batch` ("8 or 16"), the lower one only if it is above 0."""
+    lower = batch // world_size * world_size
+    return f"{lower} or {lower + world_size}" if lower else str(world_size)
+
+
 def check_batch_resplit(cfg: RunConfig, *, saved_world_size: int, world_size: int) -> None:
     """A run resumed on another number of ranks keeps its global batch; the micro batch per rank is re-split.
 
@@ -614,6 +620,11 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
         raise ConfigError(
             f"--precision {cfg.precision} disagrees with {source}, which asks for {user_precision}: drop one"
         )
+    if cfg.device == "cpu" and user.get("fp16", {}).get("enabled"):
+        raise ConfigError(
+            f"--deepspeed_config {source} enables DeepSpeed's fp16 section, which its CPU accelerator refuses ('Type fp16 is not "
+            "supported'); on CPU use --precision fp16 (torch_autocast float16) instead, or drop the section"
+        )
     precision = cfg.precision or user_precision or ("bf16" if cfg.device == "cuda" else "fp32")
 
     micro_from_user = user.get("train_micro_batch_size_per_gpu")
@@ -621,12 +632,12 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
         if cfg.batch % world_size:
             raise ConfigError(
                 f"--batch {cfg.batch} does not split over {world_size} ranks: use a multiple of {world_size}, "
-                f"e.g. --batch {max(world_size, cfg.batch // world_size * world_size)}"
+                f"e.g. --batch {_multiples_around(cfg.batch, world_size)}"
             )
         micro_batch = cfg.batch // world_size
         if micro_from_user is not None and int(micro_from_user) != micro_batch:
             raise ConfigError(
-                f"--batch {cfg.batch} gives {micro_batch} images per rank on {world_size} ranks but {source} sets "
+                f"--batch {cfg.batch} gives {micro_batch} images per rank on {dist.ranks_phrase(world_size)} but {source} sets "
                 f"train_micro_batch_size_per_gpu={micro_from_user}: make them agree or drop one"
             )
     else:
@@ -637,7 +648,7 @@ def resolve_deepspeed_config(cfg: RunConfig, *, world_size: int, nbs: int) -> tu
     if user_total is not None and int(user_total) != plan.images_per_optimizer_step:
         raise ConfigError(
             f"train_batch_size={user_total} in {source} is not micro batch {micro_batch} x accumulation {accumulate} "
-            f"x {world_size} ranks = {plan.images_per_optimizer_step}: fix it or drop it"
+            f"x {dist.ranks_phrase(world_size)} = {plan.images_per_optimizer_step}: fix it or drop it"
         )
 
     resolved = (

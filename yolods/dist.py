@@ -76,9 +76,9 @@ def is_local_main_process() -> bool:
     return get_local_rank() == 0
 
 
-def print_main(message: str) -> None:
-    """Print once for the whole job (rank 0), to stderr."""
-    if is_main_process():
+def print_main(message: str, *, every_rank: bool = False) -> None:
+    """Print once for the whole job (rank 0), or on `every_rank`, to stderr."""
+    if every_rank or is_main_process():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -98,6 +98,41 @@ def threads_per_rank() -> int:
     return max(1, cores // max(1, get_local_world_size()))
 
 
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")  # besides RANK and WORLD_SIZE, what DeepSpeed
+# needs to join a group from the environment; without one it falls back to MPI discovery ("No module named mpi4py")
+
+
+def check_launcher_env() -> None:
+    """Refuse, in one line on every rank, launcher variables no launcher would leave: torch and DeepSpeed would
+    otherwise plan for ranks that never come, wait for them, or look for MPI.
+
+    Raises:
+        ConfigError: RANK without WORLD_SIZE or the reverse, values that are not counts, a rank beyond the world,
+            or several ranks with nowhere to meet (no MASTER_ADDR).
+    """
+    from yolods.errors import ConfigError
+
+    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None and world_size is None:
+        return
+    if rank is None or world_size is None:
+        problem = (
+            f"RANK={rank} is set but WORLD_SIZE is not"
+            if world_size is None
+            else f"WORLD_SIZE={world_size} is set but RANK is not"
+        )
+    elif not (rank.isdigit() and world_size.isdigit()):
+        problem = f"RANK={rank} and WORLD_SIZE={world_size} are not counts"
+    elif int(rank) >= int(world_size):
+        problem = f"RANK={rank} is not a rank of WORLD_SIZE={world_size}"
+    elif int(world_size) > 1 and (missing := [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]):
+        problem = f"WORLD_SIZE={world_size} without {' and '.join(missing)} (the ranks would not meet)"
+    else:
+        return
+    fix = "unset RANK and WORLD_SIZE to run one process, or start the job with torchrun, deepspeed or srun"
+    raise ConfigError(f"{problem}: {fix}", every_rank=True)
+
+
 def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: bool = True) -> None:
     """Join the process group the launcher prepared (a group of one for a plain `python -m ...`).
 
@@ -110,7 +145,10 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
         return
     if "RANK" not in os.environ:  # plain `python -m yolods.train`: a group of one, which DeepSpeed still needs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    if get_world_size() == 1:  # alone (RANK=0 WORLD_SIZE=1 by hand too): the group meets here, on any free port
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("LOCAL_RANK", "0")
     # DeepSpeed's CPU accelerator counts its devices (ranks per node) from LOCAL_SIZE, which only the deepspeed
     # launcher sets; otherwise it runs `numactl --hardware` in a subprocess, at ZeRO-3 on every gradient bucket
     # (3.4 ms a call where numactl is installed, measured here with a stand-in), and counts NUMA nodes, not ranks
@@ -312,6 +350,7 @@ __all__ = [
     "barrier",
     "bind_local_gpu",
     "broadcast_object",
+    "check_launcher_env",
     "gather_objects",
     "get_local_rank",
     "get_local_world_size",

@@ -14,18 +14,31 @@ from pathlib import Path
 def _translate_slurm_env() -> None:
     """Map the variables `srun` sets onto the ones torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK).
 
-    The deepspeed launcher and torchrun set RANK themselves; under srun only SLURM_* exist. MASTER_ADDR must
-    name the first node (the sbatch example in benchmarks/README.md exports it); we fall back to the node that
-    launched the step.
+    The deepspeed launcher and torchrun set RANK themselves; under srun only SLURM_* exist. Only an srun step
+    counts: SLURM_PROCID and SLURM_NTASKS are also set in an sbatch script itself, where a plain `python -m
+    yolods.train` would otherwise wait 30 minutes for peers that never start. The step's own task counts are
+    used, not the job's (`srun -n 2` in a job of 8 tasks starts 2). MASTER_ADDR must name the first node (the
+    sbatch example in benchmarks/README.md exports it); we fall back to the node that launched the step.
     """
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(_slurm_tasks_on_this_node()))
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def _slurm_tasks_on_this_node() -> int:
+    """This node's tasks of the srun step, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3": 4 on each of the first two
+    nodes, 3 on the third), which srun always sets; SLURM_NTASKS_PER_NODE exists only with --ntasks-per-node."""
+    counts: list[int] = []
+    for group in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+        count, _, repeats = group.partition("(x")
+        counts += [int(count)] * int(repeats.rstrip(")") or 1)
+    node = int(os.environ.get("SLURM_STEP_NODEID", os.environ.get("SLURM_NODEID", "0")))
+    return counts[min(node, len(counts) - 1)]
 
 
 def _cuda_present() -> bool:
@@ -56,10 +69,26 @@ def parent_of(pid: int) -> int | None:
 # die: under the deepspeed launcher they are launch.py and the `deepspeed` runner (see yolods.faults).
 LAUNCH_PARENT_PID = os.getppid()
 LAUNCH_GRANDPARENT_PID = parent_of(LAUNCH_PARENT_PID)
+
+
 # The thread count the user asked for, read before `import ultralytics` sets OMP_NUM_THREADS=1 (after torch has
 # already sized its thread pool, so the variable no longer says what torch uses): see dist.threads_per_rank.
-USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
-LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_PROCID" in os.environ  # torchrun, deepspeed, srun
+def _omp_num_threads_set_by_the_user() -> str | None:
+    """OMP_NUM_THREADS, unless torchrun put it there: for more than one rank per node it sets 1 where the user set
+    nothing (with a warning to tune it), which would leave each rank one thread whatever the cores. Its own
+    environment at start, the one the user launched it with, tells the two apart."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value != "1" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return value
+    try:
+        launched_with = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return value  # cannot tell: take it as the user's
+    return value if any(entry.startswith(b"OMP_NUM_THREADS=") for entry in launched_with) else None
+
+
+USER_OMP_NUM_THREADS = _omp_num_threads_set_by_the_user()
+LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ  # torchrun, deepspeed, srun
 
 
 def _start_ticks(pid: int) -> str:

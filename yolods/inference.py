@@ -27,7 +27,7 @@ import torch
 from yolods import dist
 from yolods.config import check_imgsz
 from yolods.errors import ConfigError
-from yolods.preemption import StopRequest, exit_code_for
+from yolods.preemption import StopRequest, exit_code_for, signals_end_the_process
 
 T = TypeVar("T")
 
@@ -71,14 +71,16 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
     job = Job(StopRequest().install())  # first: a stop that arrives during start-up is honoured too
     watchdog = None
     try:
+        dist.check_launcher_env()
         resolved = plan(argv)
-        dist.init_distributed(resolved.device, for_deepspeed=False)
+        with signals_end_the_process():  # the wait for peers can take minutes, in C++
+            dist.init_distributed(resolved.device, for_deepspeed=False)
         watchdog = faults.JobWatchdog(job.stop_request).start()
         exit_code = run(resolved, job)
     except ConfigError as error:
         if watchdog is not None:
             watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
-        dist.print_main(f"yolods: error: {error}")
+        dist.print_main(f"yolods: error: {error}", every_rank=error.every_rank)
         return 2
     except JobStopped as stopped:
         if watchdog is not None:  # it leaves without the shutdown barrier: its silence is no fault to the peers

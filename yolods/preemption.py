@@ -79,6 +79,22 @@ class StopRequest:
 
 
 @contextlib.contextmanager
+def signals_end_the_process() -> Iterator[None]:
+    """Let a stop signal end the process at once, as if no handler were installed, for the duration.
+
+    For joining the process group: it waits for every rank (up to the collective timeout, 30 min) inside torch's
+    C++ rendezvous, where Python's handlers cannot run, so a SIGTERM or Ctrl-C would go unanswered until then.
+    Nothing has been trained yet, so there is nothing to save; the shell reports 143 or 130 as for a stop.
+    """
+    previous = {signum: signal.signal(signum, signal.SIG_DFL) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
     """Hold stop signals back while dataloader workers are forked, so none reaches a worker before it ignores them.
 

@@ -28,7 +28,7 @@ from yolods.config import (
     resolve_run,
     resumed_config,
 )
-from yolods.preemption import StopRequest, TrainingInterrupted
+from yolods.preemption import StopRequest, TrainingInterrupted, signals_end_the_process
 
 
 def plan_run(argv: list[str] | None) -> tuple[RunPlan | None, Path | None]:
@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     stop_request = StopRequest().install()  # first: a stop that arrives during start-up is honoured too
     run_dir = resume_dir = watchdog = None
     try:
+        dist.check_launcher_env()
         plan, resume_dir = plan_run(argv)
         if plan is None:  # a job started again after its run had finished
             return 0
-        dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
+        with signals_end_the_process():  # the wait for peers can take minutes, in C++
+            dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
         if plan.cfg.verbose:
             dist.show_deepspeed_info_messages()
         watchdog = faults.JobWatchdog(stop_request).start()
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         if watchdog is not None:
             watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
-        dist.print_main(f"yolods: error: {error}")
+        dist.print_main(f"yolods: error: {error}", every_rank=error.every_rank)
         if run_dir is not None and resume_dir is None:
             checkpoint.remove_unfinished_run_dir(run_dir)
         return 2
