@@ -156,7 +156,7 @@ def test_cache_settings():
     assert parse_args(["--hyp", "cache=True"]).hyp["cache"] is True  # Ultralytics' spelling of ram
     with pytest.raises(ConfigError, match="cache='ssd' is not a cache mode: use --cache ram"):
         parse_args(["--hyp", "cache=ssd"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match=r"argument --cache: invalid choice: 'ssd' \(choose from 'ram', 'disk'\)"):
         parse_args(["--cache", "ssd"])
 
 
