@@ -132,19 +132,23 @@ def complete_tags(run_dir: Path) -> list[Path]:
     return sorted((marker.parent for marker in markers), key=_saved_at, reverse=True)
 
 
+def _marker(tag_dir: Path) -> dict[str, Any]:
+    """What rank 0 wrote into a complete tag's marker (tag, world_size, saved_at, finished)."""
+    return json.loads((tag_dir / COMPLETE_MARKER).read_text())
+
+
 def _saved_at(tag_dir: Path) -> float:
     """When rank 0 marked a tag complete, from its marker's contents (which a copy keeps), else the file's time."""
-    marker = tag_dir / COMPLETE_MARKER
     try:
-        return float(json.loads(marker.read_text())["saved_at"])
+        return float(_marker(tag_dir)["saved_at"])
     except (OSError, ValueError, KeyError, TypeError):
-        return marker.stat().st_mtime
+        return (tag_dir / COMPLETE_MARKER).stat().st_mtime
 
 
 def run_finished(tag_dir: Path, *, epochs: int) -> bool:
     """Whether a complete tag ends its run: the last epoch's, or one saved after patience ended the run early."""
     try:
-        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+        marker = _marker(tag_dir)
     except (OSError, ValueError):
         return False
     return bool(marker.get("finished", tag_dir.name == f"epoch{epochs}"))
@@ -172,7 +176,7 @@ def find_resume_dir(cfg: RunConfig) -> Path:
 
 def saved_world_size(tag_dir: Path) -> int:
     """How many ranks saved a complete checkpoint tag."""
-    return json.loads((tag_dir / COMPLETE_MARKER).read_text())["world_size"]
+    return _marker(tag_dir)["world_size"]
 
 
 def check_resume_world_size(run_dir: Path, *, world_size: int, zero_stage: int) -> None:

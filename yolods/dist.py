@@ -155,6 +155,13 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
     os.environ.setdefault("LOCAL_SIZE", str(get_local_world_size()))
     if device_type == "cuda":
         bind_local_gpu()
+    from yolods.preemption import signals_end_the_process  # preemption imports this module
+
+    with signals_end_the_process():  # the wait for every rank can take minutes, in C++ where Python's handlers wait
+        _join_group(device_type, verbose=verbose, for_deepspeed=for_deepspeed)
+
+
+def _join_group(device_type: str, *, verbose: bool, for_deepspeed: bool) -> None:
     timeout = datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MIN)
     if not for_deepspeed:
         torch_dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
@@ -282,7 +289,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     if not (_initialized() and get_world_size() > 1) or not tensors:
         return
     for tensor in tensors:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        all_reduce_sum_(tensor)
         tensor.div_(get_world_size())
 
 

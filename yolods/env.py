@@ -71,8 +71,6 @@ LAUNCH_PARENT_PID = os.getppid()
 LAUNCH_GRANDPARENT_PID = parent_of(LAUNCH_PARENT_PID)
 
 
-# The thread count the user asked for, read before `import ultralytics` sets OMP_NUM_THREADS=1 (after torch has
-# already sized its thread pool, so the variable no longer says what torch uses): see dist.threads_per_rank.
 def _omp_num_threads_set_by_the_user() -> str | None:
     """OMP_NUM_THREADS, unless torchrun put it there: for more than one rank per node it sets 1 where the user set
     nothing (with a warning to tune it), which would leave each rank one thread whatever the cores. Its own
@@ -87,6 +85,8 @@ def _omp_num_threads_set_by_the_user() -> str | None:
     return value if any(entry.startswith(b"OMP_NUM_THREADS=") for entry in launched_with) else None
 
 
+# The thread count the user asked for, read before `import ultralytics` sets OMP_NUM_THREADS=1 (after torch has
+# already sized its thread pool, so the variable no longer says what torch uses): see dist.threads_per_rank.
 USER_OMP_NUM_THREADS = _omp_num_threads_set_by_the_user()
 LAUNCHED_BY_LAUNCHER = "RANK" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ  # torchrun, deepspeed, srun
 

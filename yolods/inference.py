@@ -27,7 +27,7 @@ import torch
 from yolods import dist
 from yolods.config import check_imgsz
 from yolods.errors import ConfigError
-from yolods.preemption import StopRequest, exit_code_for, signals_end_the_process
+from yolods.preemption import StopRequest, exit_code_for
 
 T = TypeVar("T")
 
@@ -73,8 +73,7 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
     try:
         dist.check_launcher_env()
         resolved = plan(argv)
-        with signals_end_the_process():  # the wait for peers can take minutes, in C++
-            dist.init_distributed(resolved.device, for_deepspeed=False)
+        dist.init_distributed(resolved.device, for_deepspeed=False)
         watchdog = faults.JobWatchdog(job.stop_request).start()
         exit_code = run(resolved, job)
     except ConfigError as error:

@@ -102,7 +102,7 @@ class TrainStep:
             self.stage0_grad_norm = self._clip_reduced_grads()
         elif is_boundary:
             self.scale_at_last_step = loss_scale(self.engine)  # before step() may grow it
-            self._clip_where_the_gradients_are_scaled()
+            self._clip_where_the_gradients_are_scaled(self.scale_at_last_step)
         self.engine.step()
         if is_boundary and self.zero_stage > 0:
             back_off_after_skipped_step(self.engine)
@@ -131,18 +131,18 @@ class TrainStep:
             return float(norm) / self.scale_at_last_step
         return norm
 
-    def _clip_where_the_gradients_are_scaled(self) -> None:
+    def _clip_where_the_gradients_are_scaled(self, scale: float | None) -> None:
         """fp16 torch_autocast at ZeRO 1-3: clip at `gradient_clipping` of the unscaled norm, as Ultralytics does.
 
         DeepSpeed 0.19.8 compares the norm of the still-scaled gradients with its `clip_grad` and leaves the
         unscaling to the GradScaler's step afterwards, so a threshold of 10 clipped at 10 / 65536 and every update
         shrank to almost nothing. The threshold times the scale those gradients carry clips where Ultralytics
         does: the clip factor is the same, and the GradScaler then unscales. Set before every step because the
-        scale moves.
+        scale moves. `scale` is the one `loss_scale` read for this step (a host sync on CUDA: read once).
         """
         scaler = grad_scaler(self.engine)
-        if self.zero_clip_norm > 0 and scaler is not None and scaler.is_enabled():
-            self.engine.optimizer.clip_grad = self.zero_clip_norm * float(scaler.get_scale())
+        if self.zero_clip_norm > 0 and scale and scaler is not None and scaler.is_enabled():
+            self.engine.optimizer.clip_grad = self.zero_clip_norm * scale
 
     def _clip_reduced_grads(self) -> float:
         """ZeRO-0: clip at `clip_norm` (if set) as Ultralytics does; returns the norm before clipping, which

@@ -28,7 +28,7 @@ from yolods.config import (
     resolve_run,
     resumed_config,
 )
-from yolods.preemption import StopRequest, TrainingInterrupted, signals_end_the_process
+from yolods.preemption import StopRequest, TrainingInterrupted
 
 
 def plan_run(argv: list[str] | None) -> tuple[RunPlan | None, Path | None]:
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         plan, resume_dir = plan_run(argv)
         if plan is None:  # a job started again after its run had finished
             return 0
-        with signals_end_the_process():  # the wait for peers can take minutes, in C++
-            dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
+        dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
         if plan.cfg.verbose:
             dist.show_deepspeed_info_messages()
         watchdog = faults.JobWatchdog(stop_request).start()
