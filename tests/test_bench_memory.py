@@ -170,9 +170,11 @@ def test_tune_descends_one_coordinate_at_a_time(monkeypatch):
         1, 20_000_000, 8, "bf16"
     )  # fmt: skip
     phases = [trial.phase for trial in tuner.trials]
-    assert phases == ["zero_stage"] * 4 + ["reduce_bucket_size"] * 2 + ["allgather_bucket_size"] * 2 + [
+    # ZeRO-1's default on CPU is one whole-model bucket, so all 3 bucket candidates are new; 16 gains less than
+    # the margin: the doubling stops there
+    assert phases == ["zero_stage"] * 4 + ["reduce_bucket_size"] * 3 + ["allgather_bucket_size"] * 2 + [
         "micro_batch"
-    ] * 3 + ["precision"]  # 16 gains less than the margin: the doubling stops there
+    ] * 3 + ["precision"]
     sixteen = next(trial for trial in tuner.trials if trial.config.micro_batch == 16)
     assert "kept" in sixteen.note and best.config.global_batch == 16
 

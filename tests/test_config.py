@@ -109,6 +109,8 @@ def test_cpu_defaults_drop_the_overlap_deepspeeds_cpu_accelerator_cannot_give():
     for stage in (1, 2):
         zero = resolve(zero=stage, batch=16, world_size=2)[0]["zero_optimization"]
         assert not zero["overlap_comm"] and not zero["contiguous_gradients"]
+        # ZeRO-1 reduces after backward in one bucket; ZeRO-2 keeps freeing gradients bucket by bucket
+        assert (zero["reduce_bucket_size"] > 68_000_000) == (stage == 1)  # yolov8x's parameters
     zero3 = resolve(zero=3, batch=16, world_size=2)[0]["zero_optimization"]
     assert zero3 == default_deepspeed_config(zero_stage=3, precision="fp32")["zero_optimization"]
     for stage in (1, 2):  # the shipped files, and CUDA runs, keep the GPU settings

@@ -54,6 +54,8 @@ REAL_DATA_DEFAULTS = {"epochs": 100, "imgsz": 640}  # Ultralytics' defaults
 # Numbers for 3-70M parameter detectors; ds_configs/README.md explains each one.
 GRADIENT_CLIP_NORM = 10.0  # Ultralytics' clip_grad_norm_ max_norm; DeepSpeed's default of 1.0 slows YOLO training
 BUCKET_ELEMENTS = 2_000_000  # 8 MB of fp32 grads: yolov8n splits into 2 buckets, yolo11m into ~10
+# DeepSpeed's default bucket: any YOLO (yolov8x has 68M parameters) in one, as ZeRO-0 reduces it
+WHOLE_MODEL_BUCKET_ELEMENTS = 500_000_000
 STAGE3_PREFETCH_ELEMENTS = 2_000_000
 # 0: nothing stays whole. Whole ("persistent") parameters are re-gathered one call each after every step.
 STAGE3_PERSISTENCE_THRESHOLD = 0
@@ -530,6 +532,10 @@ def default_deepspeed_config(*, zero_stage: int, precision: str, device: str = "
             # Nothing to overlap, so no copies into a contiguous bucket: ZeRO-1 then registers no gradient hooks
             # and reduces once after backward, ZeRO-2 reduces from its hooks without the copies
             zero.update(overlap_comm=False, contiguous_gradients=False)
+            if zero_stage == 1:
+                # ZeRO-1 holds every gradient until backward ends anyway, so its buckets are reduced back to back:
+                # one bucket is one synchronisation point fewer (ZeRO-2 keeps 2e6: freeing gradients is its job)
+                zero.update(reduce_bucket_size=WHOLE_MODEL_BUCKET_ELEMENTS)
     elif zero_stage == 3:
         zero.update(
             reduce_bucket_size=BUCKET_ELEMENTS,

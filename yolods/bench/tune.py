@@ -53,7 +53,15 @@ from yolods.bench.memory import release_memory
 from yolods.bench.results import run_context
 from yolods.bench.runner import measure_training
 from yolods.bench.sweep import BenchConfig, count_label, expand, parse_count, split_list
-from yolods.config import BUCKET_ELEMENTS, SYNTHETIC, ConfigError, RunConfig, resolve_run, write_json
+from yolods.config import (
+    BUCKET_ELEMENTS,
+    SYNTHETIC,
+    ConfigError,
+    RunConfig,
+    default_deepspeed_config,
+    resolve_run,
+    write_json,
+)
 
 TUNE_STEPS, TUNE_WARMUP_STEPS = 6, 2
 TUNE_MARGIN = 0.03  # a candidate must beat the best so far by this much: less is noise on a shared machine
@@ -115,10 +123,10 @@ class Tuner:
             raise RuntimeError("no ZeRO stage ran: see tune.md for each candidate's error")
         if self.best.config.zero_stage != 0:  # ZeRO-0 all-reduces in DeepSpeed's fixed buckets
             for bucket in self.space.reduce_buckets:
-                if bucket != _bucket(self.best.config.reduce_bucket_size):
+                if bucket != _bucket(self.best.config, "reduce_bucket_size"):
                     self.try_candidate("reduce_bucket_size", replace(self.best.config, reduce_bucket_size=bucket))
             for bucket in self.space.allgather_buckets:
-                if bucket != _bucket(self.best.config.allgather_bucket_size):
+                if bucket != _bucket(self.best.config, "allgather_bucket_size"):
                     self.try_candidate("allgather_bucket_size", replace(self.best.config, allgather_bucket_size=bucket))
         for micro_batch in self._micro_batches():
             self.try_candidate("micro_batch", _with_micro_batch(self.best.config, micro_batch))
@@ -235,9 +243,13 @@ class Tuner:
         self.trials.append(Trial(index=len(self.trials) + 1, phase=phase, config=cfg, status="skipped", note=reason))
 
 
-def _bucket(value: int | None) -> int:
-    """A bucket setting as it runs: None is yolods' default."""
-    return BUCKET_ELEMENTS if value is None else value
+def _bucket(cfg: BenchConfig, key: str) -> int:
+    """A bucket setting as it runs: None is yolods' default for the stage and device (ZeRO-1 on CPU: one bucket)."""
+    value = getattr(cfg, key)
+    if value is not None:
+        return value
+    zero = default_deepspeed_config(zero_stage=cfg.zero_stage, precision=cfg.precision, device=cfg.device)
+    return zero["zero_optimization"].get(key, BUCKET_ELEMENTS)
 
 
 def _with_micro_batch(cfg: BenchConfig, micro_batch: int) -> BenchConfig:
@@ -386,8 +398,8 @@ def tune_markdown(trials: list[Trial], *, winner: Trial, command: str, context: 
                 str(trial.index),
                 trial.phase,
                 f"ZeRO-{cfg.zero_stage}",
-                count_label(_bucket(cfg.reduce_bucket_size)) if cfg.zero_stage else "-",
-                count_label(_bucket(cfg.allgather_bucket_size)) if cfg.zero_stage else "-",
+                count_label(_bucket(cfg, "reduce_bucket_size")) if cfg.zero_stage else "-",
+                count_label(_bucket(cfg, "allgather_bucket_size")) if cfg.zero_stage else "-",
                 str(cfg.micro_batch),
                 cfg.precision,
                 f"{trial.imgs_per_s:.1f}" if trial.imgs_per_s else "-",
