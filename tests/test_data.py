@@ -29,6 +29,12 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     assert digest(a.parent) == digest(b.parent)
     data = load_data_yaml(str(a))
     assert data["nc"] == 3 and len(list((a.parent / "images" / "train").glob("*.jpg"))) == 6
+    (a.parent / "images" / "train" / "mine.jpg").write_bytes(b"")  # not the generator's: left alone
+    smaller = make_synthetic_dataset(tmp_path / "a", num_train=3, num_val=2, imgsz=64, seed=3)  # no stale images
+    assert sorted(p.name for p in (smaller.parent / "images" / "train").iterdir()) == [
+        "000000.jpg", "000001.jpg", "000002.jpg", "mine.jpg"
+    ]  # fmt: skip
+    assert len(list((smaller.parent / "labels" / "train").glob("*.txt"))) == 3
 
 
 def test_synthetic_command_line(tmp_path, capsys):

@@ -118,6 +118,7 @@ def test_bad_data_sets(problem, shapes_data, tmp_path):
         data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
         fragments = ("train images", "No valid images")
     elif problem == "no labels":  # Ultralytics raises a ValueError for a train split without one label
+        root = tmp_path / "my data"  # a space in the path: its message was not recognised, a traceback followed
         shutil.copytree(shapes_data.parent, root, ignore=shutil.ignore_patterns("*.cache"))
         shutil.rmtree(root / "labels")
         data_yaml = write_data_yaml(root, train="images/train", val="images/val", names={0: "a", 1: "b", 2: "c"})
@@ -172,6 +173,29 @@ def test_a_run_whose_dataset_moved_resumes_with_the_new_path_only(shapes_data, t
     argv = ["--resume", str(run_dir), "--data", str(elsewhere)]
     with pytest.raises(ConfigError, match="would change the run"):
         resumed_config(RunConfig(device="cpu", data=str(shapes_data), resume="r"), parse_args(argv), given={"data"})
+
+
+def test_relative_paths_are_recorded_absolute_so_a_resume_elsewhere_finds_the_same_files(
+    shapes_data, tmp_path, monkeypatch
+):
+    """A run started with `--data data.yaml` and resumed from another directory holding a data.yaml of its own
+    trained on that other dataset, without a word; names (yolov8n.yaml, synthetic) stay names."""
+    from yolods.config import RunConfig, given_flags, parse_args, resumed_config
+
+    monkeypatch.chdir(shapes_data.parent)
+    cfg = parse_args(["--data", shapes_data.name, "--model", "yolov8n.yaml"])
+    assert (cfg.data, cfg.model) == (str(shapes_data), "yolov8n.yaml")
+    assert parse_args([]).data == "synthetic"
+    # a run saved with the relative path (before this fix) compares equal to the absolute one given from here
+    argv = ["--resume", "r", "--data", shapes_data.name]
+    saved = RunConfig(device="cpu", data=shapes_data.name, resume="r")
+    assert resumed_config(saved, parse_args(argv), given=given_flags(argv)).data == str(shapes_data)
+    monkeypatch.chdir(tmp_path)  # elsewhere, with a data.yaml of the same name
+    (tmp_path / shapes_data.name).write_text(shapes_data.read_text())
+    resumed = resumed_config(
+        RunConfig(device="cpu", data=cfg.data, resume="r"), parse_args(["--resume", "r"]), given={"resume"}
+    )
+    assert resumed.data == str(shapes_data)
 
 
 def test_exist_ok_into_a_run_with_checkpoints_is_refused_and_keeps_them(shapes_data, tmp_path):

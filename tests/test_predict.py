@@ -124,6 +124,11 @@ def test_an_unreadable_image_is_skipped_and_listed(inference_assets, tmp_path):
     assert "cannot read" in result.stderr and "1 unreadable, skipped" in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["unreadable"] == [str(source / "broken.jpg")] and summary["predicted_now"] == 2
+    for image in source.iterdir():  # nothing readable left: an error, not an empty result
+        if image.name != "broken.jpg":
+            image.unlink()
+    result = run_module("yolods.predict", predict_args(inference_assets, tmp_path, "none", source=source))
+    assert_one_line_error(result, f"--source {source}: none of its 1 files could be read", "OpenCV can decode")
 
 
 @pytest.mark.multirank
@@ -234,3 +239,10 @@ def test_a_broken_video_is_skipped_wherever_it_sorts(inference_assets, tmp_path)
 
     with pytest.raises(ConfigError, match=r"OpenCV cannot open .*a_broken\.mp4, and there is nothing else"):
         list_source(str(source / "a_broken.mp4"))
+    listed_twice = tmp_path / "list.txt"  # predicted once, under its own name (not as image and image-2)
+    listed_twice.write_text("\n".join(str(source / name) for name in ("image.jpg", "z_clip.avi", "image.jpg")))
+    listing = list_source(str(listed_twice))
+    assert (listing.images, [video for video, _ in listing.videos]) == (
+        (str(source / "image.jpg"),),
+        [str(source / "z_clip.avi")],
+    )

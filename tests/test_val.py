@@ -57,9 +57,29 @@ def test_bad_input_is_refused_before_any_work(inference_assets, tmp_path):
         "--hyp batch=0: yolods reads this from its own flag; pass --batch": ["--model", weights, "--hyp", "batch=0"],
         "--hyp split=test: .* pass --split": ["--model", weights, "--data", data, "--hyp", "split=test"],
     }
+    # a split whose folder is missing: one line, and never the data.yaml's download: (a URL, or Python it would run)
+    missing_test = tmp_path / "missing_test.yaml"
+    ran = tmp_path / "download_ran"
+    download = f"open({str(ran)!r}, 'w').close()"
+    missing_test.write_text(data_text(inference_assets) + f"test: images/test\ndownload: {download}\n")
+    cases["missing path .*images/test"] = ["--model", weights, "--data", str(missing_test), "--split", "test"]
+    cases["'dnn=maybe' is of invalid type"] = ["--model", weights, "--data", data, "--hyp", "dnn=maybe"]
+    grayscale = tmp_path / "grayscale.yaml"  # the model takes 3 channels: a torch error on the first batch before
+    grayscale.write_text(data_text(inference_assets) + "channels: 1\n")
+    cases["takes 3-channel images and --data .* has 1-channel"] = ["--model", weights, "--data", str(grayscale)]
     for fragment, argv in cases.items():
         with pytest.raises(ConfigError, match=fragment):
             plan(argv)
+    assert not ran.exists()
+
+
+def data_text(assets) -> str:
+    """The assets' data.yaml, with its root written out (for a copy elsewhere)."""
+    import yaml
+
+    data = yaml.safe_load(assets.data_yaml.read_text())
+    data["path"] = str(assets.data_yaml.parent)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def test_fraction_validates_that_share_of_the_split(inference_assets, tmp_path):

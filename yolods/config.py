@@ -354,6 +354,17 @@ def check_training_settings(overrides: dict[str, Any]) -> None:
             raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
 
 
+def absolute_if_local(path: str | None) -> str | None:
+    """A path to a local file made absolute (symlinks kept); a name (`yolov8n.yaml`, `synthetic`) left as given.
+
+    args.yaml and the weights' train_args record it, so `--resume` and `yolods.val` from another directory find
+    the same file instead of one of the same name there.
+    """
+    if path is None or not Path(path).is_file():
+        return path
+    return os.path.abspath(path)
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate the command line into a RunConfig."""
     parser = build_parser()
@@ -394,8 +405,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
         cache_mode(hyp["cache"])  # --hyp cache=... takes Ultralytics' values; anything else is a mistake
     return RunConfig(
-        model=args.model,
-        data=args.data,
+        model=absolute_if_local(args.model),
+        data=absolute_if_local(args.data),
         epochs=args.epochs if args.epochs is not None else defaults["epochs"],
         imgsz=args.imgsz if args.imgsz is not None else defaults["imgsz"],
         batch=args.batch if args.batch is not None else 16,
@@ -404,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         seed=args.seed,
         zero=args.zero,
         precision=args.precision,
-        deepspeed_config=args.deepspeed_config,
+        deepspeed_config=absolute_if_local(args.deepspeed_config),
         project=args.project,
         name=args.name,
         exist_ok=args.exist_ok,
@@ -441,6 +452,13 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
         ConfigError: a given flag that would change the run (its saved value differs), naming each; the run's
             data.yaml is gone and no --data says where it moved.
     """
+    # Runs saved before paths were recorded absolute: read relative to here, as they always were
+    saved = dataclasses.replace(
+        saved,
+        model=absolute_if_local(saved.model),
+        data=absolute_if_local(saved.data),
+        deepspeed_config=absolute_if_local(saved.deepspeed_config),
+    )
     # As Ultralytics' resume does: a data.yaml that is no longer where the run found it may be given anew
     data_moved = saved.data != SYNTHETIC and not Path(saved.data).is_file()
     if data_moved and "data" not in given:

@@ -15,6 +15,7 @@ rule of Ultralytics' ContiguousDistributedSampler).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -79,6 +80,9 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
     except ConfigError as error:
         if watchdog is not None:
             watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
+        if job.run_dir is not None:  # refused before writing anything (e.g. a val split with no images)
+            with contextlib.suppress(OSError):
+                job.run_dir.rmdir()  # only if empty
         dist.print_main(f"yolods: error: {error}", every_rank=error.every_rank)
         return 2
     except JobStopped as stopped:

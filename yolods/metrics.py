@@ -8,10 +8,12 @@ Every method is a no-op on ranks other than 0, so callers never check the rank.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import torch
@@ -55,9 +57,7 @@ def best_epoch(fitness_history: list[float | None]) -> int | None:
 
 
 def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path) -> str:
-    """Ultralytics-style closing lines, then the next commands to run."""
-    import importlib.util
-
+    """Ultralytics-style closing lines, then the next commands to run (paths quoted for a shell where needed)."""
     minutes = facts.wall_s / 60
     # a resumed run that had finished already trains nothing: no speed to report
     speed = f"in {minutes:.1f} min ({facts.imgs_per_s:.1f} img/s overall)" if facts.imgs_per_s else "(none now)"
@@ -80,13 +80,13 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
         lines.append(f"{'checkpoint':<12} {run_dir / 'checkpoints' / facts.latest_checkpoint}")
     lines.append("Next:")
     if facts.stopped:
-        lines.append(f"  python -m yolods.train --resume {run_dir}      # continue from {facts.stopped}")
-    best_weights = weights / "best.pt"
+        lines.append(f"  python -m yolods.train --resume {quote(str(run_dir))}      # continue from {facts.stopped}")
+    best_weights = quote(str(weights / "best.pt"))
     if importlib.util.find_spec("yolods.val") is not None:
-        lines.append(f"  python -m yolods.val --model {best_weights} --data {facts.data_yaml}")
+        lines.append(f"  python -m yolods.val --model {best_weights} --data {quote(str(facts.data_yaml))}")
     if importlib.util.find_spec("yolods.predict") is not None:
         lines.append(f"  python -m yolods.predict --model {best_weights} --source path/to/images")
-    lines.append(f"  tensorboard --logdir {run_dir}")
+    lines.append(f"  tensorboard --logdir {quote(str(run_dir))}")
     return "\n".join(lines)
 
 

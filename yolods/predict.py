@@ -18,7 +18,8 @@ save_txt with save_conf: class, normalised xywh, confidence; frames as NAME_FRAM
 (frames: NAME_frames/NAME_FRAME.jpg), and predictions_rankN.jsonl (yolods.records). At the end rank 0 merges
 them into predictions.json (COCO results) and writes summary.json (images, unreadable files, img/s per rank).
 
-Exit codes: 0 done; 2 a user mistake (one line, before any process group); 143 or 130 stopped by a signal at a
+Exit codes: 0 done; 2 a user mistake (one line, before any process group), or a source of which not one file
+could be read (after writing summary.json); 143 or 130 stopped by a signal at a
 batch boundary (rerun with --exist_ok to continue); 1 an error on some rank, which ended every rank.
 """
 
@@ -156,9 +157,8 @@ def run(plan: PredictPlan, job: inference.Job) -> int:
     report = _predict(plan, todo, run_dir=run_dir, job=job)
     report["skipped_done"] = sum(len(batch) for batch in mine) - sum(len(batch) for batch in todo)
     reports = dist.gather_objects(report)
-    if dist.is_main_process():
-        _finish(plan, run_dir, reports)
-    return 0
+    exit_code = _finish(plan, run_dir, reports) if dist.is_main_process() else None
+    return dist.broadcast_object(exit_code)  # every rank exits as rank 0 does
 
 
 def _check_same_source_on_every_rank(plan: PredictPlan) -> None:
@@ -267,8 +267,12 @@ def _write_outputs(plan: PredictPlan, run_dir: Path, result, *, key: str, frame:
     return {"key": key, "name": name, "detections": coco_detections(result, image_id=coco_image_id(name))}
 
 
-def _finish(plan: PredictPlan, run_dir: Path, reports: list[dict[str, Any]]) -> None:
-    """Rank 0: predictions.json, summary.json, and the closing lines (throughput per rank and in total)."""
+def _finish(plan: PredictPlan, run_dir: Path, reports: list[dict[str, Any]]) -> int:
+    """Rank 0: predictions.json, summary.json, and the closing lines (throughput per rank and in total).
+
+    Returns the exit code: 2 when not one file of the source could be read (a wrong folder, or files OpenCV
+    cannot decode), which a pipeline must not take for an empty result.
+    """
     from yolods.config import write_json
     from yolods.records import merge_records
 
@@ -311,6 +315,13 @@ def _finish(plan: PredictPlan, run_dir: Path, reports: list[dict[str, Any]]) -> 
     dist.print_main(
         f"yolods: {len(results)} detections in {run_dir / 'predictions.json'}, labels in {run_dir / 'labels'}"
     )
+    if unreadable and set(keys) <= set(unreadable):
+        dist.print_main(
+            f"yolods: error: --source {plan.source}: none of its {len(set(unreadable))} files could be read "
+            f"(first: {unreadable[0]}); pass images or videos OpenCV can decode"
+        )
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

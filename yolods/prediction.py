@@ -56,11 +56,15 @@ def list_source(source: str) -> SourceListing:
             first_sentence = f"read as a list of image and video paths, one per line, and {first_sentence}"
         raise ConfigError(f"--source {source}: {first_sentence}") from None
     loader.close()
-    videos = tuple((path, _frame_count(path)) for path in loader.files[loader.ni :])
-    if not loader.ni and not any(num_frames for _, num_frames in videos):
+    # A .txt list may name a file twice: it is predicted once, under its own name (dict keeps the first place)
+    images, video_paths = (
+        tuple(dict.fromkeys(part)) for part in (loader.files[: loader.ni], loader.files[loader.ni :])
+    )
+    videos = tuple((path, _frame_count(path)) for path in video_paths)
+    if not images and not any(num_frames for _, num_frames in videos):
         broken = ", ".join(path for path, _ in videos[:3]) + (f" and {len(videos) - 3} more" if len(videos) > 3 else "")
         raise ConfigError(f"--source {source}: OpenCV cannot open {broken}, and there is nothing else to predict")
-    return SourceListing(images=tuple(loader.files[: loader.ni]), videos=videos)
+    return SourceListing(images=images, videos=videos)
 
 
 @contextlib.contextmanager

@@ -63,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_validation(argv: list[str] | None) -> ValPlan:
     """Flags -> ValPlan on every rank before any process group; every user mistake raises ConfigError."""
-    from yolods.config import parse_hyp_overrides, refuse_flags_given_as_hyp
+    from yolods.config import absolute_if_local, parse_hyp_overrides, refuse_flags_given_as_hyp
     from yolods.data import load_data_yaml
+    from yolods.hyp import ultralytics_settings
 
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = parse_hyp_overrides(args.hyp)
     refuse_flags_given_as_hyp(overrides, {action.dest for action in parser._actions} - {"help", "hyp"})
     settings = {**overrides, **inference.common_settings(args)}
+    ultralytics_settings(overrides)  # types and ranges, as Ultralytics' validator would check them mid-job
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be 0 (load in the validating process) or more")
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -81,12 +83,21 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
         raise ConfigError(f"--model {args.model} names no data set it was trained on: pass --data data.yaml")
     if args.data is None and not Path(data_yaml).is_file():
         raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data data.yaml")
-    load_data_yaml(data_yaml, split=args.split)
+    data = load_data_yaml(data_yaml, split=args.split)
+    if data["channels"] != detector.channels:  # else a torch error on the first batch
+        kind = "grayscale" if detector.channels == 1 else "colour"
+        raise ConfigError(
+            f"--model {args.model} takes {detector.channels}-channel images and --data {data_yaml} has "
+            f"{data['channels']}-channel ones (its channels: setting): validate on {kind} data like the model's "
+            f"training data, with channels: {detector.channels} in its data.yaml"
+        )
     settings.update({key: getattr(args, key) for key in ("workers", *SWITCHES) if getattr(args, key) is not None})
     if args.fraction is not None:
         settings["fraction"] = _fraction_of(args.split, args.fraction)
     device = inference.device_type(args)
-    settings.update(data=str(data_yaml), split=args.split, device=inference.ultralytics_device(device))
+    settings.update(
+        data=absolute_if_local(str(data_yaml)), split=args.split, device=inference.ultralytics_device(device)
+    )
     return ValPlan(
         detector=detector,
         settings=settings,

@@ -58,6 +58,15 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
         raise ConfigError(f"--data {data_yaml}: {one_line(error)}") from None
     if not data.get(split):
         raise ConfigError(f"--data {data_yaml}: no '{split}' split; add {split}: images/{split} to it")
+    # Ultralytics checks only 'val' here; its validator checks `split` again with downloads on (the data.yaml's
+    # `download:` URL, or Python it runs), so a missing folder must stop the job before that
+    folders = data[split] if isinstance(data[split], list) else [data[split]]
+    missing = next((folder for folder in folders if not Path(folder).exists()), None)
+    if missing is not None:
+        raise ConfigError(
+            f"--data {data_yaml}: its {split} images are not there (missing path {missing}); fix its {split}: entry "
+            "(yolods downloads no data set)"
+        )
     return data
 
 
@@ -67,7 +76,7 @@ def one_line(error: BaseException) -> str:
     lines = [re.sub(r"^(train|val|test): ", "", line.strip()) for line in text.splitlines() if line.strip()]
     # The first line says what is wrong; a second one sometimes says what is required. Further lines repeat
     # per-image warnings or point to the docs.
-    kept = lines[:1] + [line for line in lines[1:2] if not line.startswith(("See ", "/"))]
+    kept = lines[:1] + [line for line in lines[1:2] if not line.startswith(("See ", "/", "Note dataset download"))]
     return " ".join(line.rstrip(" .") + "." for line in kept) or type(error).__name__
 
 
@@ -105,7 +114,7 @@ def build_dataset_once(build: Callable[[], T], *, images: str) -> T:
                 "and that their labels are valid (class ids below nc; Ultralytics' warnings above name each file)"
             ) from None
         except ValueError as error:
-            unlabelled = re.search(r"No labels found in (\S+?)(?:\.cache)?\. ", str(error))
+            unlabelled = re.search(r"No labels found in (.+?)(?:\.cache)?\. ", str(error))  # paths may hold spaces
             if unlabelled is None:
                 raise
             raise ConfigError(

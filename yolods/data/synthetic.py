@@ -56,6 +56,11 @@ def _write_split(root: Path, split: str, num_images: int, imgsz: int, rng: np.ra
             rows.append(f"{class_id} {x:.6f} {y:.6f} {w:.6f} {h:.6f}")
         cv2.imwrite(str(images_dir / f"{index:06d}.jpg"), image)
         (labels_dir / f"{index:06d}.txt").write_text("\n".join(rows) + "\n")
+    # A set regenerated smaller: the images of the earlier, larger one would still be read (only this set's own
+    # numbered files go; anything else in the folders stays)
+    for stale in [*images_dir.glob("[0-9]" * 6 + ".jpg"), *labels_dir.glob("[0-9]" * 6 + ".txt")]:
+        if int(stale.stem) >= num_images:
+            stale.unlink()
 
 
 def make_synthetic_dataset(
