@@ -15,6 +15,7 @@ from yolods.config import (
     parse_args,
     parse_hyp_overrides,
     resolve_deepspeed_config,
+    resolve_run,
 )
 
 DS_CONFIGS = Path(__file__).parents[1] / "ds_configs"
@@ -137,6 +138,11 @@ def test_hyp_settings_yolods_implements_or_leaves_at_their_default_are_accepted(
     assert hyp == {"freeze": 10, "single_cls": True, "amp": True, "val": True}
     # yolods.val hands its settings to Ultralytics' validator, which implements them: rect is a val setting there
     assert parse_hyp_overrides(["rect=False", "split=test"]) == {"rect": False, "split": "test"}
+    # values that leave an unimplemented setting off, as its default does in Ultralytics' trainer
+    off = parse_args(["--hyp", "time=0", "--hyp", "save_period=0", "--hyp", "pretrained=False"]).hyp
+    assert off == {"time": 0, "save_period": 0, "pretrained": False}
+    # --fraction as Ultralytics reads it: an image count stays a count (16.0 was refused as "invalid")
+    assert [parse_args(["--fraction", text]).hyp["fraction"] for text in ("16", "0.5", "1")] == [16, 0.5, 1.0]
 
 
 def test_parse_args_defaults_for_synthetic_and_real_data():
@@ -158,6 +164,9 @@ def test_parse_args_defaults_for_synthetic_and_real_data():
         (["--hyp", "amp=False"], r"--hyp amp=False is not supported: set the precision with --precision"),
         (["--hyp", "rect=True"], "rectangular training batches are not implemented"),
         (["--hyp", "multi_scale=0.5"], "multi-scale training is not implemented"),
+        (["--hyp", "save_json=True"], r"yolods.val writes predictions.json: .*--save_json"),
+        (["--hyp", "pretrained=False", "--model", "best.pt"], "or a model yaml to start from scratch"),
+        (["--batch", "-1"], r"AutoBatch \(-1 or a memory fraction\) is not implemented"),
         # argparse's own mistakes, in one line with the fix; a flag is never abbreviated (--epoch trained 3 epochs)
         (["epochs=3"], r"unrecognized arguments: epochs=3; pass epochs=3 as --epochs 3 \(yolods takes flags"),
         (["mosaic=0"], r"pass mosaic=0 as --hyp mosaic=0"),
@@ -169,6 +178,15 @@ def test_parse_args_defaults_for_synthetic_and_real_data():
 def test_bad_flags(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_args(argv)
+
+
+def test_a_named_musgd_is_refused_under_zero_1_to_3():
+    """`auto` falls back to SGD there (Muon cannot orthogonalise flat partitions); a MuSGD the user named was
+    replaced by SGD(lr0=0.01) without a word."""
+    for zero in (1, 2, 3):
+        with pytest.raises(ConfigError, match=f"--optimizer MuSGD needs --zero 0: .* ZeRO-{zero} optimises flat"):
+            resolve_run(parse_args(["--optimizer", "MuSGD", "--zero", str(zero), "--device", "cpu"]), world_size=2)
+    assert resolve_run(parse_args(["--optimizer", "musgd", "--device", "cpu"]), world_size=2).hyp.optimizer == "musgd"
 
 
 def test_fp16_autocast_clips_at_every_stage_as_asked(tmp_path):

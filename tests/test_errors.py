@@ -244,3 +244,13 @@ def test_a_data_yaml_passed_as_the_model_is_named(tmp_path):
     data_yaml.write_text("path: .\ntrain: images\nval: images\nnames: {0: a}\n")
     with pytest.raises(ConfigError, match=r"data.yaml: not a model yaml \(it has no backbone and head\)"):
         check_model_spec(str(data_yaml))
+
+
+def test_an_image_size_a_p6_model_cannot_take_is_one_line(shapes_data, tmp_path):
+    """96 is a multiple of 32 but not of a P6 model's largest stride 64: a shape mismatch deep in its head before."""
+    args = small_run_args(shapes_data, tmp_path / "runs", "x", "--model", "yolov8n-p6.yaml", "--imgsz", "96")
+    result = run_train(args)
+    assert_one_line_error(
+        result, "--imgsz 96 is not a positive multiple of yolov8n-p6.yaml's largest stride 64", "--imgsz 128"
+    )
+    assert not (tmp_path / "runs" / "x").exists(), "a failed start left a run directory"

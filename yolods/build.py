@@ -17,7 +17,7 @@ import torch
 
 from yolods import dist
 from yolods.checkpoint import Checkpointer, SavePeriod
-from yolods.config import RunPlan, place_monitor_outputs, resolved_precision
+from yolods.config import RunPlan, check_imgsz, place_monitor_outputs, resolved_precision
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.ema import build_ema
 from yolods.engine import Trainer
@@ -310,6 +310,7 @@ def build_trainer(
         channels=data.get("channels", 3),
     )
     names, stride = loss_names(model), model_stride(model)
+    check_imgsz(cfg.imgsz, stride=stride, model=cfg.model)  # P6 models (stride 64) need more than a multiple of 32
     train_data = build_train_loader(plan, hyp, data, stride=stride, device=device)
     validator = build_validator(plan, hyp, data, stride=stride, device=device, run_dir=run_dir, names=names)
     memory_format = training_memory_format(device, hyp)

@@ -116,8 +116,14 @@ HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the 
     "nbs": int,
     "close_mosaic": int,
     "patience": int,
-    "fraction": float,
+    "fraction": "count_or_ratio",
 }
+
+
+def _count_or_ratio(text: str) -> int | float:
+    """Ultralytics' `fraction`: an image count (16) stays an int, a share of the split (0.5) a float."""
+    number = float(text)
+    return int(number) if number.is_integer() and number > 1 else number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also step the optimizer at each epoch's last batch (Ultralytics carries accumulation over; default off)",
     )
     for flag, kind in HYP_FLAGS.items():
+        kind = _count_or_ratio if kind == "count_or_ratio" else kind
         hyperparameters.add_argument(f"--{flag}", type=kind, help="as in Ultralytics (default: its default.yaml)")
     hyperparameters.add_argument(
         "--hyp",
@@ -295,7 +302,8 @@ HYP_KEYS_NOT_IMPLEMENTED = {
     "save": "yolods always saves last.pt, best.pt and resumable DeepSpeed checkpoints",
     "save_period": "per-epoch epochN.pt files are not implemented; --save_period_min/--save_period_steps add "
     "resumable checkpoints within an epoch",
-    "pretrained": "pass the weights to start from as --model path/to/weights.pt",
+    "pretrained": "pass the weights to start from as --model path/to/weights.pt, or a model yaml to start from scratch",
+    "save_json": "yolods.val writes predictions.json: python -m yolods.val --model RUN/weights/best.pt --save_json",
     "cls_pw": "class-weighted classification loss is not implemented",
     "compile": "torch.compile is not implemented",
     "cls_remap": "yolods always maps a .pt's classes to the data's by name",
@@ -327,15 +335,14 @@ def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def check_imgsz(imgsz: int, flag: str = "--imgsz") -> None:
+def check_imgsz(imgsz: int, flag: str = "--imgsz", *, stride: int = IMGSZ_MULTIPLE, model: str | None = None) -> None:
     """Refuse an image size Ultralytics' models cannot take whole (train, val, predict, the bench and its report's
-    goal alike); `flag` names it in the message."""
-    if imgsz < IMGSZ_MULTIPLE or imgsz % IMGSZ_MULTIPLE:
+    goal alike); `flag` names it in the message. `stride`: the model's largest, once it is built (64 for P6 models)."""
+    if imgsz < stride or imgsz % stride:
         # the next multiple up, where Ultralytics' own check_imgsz rounds a size to (with a warning)
-        rounded = max(IMGSZ_MULTIPLE, -(-imgsz // IMGSZ_MULTIPLE) * IMGSZ_MULTIPLE)
-        raise ConfigError(
-            f"{flag} {imgsz} is not a positive multiple of the model stride {IMGSZ_MULTIPLE}: use e.g. {flag} {rounded}"
-        )
+        rounded = max(stride, -(-imgsz // stride) * stride)
+        whose = f"{model}'s largest stride" if model else "the model stride"
+        raise ConfigError(f"{flag} {imgsz} is not a positive multiple of {whose} {stride}: use e.g. {flag} {rounded}")
 
 
 def refuse_flags_given_as_hyp(overrides: dict[str, Any], flags: Iterable[str]) -> None:
@@ -344,14 +351,27 @@ def refuse_flags_given_as_hyp(overrides: dict[str, Any], flags: Iterable[str]) -
         raise ConfigError(f"--hyp {key}={overrides[key]}: yolods reads this from its own flag; pass --{key}")
 
 
-def check_training_settings(overrides: dict[str, Any]) -> None:
+# Values of those settings that leave them off in Ultralytics' trainer as its default does (time=0: no budget,
+# save_period<=0: no epochN.pt); pretrained=False changes nothing for a model built from its yaml
+_OFF_LIKE_THE_DEFAULT = {
+    "time": lambda value, model: not value,
+    "save_period": lambda value, model: value is not None and float(value) <= 0,
+    "pretrained": lambda value, model: value is False and not str(model).endswith(".pt"),
+}
+
+
+def check_training_settings(overrides: dict[str, Any], *, model: str | None = None) -> None:
     """Refuse the `--hyp` settings yolods.train would silently ignore (yolods.val passes its own to Ultralytics)."""
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     refuse_flags_given_as_hyp(overrides, HYP_KEYS_WITH_FLAGS)
     for key, value in overrides.items():
-        if key in HYP_KEYS_NOT_IMPLEMENTED and value != DEFAULT_CFG_DICT[key]:
-            raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
+        if key not in HYP_KEYS_NOT_IMPLEMENTED or value == DEFAULT_CFG_DICT[key]:
+            continue
+        off = _OFF_LIKE_THE_DEFAULT.get(key)
+        if off is not None and off(value, model):
+            continue
+        raise ConfigError(f"--hyp {key}={value} is not supported: {HYP_KEYS_NOT_IMPLEMENTED[key]}")
 
 
 def absolute_if_local(path: str | None) -> str | None:
@@ -380,7 +400,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     except ValueError as error:
         raise ConfigError(f"--large_batch_rule: {error}") from None
     if args.batch is not None and args.batch < 1:
-        raise ConfigError(f"--batch {args.batch} must be a positive global batch size")
+        raise ConfigError(
+            f"--batch {args.batch} must be a positive global batch size (images over all ranks); Ultralytics' AutoBatch "
+            "(-1 or a memory fraction) is not implemented: python -m yolods.bench --fit micro-batch finds what fits"
+        )
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs} must be at least 1")
     if args.imgsz is not None:
@@ -394,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
     hyp = parse_hyp_overrides(args.hyp)
-    check_training_settings(hyp)
+    check_training_settings(hyp, model=args.model)
     hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
     if args.cos_lr:
         hyp["cos_lr"] = True
@@ -834,7 +857,13 @@ def resolve_run(cfg: RunConfig, *, world_size: int) -> RunPlan:
     hyp = hyperparameters(cfg)
     check_optimizer_name(hyp.optimizer)
     ds_config, batch_plan = resolve_deepspeed_config(cfg, world_size=world_size, nbs=hyp.nbs)
-    check_memory_format(hyp, device=cfg.device, zero_stage=int(ds_config["zero_optimization"].get("stage", 0)))
+    zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+    if str(hyp.optimizer).lower() == "musgd" and zero_stage > 0:  # `auto`'s MuSGD falls back to SGD instead
+        raise ConfigError(
+            f"--optimizer MuSGD needs --zero 0: its Muon step orthogonalises each weight matrix, and ZeRO-{zero_stage} "
+            "optimises flat partitions of them; use --zero 0, or another --optimizer (SGD, AdamW)"
+        )
+    check_memory_format(hyp, device=cfg.device, zero_stage=zero_stage)
     profile = parse_profile_spec(cfg.profile) if cfg.profile is not None else None
     check_model_spec(cfg.model, freeze=hyp.freeze)
     data = None if cfg.is_synthetic else load_data_yaml(cfg.data)

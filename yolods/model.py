@@ -398,7 +398,7 @@ def build_optimizer(
     optimizer = BaseTrainer.build_optimizer(
         shim, model, name=hyp.optimizer, lr=hyp.lr0, momentum=hyp.momentum, decay=weight_decay, iterations=iterations
     )
-    if type(optimizer).__name__ == "MuSGD" and zero_stage > 0:
+    if type(optimizer).__name__ == "MuSGD" and zero_stage > 0:  # auto's choice (a named MuSGD is refused earlier)
         chosen.optimizer, chosen.lr0 = "SGD", 0.01
         optimizer = BaseTrainer.build_optimizer(
             shim, model, name="SGD", lr=0.01, momentum=0.9, decay=weight_decay, iterations=iterations
