@@ -207,7 +207,7 @@ def test_fp16_at_zero2_lowers_the_loss_scale_and_clips_as_zero0_does(shapes_data
 
     series = {}
     for zero in ("0", "2"):
-        extra = ("--zero", zero, "--precision", "fp16", "--optimizer", "SGD")
+        extra = ("--zero", zero, "--precision", "fp16", "--optimizer", "SGD", "--imgsz", "64")  # 64 px: 4x faster
         assert_ok(run_train(small_run_args(shapes_data, tmp_path, f"z{zero}", *extra, epochs=3)))
         series[zero] = {
             tag: [event.value for event in events] for tag, events in scalars(tmp_path / f"z{zero}").items()
@@ -222,8 +222,7 @@ def test_fp16_at_zero2_lowers_the_loss_scale_and_clips_as_zero0_does(shapes_data
     assert series["2"]["train/box_loss"][after] == pytest.approx(series["0"]["train/box_loss"][after], rel=2e-3)
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_fp16_scale_grows_once_per_growth_interval_of_steps_under_zero(zero):
+def test_fp16_scale_grows_once_per_growth_interval_of_steps_under_zero():
     """DeepSpeed 0.19.8 updates the GradScaler once per parameter group: with 3 groups and an interval of 2 the scale
     grew to 512 in 6 steps (2, 8, 16, 64, 128, 512), and mid-step, between groups. yolods counts steps instead."""
     import subprocess
@@ -231,13 +230,15 @@ def test_fp16_scale_grows_once_per_growth_interval_of_steps_under_zero(zero):
 
     from conftest import free_port, train_env
 
-    probe = [sys.executable, str(Path(__file__).with_name("grad_scaler_probe.py")), "--zero", str(zero)]
+    probe = [sys.executable, str(Path(__file__).with_name("grad_scaler_probe.py")), "--zero", "1,2,3"]
     result = subprocess.run(
-        [*probe, "--port", str(free_port())], env=train_env(), capture_output=True, text=True, timeout=120
+        [*probe, "--port", str(free_port())], env=train_env(), capture_output=True, text=True, timeout=180
     )
     assert_ok(result)
-    line = next(line for line in result.stdout.splitlines() if line.startswith("scales:"))
-    assert json.loads(line.removeprefix("scales:")) == [1.0, 2.0, 2.0, 4.0, 4.0, 8.0]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("scales ")]
+    assert [line.split(":", 1)[0] for line in lines] == ["scales 1", "scales 2", "scales 3"]
+    for line in lines:
+        assert json.loads(line.split(":", 1)[1]) == [1.0, 2.0, 2.0, 4.0, 4.0, 8.0], line
 
 
 def test_val_losses_over_more_ranks_than_val_images_are_those_of_one_rank(shapes_data, tmp_path):
