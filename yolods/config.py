@@ -104,6 +104,12 @@ class RunConfig:
         return self.data == SYNTHETIC
 
 
+def _count_or_ratio(text: str) -> int | float:
+    """Ultralytics' `fraction`: an image count (16) stays an int, a share of the split (0.5) a float."""
+    number = float(text)
+    return int(number) if number.is_integer() and number > 1 else number
+
+
 HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the same name
     "optimizer": str,
     "lr0": float,
@@ -116,14 +122,8 @@ HYP_FLAGS = {  # flag -> type; each maps 1:1 to the Ultralytics argument of the 
     "nbs": int,
     "close_mosaic": int,
     "patience": int,
-    "fraction": "count_or_ratio",
+    "fraction": _count_or_ratio,
 }
-
-
-def _count_or_ratio(text: str) -> int | float:
-    """Ultralytics' `fraction`: an image count (16) stays an int, a share of the split (0.5) a float."""
-    number = float(text)
-    return int(number) if number.is_integer() and number > 1 else number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also step the optimizer at each epoch's last batch (Ultralytics carries accumulation over; default off)",
     )
     for flag, kind in HYP_FLAGS.items():
-        kind = _count_or_ratio if kind == "count_or_ratio" else kind
         hyperparameters.add_argument(f"--{flag}", type=kind, help="as in Ultralytics (default: its default.yaml)")
     hyperparameters.add_argument(
         "--hyp",
