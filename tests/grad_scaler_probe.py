@@ -26,7 +26,10 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0",
 
 import deepspeed  # noqa: E402  (after the environment it reads)
 
-deepspeed.init_distributed("gloo")
+from yolods import dist  # noqa: E402
+
+# as yolods.train joins (DeepSpeed's bare init_distributed would JIT-build its shared-memory op: 20 s on a new venv)
+dist.init_distributed("cpu", verbose=False)
 
 
 def scales_at(zero: int) -> list[float | None]:
