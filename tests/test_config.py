@@ -173,6 +173,7 @@ def test_parse_args_defaults_for_synthetic_and_real_data():
         (["nosuch=1"], r"nosuch is neither a flag of python -m yolods.train nor an Ultralytics setting"),
         (["--epoch", "3"], r"unrecognized arguments: --epoch 3; did you mean --epochs"),
         (["--batch", "x"], r"argument --batch: invalid int value: 'x'"),
+        (["--fraction", "half"], r"argument --fraction: 'half' is neither an image count \(16\) nor a share \(0.5\)"),
     ],
 )
 def test_bad_flags(argv, pattern):

@@ -106,7 +106,10 @@ class RunConfig:
 
 def _count_or_ratio(text: str) -> int | float:
     """Ultralytics' `fraction`: an image count (16) stays an int, a share of the split (0.5) a float."""
-    number = float(text)
+    try:
+        number = float(text)
+    except ValueError:  # argparse would name this function in its message
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an image count (16) nor a share (0.5)") from None
     return int(number) if number.is_integer() and number > 1 else number
 
 
