@@ -175,6 +175,30 @@ def test_a_run_whose_dataset_moved_resumes_with_the_new_path_only(shapes_data, t
         resumed_config(RunConfig(device="cpu", data=str(shapes_data), resume="r"), parse_args(argv), given={"data"})
 
 
+def test_a_run_whose_deepspeed_config_or_start_weights_are_gone_resumes(tmp_path):
+    """The same for --deepspeed_config; a --model .pt that is gone needs no new path when the run has its own
+    weights/last.pt (the architecture is all it is read for)."""
+    from yolods.config import RunConfig, given_flags, parse_args, resumed_config
+    from yolods.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    saved = RunConfig(device="cpu", deepspeed_config=str(tmp_path / "gone.json"), resume=str(run_dir))
+    with pytest.raises(ConfigError, match=r"gone.json is not there any more; if it moved, pass --deepspeed_config"):
+        resumed_config(saved, parse_args(["--resume", str(run_dir)]), given={"resume"})
+    new_json = tmp_path / "ds.json"
+    new_json.write_text("{}")
+    argv = ["--resume", str(run_dir), "--deepspeed_config", str(new_json)]
+    assert resumed_config(saved, parse_args(argv), given=given_flags(argv)).deepspeed_config == str(new_json)
+
+    saved = RunConfig(device="cpu", model=str(tmp_path / "start.pt"), resume=str(run_dir))
+    with pytest.raises(ConfigError, match=r"start.pt is not there any more; if it moved, pass --model"):
+        resumed_config(saved, parse_args(["--resume", str(run_dir)]), given={"resume"})
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "weights" / "last.pt").write_bytes(b"")
+    resumed = resumed_config(saved, parse_args(["--resume", str(run_dir)]), given={"resume"})
+    assert resumed.model == str(run_dir / "weights" / "last.pt")
+
+
 def test_relative_paths_are_recorded_absolute_so_a_resume_elsewhere_finds_the_same_files(
     shapes_data, tmp_path, monkeypatch
 ):

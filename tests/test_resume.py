@@ -101,6 +101,49 @@ def test_an_epoch_ending_mid_accumulation_checkpoints_at_the_next_step_and_resum
     assert results_without_time(resumed) == results_without_time(whole)
 
 
+def test_a_moved_run_resumes_without_the_files_it_started_from_and_refuses_an_edited_deepspeed_config(
+    zero2_run, tmp_path
+):
+    """A fine-tune on drawn data, its run dir moved, the .pt it started from deleted: it resumed into the old data
+    path ('images not found') and needed the .pt, which only gives the architecture (the run's last.pt has it). An
+    edited --deepspeed_config resumed silently as another ZeRO stage; it is refused, and the restored one resumes."""
+    import json
+
+    start = tmp_path / "start.pt"
+    shutil.copy(zero2_run / "weights" / "best.pt", start)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    args = [
+        "--data",
+        "synthetic",
+        "--synthetic_images",
+        "16",
+        "--imgsz",
+        "64",
+        "--epochs",
+        "2",
+        "--batch",
+        "8",
+        "--nbs",
+        "8",
+    ]
+    args += ["--model", str(start), "--deepspeed_config", str(ds_json), "--workers", "0", "--hyp", "plots=False"]
+    assert_ok(run_train([*args, "--project", str(tmp_path), "--name", "whole"], nproc=1))
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tmp_path / "whole", moved)
+    shutil.rmtree(tmp_path / "whole" / "synthetic")  # the old data path leads nowhere
+    shutil.rmtree(moved / "checkpoints" / "epoch2")  # as if the job had died in its last epoch
+    start.unlink()
+
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    refused = run_train(["--resume", str(moved)], nproc=1)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "changed since the run started (zero_optimization.stage=1 (run has 0))" in refused.stderr
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    assert_ok(run_train(["--resume", str(moved)], nproc=1))
+    assert results_without_time(moved) == results_without_time(tmp_path / "whole")
+
+
 def test_a_rank_state_saved_on_a_gpu_loads_on_any_machine(tmp_path):
     """A rank's BatchNorm statistics are saved on its GPU (cuda:5 on an 8-GPU node); resumed on fewer GPUs, another
     layout or a CPU machine, they must load (on the CPU, as DeepSpeed loads its own) instead of failing."""

@@ -220,6 +220,43 @@ def load_run_config(run_dir: Path) -> RunConfig:
         ) from None
 
 
+def check_deepspeed_config_unchanged(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run keeps its DeepSpeed settings, as it keeps its flags: every setting in the --deepspeed_config
+    file must still read as in the run's resolved ds_config.json (an edited stage resumed silently as another
+    ZeRO stage, or failed inside DeepSpeed's checkpoint loader with a bare AssertionError).
+
+    Raises:
+        ConfigError: the settings that changed, each with the run's value.
+    """
+    from yolods.config import load_deepspeed_json
+
+    resolved = run_dir / "ds_config.json"
+    if cfg.deepspeed_config is None or not resolved.is_file():
+        return
+    run_had = _flat_settings(json.loads(resolved.read_text()))
+    changed = [
+        f"{key}={value} (run has {run_had.get(key, 'none')})"
+        for key, value in _flat_settings(load_deepspeed_json(cfg.deepspeed_config)).items()
+        if run_had.get(key, None) != value
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: {cfg.deepspeed_config} changed since the run started ({', '.join(changed)}); a "
+            "resumed run keeps its settings: restore the file, or start a new run"
+        )
+
+
+def _flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'zero_optimization': {'stage': 2}} -> {'zero_optimization.stage': 2}"""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(payload)

@@ -470,6 +470,14 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def _file_gone(name: str, value: str | None) -> bool:
+    """Whether a run's --data, --model or --deepspeed_config names a file that is not there (a yaml name such as
+    yolov8n.yaml is no file; 'synthetic' is drawn in the run dir)."""
+    if value is None or value == SYNTHETIC or (name == "model" and not value.endswith(".pt")):
+        return False
+    return not Path(value).is_file()
+
+
 def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> RunConfig:
     """The saved settings of a run to resume, with the flags a resumed run may change taken from `flags`.
 
@@ -484,15 +492,20 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
         data=absolute_if_local(saved.data),
         deepspeed_config=absolute_if_local(saved.deepspeed_config),
     )
-    # As Ultralytics' resume does: a data.yaml that is no longer where the run found it may be given anew
-    data_moved = saved.data != SYNTHETIC and not Path(saved.data).is_file()
-    if data_moved and "data" not in given:
+    # As Ultralytics' resume does for its data.yaml: a file the run read that is no longer where it was may be given
+    # anew. A --model .pt needs no new path: only its architecture is read (the checkpoint holds the weights), and
+    # the run's own weights/last.pt has it.
+    moved = {name for name in ("data", "model", "deepspeed_config") if _file_gone(name, getattr(saved, name))}
+    own_weights = Path(saved.resume) / "weights" / "last.pt"
+    if "model" in moved and "model" not in given and own_weights.is_file():
+        saved, moved = dataclasses.replace(saved, model=str(own_weights)), moved - {"model"}
+    for name in sorted(moved - given):
         raise ConfigError(
-            f"--resume {saved.resume}: the run's --data {saved.data} is not there any more; if the dataset moved, "
-            "pass --data with its new path"
+            f"--resume {saved.resume}: the run's --{name} {getattr(saved, name)} is not there any more; if it "
+            f"moved, pass --{name} with its new path"
         )
     conflicts = []
-    for name in sorted(given - set(CHANGEABLE_ON_RESUME) - ({"data"} if data_moved else set())):
+    for name in sorted(given - set(CHANGEABLE_ON_RESUME) - moved):
         if name in HYP_FLAGS or name in ("hyp", "cos_lr", "cache"):
             continue  # compared key by key below
         field_name = "deepspeed_config" if name in ("deepspeed_config", "deepscale_config") else name
@@ -505,13 +518,13 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     if conflicts:
         raise ConfigError(
             f"--resume {saved.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps its settings "
-            "(only --profile, --comms_logger, the --save_period_* flags, and --data where the run's data.yaml moved, may "
-            "change): drop those flags, or start a new run"
+            "(only --profile, --comms_logger, the --save_period_* flags, and --data, --model or --deepspeed_config "
+            "where the run's file moved, may change): drop those flags, or start a new run"
         )
     periods = {name: getattr(flags, name) for name in ("save_period_steps", "save_period_min") if name in given}
     return dataclasses.replace(
         saved,
-        data=flags.data if data_moved else saved.data,
+        **{name: getattr(flags, name) for name in moved},
         profile=flags.profile,
         comms_logger=flags.comms_logger,
         verbose=flags.verbose,
