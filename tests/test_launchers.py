@@ -111,6 +111,38 @@ def test_an_srun_step_is_translated_and_an_sbatch_script_alone_is_not(monkeypatc
     env._translate_slurm_env()
     translated = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     assert translated == {"RANK": "5", "WORLD_SIZE": "7", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3"}
+    # two jobs on one node met on torch's port 29500: each job step has its own, the same on all its tasks
+    assert os.environ["MASTER_PORT"] == str(env.slurm_default_port())
+    ports = set()
+    for job in ("5", "6", "123456"):
+        monkeypatch.setattr(os, "environ", {**batch_script, **step, "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0"})
+        ports.add(env.slurm_default_port())
+    assert len(ports) == 3 and all(15000 <= port < 25000 for port in ports)
+
+
+def test_a_master_port_in_use_is_one_line_with_the_fix(shapes_data, tmp_path):
+    """torch's EADDRINUSE is 30 lines of C++ frames; the user needs the port and what to do."""
+    import socket
+
+    from conftest import small_run_args
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        alone = {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        command = [sys.executable, "-m", "yolods.train", *small_run_args(shapes_data, tmp_path, "taken")]
+        result = subprocess.run(command, env={**train_env(), **alone}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("yolods: error:")]
+    assert len(errors) == 1 and f"MASTER_PORT {port} is already in use" in errors[0], result.stderr[-3000:]
+    assert "set MASTER_PORT to a free port" in errors[0]
 
 
 def test_a_rank_that_cannot_see_its_gpu_is_told_how_to_launch(monkeypatch):

@@ -158,7 +158,19 @@ def init_distributed(device_type: str, *, verbose: bool = True, for_deepspeed: b
     from yolods.preemption import signals_end_the_process  # preemption imports this module
 
     with signals_end_the_process():  # the wait for every rank can take minutes, in C++ where Python's handlers wait
-        _join_group(device_type, verbose=verbose, for_deepspeed=for_deepspeed)
+        try:
+            _join_group(device_type, verbose=verbose, for_deepspeed=for_deepspeed)
+        except torch_dist.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error):
+                raise
+            import socket
+
+            from yolods.errors import ConfigError
+
+            raise ConfigError(  # torch's message is 30 lines of C++ frames
+                f"MASTER_PORT {os.environ.get('MASTER_PORT')} is already in use on {socket.gethostname()} (another job "
+                f"on this node?): set MASTER_PORT to a free port, e.g. MASTER_PORT={_free_port()}"
+            ) from None
 
 
 def _join_group(device_type: str, *, verbose: bool, for_deepspeed: bool) -> None:

@@ -27,7 +27,15 @@ def _translate_slurm_env() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(_slurm_tasks_on_this_node()))
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(slurm_default_port()))
+
+
+def slurm_default_port() -> int:
+    """MASTER_PORT for an srun step that sets none: one per job step, so two jobs sharing a node do not meet on
+    torch's 29500 (the second one's rank 0 failed with EADDRINUSE while its other ranks joined the first job's
+    store). 15000-24999: below Linux's ephemeral ports (32768+), which outgoing connections take."""
+    job, step = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_STEP_ID", "0")
+    return 15000 + (int(job) * 7 + int(step)) % 10000 if job.isdigit() and step.isdigit() else 29500
 
 
 def _slurm_tasks_on_this_node() -> int:
