@@ -85,63 +85,40 @@ def test_stopped_and_resumed_run_matches_the_uninterrupted_one(
     assert results_without_time(run_dir) == reference_runs(zero_stage, extra)  # losses, mAP, lr: every digit
 
 
-def test_an_epoch_ending_mid_accumulation_checkpoints_at_the_next_step_and_resumes_exactly(shapes_data, tmp_path):
+def test_an_epoch_ending_mid_accumulation_checkpoints_at_the_next_step_and_resumes_exactly(
+    zero2_run, shapes_data, tmp_path
+):
     """Accumulating 3 micro-batches (nbs 12 over a batch of 4) leaves the 2nd epoch of 8 batches mid-cycle, and the
     cycle carries over into the 3rd epoch, as in Ultralytics. That epoch's checkpoint waits for the next optimizer
-    step (epoch3-batch2: no half-summed gradients in it); a run resumed from it ends as the run left alone did."""
-    whole = tmp_path / "whole"
-    assert_ok(run_train(stoppable_job_args(shapes_data, tmp_path, "whole", 0, ("--nbs", "12")), nproc=1))
-    assert sorted(p.name for p in (whole / "checkpoints").iterdir() if p.is_dir()) == ["epoch3", "epoch3-batch2"]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "epoch3")  # as if the job had died during the last epoch
-    result = run_train(["--resume", str(resumed)], nproc=1)
-    assert_ok(result)
-    assert "from epoch3-batch2 at epoch 3/3, batch 3" in result.stdout + result.stderr
-    assert results_without_time(resumed) == results_without_time(whole)
+    step (epoch3-batch2: no half-summed gradients in it); a run resumed from it ends as the run left alone did.
 
-
-def test_a_moved_run_resumes_without_the_files_it_started_from_and_refuses_an_edited_deepspeed_config(
-    zero2_run, tmp_path
-):
-    """A fine-tune on drawn data, its run dir moved, the .pt it started from deleted: it resumed into the old data
-    path ('images not found') and needed the .pt, which only gives the architecture (the run's last.pt has it). An
-    edited --deepspeed_config resumed silently as another ZeRO stage; it is refused, and the restored one resumes."""
+    The run resumed is a copy elsewhere, and the .pt it was fine-tuned from is gone: resuming needed that .pt, which
+    only gives the architecture (the run's own last.pt has it). An edited --deepspeed_config resumed silently as
+    another ZeRO stage: it is refused in one line, and once restored the run resumes."""
     import json
 
     start = tmp_path / "start.pt"
     shutil.copy(zero2_run / "weights" / "best.pt", start)
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    args = [
-        "--data",
-        "synthetic",
-        "--synthetic_images",
-        "16",
-        "--imgsz",
-        "64",
-        "--epochs",
-        "2",
-        "--batch",
-        "8",
-        "--nbs",
-        "8",
-    ]
-    args += ["--model", str(start), "--deepspeed_config", str(ds_json), "--workers", "0", "--hyp", "plots=False"]
-    assert_ok(run_train([*args, "--project", str(tmp_path), "--name", "whole"], nproc=1))
-    moved = tmp_path / "elsewhere" / "run"
-    shutil.copytree(tmp_path / "whole", moved)
-    shutil.rmtree(tmp_path / "whole" / "synthetic")  # the old data path leads nowhere
-    shutil.rmtree(moved / "checkpoints" / "epoch2")  # as if the job had died in its last epoch
+    extra = ("--nbs", "12", "--model", str(start), "--deepspeed_config", str(ds_json))
+    whole = tmp_path / "whole"
+    assert_ok(run_train(stoppable_job_args(shapes_data, tmp_path, "whole", 0, extra), nproc=1))
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir() if p.is_dir()) == ["epoch3", "epoch3-batch2"]
+    resumed = tmp_path / "elsewhere" / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "epoch3")  # as if the job had died during the last epoch
     start.unlink()
 
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    refused = run_train(["--resume", str(moved)], nproc=1)
+    refused = run_train(["--resume", str(resumed)], nproc=1)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "changed since the run started (zero_optimization.stage=1 (run has 0))" in refused.stderr
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-    assert_ok(run_train(["--resume", str(moved)], nproc=1))
-    assert results_without_time(moved) == results_without_time(tmp_path / "whole")
+    result = run_train(["--resume", str(resumed)], nproc=1)
+    assert_ok(result)
+    assert "from epoch3-batch2 at epoch 3/3, batch 3" in result.stdout + result.stderr
+    assert results_without_time(resumed) == results_without_time(whole)
 
 
 def test_a_rank_state_saved_on_a_gpu_loads_on_any_machine(tmp_path):

@@ -50,8 +50,8 @@ def plan_run(argv: list[str] | None) -> tuple[RunPlan | None, Path | None]:
         dist.print_main(f"{resume_dir} already finished ({newest.name} of {cfg.epochs} epochs); nothing to resume.")
         return None, resume_dir
     check_batch_resplit(cfg, saved_world_size=checkpoint.saved_world_size(newest), world_size=world_size)
+    checkpoint.check_deepspeed_config_unchanged(resume_dir, cfg)  # first: its message says what changed
     plan = resolve_run(cfg, world_size=world_size)
-    checkpoint.check_deepspeed_config_unchanged(resume_dir, cfg)
     checkpoint.check_resume_world_size(resume_dir, world_size=world_size, zero_stage=plan.zero_stage)
     return plan, resume_dir
 

@@ -74,11 +74,9 @@ def make_synthetic_dataset(
     yaml_path = root / "data.yaml"
     spec = {"num_train": num_train, "num_val": num_val, "imgsz": imgsz, "seed": seed}
     stamp = root / "synthetic.yaml"
-    # No `path:`: Ultralytics then reads the splits beside the data.yaml, so a run dir that is moved or copied
-    # (and resumed, or validated, there) still finds its images. Sets written before held an absolute path.
-    data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
+    data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
     if yaml_path.exists() and stamp.exists() and yaml.safe_load(stamp.read_text()) == spec:
-        if yaml.safe_load(yaml_path.read_text()) != data:
+        if yaml.safe_load(yaml_path.read_text()) != data:  # moved or copied (a run dir resumed elsewhere): re-point
             yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
         return yaml_path
     rng = np.random.default_rng(seed)
