@@ -38,17 +38,19 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
 
 
 def test_a_moved_synthetic_set_loads_where_it_now_is(tmp_path):
-    """A run dir moved or copied elsewhere keeps its drawn data (it resumed into the old path: 'images not found'):
-    the set's data.yaml is re-pointed where it now is, and nothing is redrawn."""
+    """A run dir moved or copied elsewhere keeps its drawn data (resumed or validated there, it looked in the old
+    place: 'images not found'): the set's data.yaml is re-pointed where it now is, and nothing is redrawn."""
     import shutil
 
     old = make_synthetic_dataset(tmp_path / "old", num_train=3, num_val=2, imgsz=64, seed=0)
     moved = tmp_path / "moved"
     shutil.move(old.parent, moved)
     drawn = digest(moved)
-    assert make_synthetic_dataset(moved, num_train=3, num_val=2, imgsz=64, seed=0) == moved / "data.yaml"
-    assert digest(moved) == drawn
-    assert load_data_yaml(str(moved / "data.yaml"))["val"] == str(moved / "images" / "val")
+    assert load_data_yaml(str(moved / "data.yaml"))["val"] == str(moved / "images" / "val")  # yolods.val --data
+    assert make_synthetic_dataset(moved, num_train=3, num_val=2, imgsz=64, seed=0) == moved / "data.yaml"  # resume
+    assert digest(moved) == drawn and sorted(p.name for p in moved.iterdir()) == [
+        "data.yaml", "images", "labels", "synthetic.yaml"
+    ]  # fmt: skip
 
 
 def test_synthetic_command_line(tmp_path, capsys):

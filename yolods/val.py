@@ -82,7 +82,10 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
     if not data_yaml:
         raise ConfigError(f"--model {args.model} names no data set it was trained on: pass --data data.yaml")
     if args.data is None and not Path(data_yaml).is_file():
-        raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data data.yaml")
+        # a run dir moved with its drawn data: the set is beside the weights
+        beside = Path(args.model).resolve().parent.parent / "synthetic" / "data.yaml"
+        hint = str(beside) if Path(data_yaml).parent.name == "synthetic" and beside.is_file() else "data.yaml"
+        raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data {hint}")
     data = load_data_yaml(data_yaml, split=args.split)
     if data["channels"] != detector.channels:  # else a torch error on the first batch
         kind = "grayscale" if detector.channels == 1 else "colour"

@@ -52,6 +52,9 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
         raise ConfigError(f"--data {data_yaml}: a directory, not a data.yaml; {hint}")
     if not path.is_file():
         raise ConfigError(f"--data {data_yaml}: file not found; pass an Ultralytics data.yaml or 'synthetic'")
+    from yolods.data.synthetic import repoint_if_moved
+
+    repoint_if_moved(path)  # a run dir moved with its drawn data: its data.yaml names the old place
     try:
         data = _offline_check_det_dataset(str(path))
     except Exception as error:  # Ultralytics raises FileNotFoundError/SyntaxError/KeyError with long messages

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import cv2
@@ -77,7 +78,9 @@ def make_synthetic_dataset(
     data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
     if yaml_path.exists() and stamp.exists() and yaml.safe_load(stamp.read_text()) == spec:
         if yaml.safe_load(yaml_path.read_text()) != data:  # moved or copied (a run dir resumed elsewhere): re-point
-            yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
+            fresh = yaml_path.with_name(f"data.yaml.{os.getpid()}.tmp")  # every rank of yolods.val may get here
+            fresh.write_text(yaml.safe_dump(data, sort_keys=False))
+            os.replace(fresh, yaml_path)  # readers see the old file or the new one
         return yaml_path
     rng = np.random.default_rng(seed)
     _write_split(root, "train", num_train, imgsz, rng)
@@ -85,6 +88,16 @@ def make_synthetic_dataset(
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
     stamp.write_text(yaml.safe_dump(spec))  # written last: its presence means the set is complete
     return yaml_path
+
+
+def repoint_if_moved(yaml_path: Path) -> None:
+    """If `yaml_path` is a set drawn here (its stamp beside it) that has since moved, e.g. with a run dir, point its
+    data.yaml at where it now is. Anything else is left alone."""
+    stamp = yaml_path.parent / "synthetic.yaml"
+    if yaml_path.name == "data.yaml" and stamp.is_file():
+        spec = yaml.safe_load(stamp.read_text())
+        if isinstance(spec, dict) and set(spec) == {"num_train", "num_val", "imgsz", "seed"}:
+            make_synthetic_dataset(yaml_path.parent, **spec)
 
 
 def val_images(num_train: int) -> int:
