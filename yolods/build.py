@@ -374,6 +374,7 @@ def build_trainer(
             lr0_per_group=schedule.lr0_per_group,
             warmup_batches=schedule.warmup_iterations,
             batches_per_epoch=schedule.batches_per_epoch,
+            accumulate=schedule.accumulate,
         )
     )
     if synced_norms is not None:

@@ -194,16 +194,18 @@ def describe(
     lr0_per_group: tuple[float, ...],
     warmup_batches: int,
     batches_per_epoch: int,
+    accumulate: int,
 ) -> str:
     """The start-of-run line naming the rule applied and the lr, weight decay and warmup it gave.
 
     `lr0_per_group` is the schedule's: a resumed optimizer's groups hold the lr of the step it stopped at.
+    `accumulate` too: capped at the run's batches, as Ultralytics caps it (a short run steps more often than nbs).
     """
     recipe = recipe_for(plan, optimizer)
     groups = optimizer.param_groups
     lr0 = min(lr0_per_group)  # MuSGD boosts some groups' lr x 3; the others have lr0
     weight_decay = max((group.get("weight_decay", 0.0) for group in groups), default=0.0)
-    images = plan.batch.images_per_optimizer_step
+    images = plan.batch.global_batch * accumulate
     nbs = plan.hyp.nbs
     if recipe.factor <= 1.0:
         applied = f"Ultralytics' (at most ~nbs {nbs} images per optimizer step)"

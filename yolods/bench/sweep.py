@@ -261,11 +261,14 @@ def model_yaml(name: str) -> str:
     return f"{name}.yaml"
 
 
+_INT_EXAMPLES = {"--zero": "0,1,2,3", "--imgsz": "160,320"}  # else a batch's
+
+
 def _ints(values: list[str] | None, flag: str) -> list[int]:
     try:
         return [int(value) for value in split_list(values)]
     except ValueError:
-        raise ConfigError(f"{flag} takes integers, e.g. {flag} 8,16") from None
+        raise ConfigError(f"{flag} takes integers, e.g. {flag} {_INT_EXAMPLES.get(flag, '8,16')}") from None
 
 
 def _choices(values: list[str], allowed: tuple[str, ...], flag: str) -> list[str]:
