@@ -53,6 +53,22 @@ def test_a_moved_synthetic_set_loads_where_it_now_is(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_relative_dataset_root_that_resolves_nowhere_says_where_it_was_read_from(shapes_data, tmp_path, monkeypatch):
+    """`path: shapes` is read from the current directory: a run resumed from another one (or yolods.val's printed
+    command run there) failed with a path under Ultralytics' datasets dir and no word on why."""
+    from yolods.errors import ConfigError
+
+    monkeypatch.chdir(shapes_data.parent.parent)
+    relative = tmp_path / "data.yaml"
+    relative.write_text(
+        shapes_data.read_text().replace(f"path: {shapes_data.parent}", f"path: {shapes_data.parent.name}")
+    )
+    assert load_data_yaml(str(relative))["val"] == str(shapes_data.parent / "images" / "val")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"Its path: {shapes_data.parent.name} is relative, .* current directory"):
+        load_data_yaml(str(relative))
+
+
 def test_synthetic_command_line(tmp_path, capsys):
     synthetic_main([str(tmp_path / "cli"), "--num-train", "4", "--num-val", "2", "--imgsz", "64"])
     assert capsys.readouterr().out.strip().endswith("data.yaml")

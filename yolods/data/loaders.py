@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from yolods import dist
@@ -58,7 +59,7 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
     try:
         data = _offline_check_det_dataset(str(path))
     except Exception as error:  # Ultralytics raises FileNotFoundError/SyntaxError/KeyError with long messages
-        raise ConfigError(f"--data {data_yaml}: {one_line(error)}") from None
+        raise ConfigError(f"--data {data_yaml}: {one_line(error)}{_relative_root_hint(path)}") from None
     if not data.get(split):
         raise ConfigError(f"--data {data_yaml}: no '{split}' split; add {split}: images/{split} to it")
     # Ultralytics checks only 'val' here; its validator checks `split` again with downloads on (the data.yaml's
@@ -71,6 +72,21 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
             "(yolods downloads no data set)"
         )
     return data
+
+
+def _relative_root_hint(data_yaml: Path) -> str:
+    """What a relative `path:` means, where it is the likely culprit: Ultralytics reads it from the current
+    directory, else under its datasets dir (which its message leaves unsaid), so a run resumed elsewhere missed it."""
+    try:
+        root = yaml.safe_load(data_yaml.read_text()).get("path")
+    except Exception:  # its own error says what is wrong
+        return ""
+    if not isinstance(root, str) or Path(root).is_absolute():
+        return ""
+    return (
+        f" Its path: {root} is relative, which Ultralytics reads from the current directory ({Path.cwd()}), else "
+        "from its datasets dir: make it absolute"
+    )
 
 
 def one_line(error: BaseException) -> str:

@@ -77,10 +77,7 @@ def make_synthetic_dataset(
     stamp = root / "synthetic.yaml"
     data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
     if yaml_path.exists() and stamp.exists() and yaml.safe_load(stamp.read_text()) == spec:
-        if yaml.safe_load(yaml_path.read_text()) != data:  # moved or copied (a run dir resumed elsewhere): re-point
-            fresh = yaml_path.with_name(f"data.yaml.{os.getpid()}.tmp")  # every rank of yolods.val may get here
-            fresh.write_text(yaml.safe_dump(data, sort_keys=False))
-            os.replace(fresh, yaml_path)  # readers see the old file or the new one
+        repoint_if_moved(yaml_path)
         return yaml_path
     rng = np.random.default_rng(seed)
     _write_split(root, "train", num_train, imgsz, rng)
@@ -91,13 +88,18 @@ def make_synthetic_dataset(
 
 
 def repoint_if_moved(yaml_path: Path) -> None:
-    """If `yaml_path` is a set drawn here (its stamp beside it) that has since moved, e.g. with a run dir, point its
-    data.yaml at where it now is. Anything else is left alone."""
-    stamp = yaml_path.parent / "synthetic.yaml"
-    if yaml_path.name == "data.yaml" and stamp.is_file():
-        spec = yaml.safe_load(stamp.read_text())
-        if isinstance(spec, dict) and set(spec) == {"num_train", "num_val", "imgsz", "seed"}:
-            make_synthetic_dataset(yaml_path.parent, **spec)
+    """If `yaml_path` is a set drawn here (its stamp beside it) that has since moved, e.g. with a run dir, so that
+    its `path:` names a place that is gone, point it where the set now is; nothing else in it changes."""
+    if not (yaml_path.parent / "synthetic.yaml").is_file():
+        return
+    data = yaml.safe_load(yaml_path.read_text())
+    root = yaml_path.parent.resolve()
+    recorded = data.get("path") if isinstance(data, dict) else None
+    if not isinstance(recorded, str) or not Path(recorded).is_absolute() or Path(recorded).exists():
+        return  # not as written here (absolute), or still there
+    fresh = yaml_path.with_name(f"data.yaml.{os.getpid()}.tmp")  # every rank of yolods.val may get here
+    fresh.write_text(yaml.safe_dump({**data, "path": str(root)}, sort_keys=False))
+    os.replace(fresh, yaml_path)  # readers see the old file or the new one
 
 
 def val_images(num_train: int) -> int:
