@@ -120,13 +120,23 @@ def cache_key(dataset) -> str:
 # ram: one store per node
 
 
+def _node_id() -> str:
+    """This node's index as its launcher numbers it, the same on all its ranks: two nodes of one job that share
+    /dev/shm (nodes on one host, containers sharing IPC) make a store each instead of colliding on one name
+    (FileExistsError on one of them)."""
+    for variable in ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID"):  # torchrun, deepspeed, srun
+        if os.environ.get(variable, "").isdigit():
+            return f"node{os.environ[variable]}"
+    return "node0"
+
+
 def _share_in_ram(dataset, *, hyp: SimpleNamespace, split: str) -> None:
     # Ultralytics' check_cache_ram draws these indices on every rank; drawing them too keeps Python's random state,
     # hence the augmentation of an in-process loader (--workers 0), what it is under Ultralytics' cache='ram'.
     sample = [random.randrange(dataset.ni) for _ in range(min(dataset.ni, ULTRALYTICS_SAMPLE_IMAGES))]
     key = cache_key(dataset)
     job_token = dist.broadcast_object(secrets.token_hex(6) if dist.is_main_process() else None)
-    path = store_path(CACHE_DIR, job_token=job_token, key=key)
+    path = store_path(CACHE_DIR, job_token=f"{job_token}-{_node_id()}", key=key)
     dataset.cache = "ram"  # from here load_image neither buffers nor evicts, as in Ultralytics' cache_images
     writer, error = None, None
     try:
