@@ -283,6 +283,11 @@ def test_an_error_in_a_data_loader_worker_is_summed_up_by_the_workers_own_line()
         next(iter(torch_data.DataLoader(_MissingImage(), num_workers=1)))
     assert _summary(caught.value) == "Image Not Found /data/images/train/000007.jpg (in DataLoader worker process 0)"
     assert _summary(ValueError("first line\nsecond line")) == "first line"
+    # a SIGKILLed peer: the survivor's collective names gloo's socket, not the cause
+    gone = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:36092: Connection reset by peer"
+    )
+    assert _summary(gone).startswith("a peer rank's process is gone (") and "--resume continues" in _summary(gone)
 
 
 def test_a_full_disk_is_named_in_one_line(tmp_path):

@@ -456,7 +456,16 @@ def _summary(error: BaseException) -> str:
     if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
         last = lines[-1].removeprefix(f"{type(error).__name__}: ")
         return f"{last} (in {lines[0].removeprefix('Caught ').split(' in ', 1)[-1].rstrip('.')})"
+    if any(sign in lines[0] for sign in _PEER_GONE):  # gloo's "[.../pair.cc:545] Read error [...]: Connection reset"
+        return (
+            f"a peer rank's process is gone ({lines[0][-120:]}): it ended without reporting an error (killed, out "
+            "of memory, or its node went down); --resume continues from the last complete checkpoint"
+        )
     return lines[0]
+
+
+# What a collective raises here when another rank's process vanished: gloo's pair errors, NCCL's remote abort
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited or there was a network")
 
 
 def _write_log(run_dir: Path | None, rank: int, details: str) -> tuple[Path | None, OSError | None]:
