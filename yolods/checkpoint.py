@@ -237,7 +237,7 @@ def check_deepspeed_config_unchanged(run_dir: Path, cfg: RunConfig) -> None:
     changed = [
         f"{key}={value} (run has {run_had.get(key, 'none')})"
         for key, value in _flat_settings(load_deepspeed_json(cfg.deepspeed_config)).items()
-        if run_had.get(key, None) != value
+        if run_had.get(key) != value
     ]
     if changed:
         raise ConfigError(

@@ -447,6 +447,10 @@ def abort_job(error: BaseException, *, run_dir: Path | None) -> NoReturn:
     _leave(f"\nyolods: rank {rank}: error: {type(error).__name__}: {summary}\n({where})")
 
 
+# What a collective raises here when another rank's process vanished: gloo's pair errors, NCCL's remote abort
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited or there was a network")
+
+
 def _summary(error: BaseException) -> str:
     """The error's first line; for an error a DataLoader worker re-raised ("Caught X in DataLoader worker process
     0." and the worker's traceback), the worker's own last line, which names the file."""
@@ -462,10 +466,6 @@ def _summary(error: BaseException) -> str:
             "of memory, or its node went down); --resume continues from the last complete checkpoint"
         )
     return lines[0]
-
-
-# What a collective raises here when another rank's process vanished: gloo's pair errors, NCCL's remote abort
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "remote process exited or there was a network")
 
 
 def _write_log(run_dir: Path | None, rank: int, details: str) -> tuple[Path | None, OSError | None]:

@@ -75,13 +75,13 @@ def make_synthetic_dataset(
     yaml_path = root / "data.yaml"
     spec = {"num_train": num_train, "num_val": num_val, "imgsz": imgsz, "seed": seed}
     stamp = root / "synthetic.yaml"
-    data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
     if yaml_path.exists() and stamp.exists() and yaml.safe_load(stamp.read_text()) == spec:
         repoint_if_moved(yaml_path)
         return yaml_path
     rng = np.random.default_rng(seed)
     _write_split(root, "train", num_train, imgsz, rng)
     _write_split(root, "val", num_val, imgsz, rng)
+    data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
     stamp.write_text(yaml.safe_dump(spec))  # written last: its presence means the set is complete
     return yaml_path
@@ -93,12 +93,11 @@ def repoint_if_moved(yaml_path: Path) -> None:
     if not (yaml_path.parent / "synthetic.yaml").is_file():
         return
     data = yaml.safe_load(yaml_path.read_text())
-    root = yaml_path.parent.resolve()
     recorded = data.get("path") if isinstance(data, dict) else None
     if not isinstance(recorded, str) or not Path(recorded).is_absolute() or Path(recorded).exists():
         return  # not as written here (absolute), or still there
     fresh = yaml_path.with_name(f"data.yaml.{os.getpid()}.tmp")  # every rank of yolods.val may get here
-    fresh.write_text(yaml.safe_dump({**data, "path": str(root)}, sort_keys=False))
+    fresh.write_text(yaml.safe_dump({**data, "path": str(yaml_path.parent.resolve())}, sort_keys=False))
     os.replace(fresh, yaml_path)  # readers see the old file or the new one
 
 
