@@ -44,6 +44,7 @@ from yolods.step import TrainStep
 from yolods.sync_bn import convert_sync_batchnorm, describe_sync_bn
 from yolods.validation import EpochValidator
 from yolods.zero3_layers import mark_layers_as_zero3_leaves
+from yolods.zero_grad_norm import reduce_grad_norm_once
 
 
 def seed_run(seed: int, *, deterministic: bool = False, paired_data: bool = False) -> None:
@@ -200,6 +201,8 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     if stage == 3:
         mark_layers_as_zero3_leaves(model, stride=model_stride(model))  # one gather per layer, not per Conv
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if stage in (1, 2):
+        reduce_grad_norm_once(engine.optimizer)  # one all-reduce for Ultralytics' 3 parameter groups, not 3
     return engine
 
 
