@@ -23,6 +23,7 @@ from yolods.bench.analysis import ratio_vs, select_lines
 from yolods.bench.cli import sweep_schedule
 from yolods.bench.measure import StepRecord, mean_phases, step_stats, time_steps
 from yolods.bench.memory import model_state_bytes
+from yolods.bench.report import _earlier_runs_note
 from yolods.bench.results import REQUIRED_KEYS, append_line, make_line, read_lines
 from yolods.bench.sweep import build_parser, expand, parse_count
 from yolods.config import ConfigError
@@ -433,6 +434,8 @@ def test_report_takes_the_median_repeat_of_the_latest_run_and_ratios_against_ddp
     selected = select_lines(lines)
     ddp = next(line for line in selected if line["engine"] == "ddp")
     assert (ddp["imgs_per_s"], ddp["repeats"], ddp["imgs_per_s_range"]) == (60.0, 3, [50.0, 80.0])
+    assert "(1 line(s) of earlier runs of the same configurations left out)" in _earlier_runs_note(lines, selected)
+    assert _earlier_runs_note(lines[1:], select_lines(lines[1:])) == ""  # nothing left out: nothing said
     zero2 = next(line for line in selected if line["engine"] == "deepspeed")
     assert ratio_vs(zero2, selected, "ddp") == pytest.approx(1.5)
     assert ratio_vs(zero2, selected, "ultralytics") is None  # Ultralytics: one rank, real input only

@@ -101,6 +101,15 @@ def _environment_section(lines: list[Line]) -> list[str]:
     return [*out, ""]
 
 
+def _earlier_runs_note(all_lines: list[dict], lines: list[dict]) -> str:
+    """Say how many lines of earlier runs of the same configurations the report leaves out (it reads each
+    configuration's latest run only), so a re-measured configuration's older figures are not missed silently."""
+    left_out = len(all_lines) - sum(line["repeats"] for line in lines)
+    if not left_out:
+        return ""
+    return f", each from its latest run ({left_out} line(s) of earlier runs of the same configurations left out)"
+
+
 def _provenance_section(lines: list[Line]) -> list[str]:
     """Which commits measured the lines, and a loud count of those from a dirty or unrecorded tree."""
     state = provenance.provenance(lines)
@@ -463,7 +472,8 @@ def write_report(
     text = [
         f"# yolods benchmark report: {out_dir.name}",
         "",
-        f"`python -m yolods.bench.report {out_dir}` from {len(lines)} configurations in {RESULTS_FILE}.",
+        f"`python -m yolods.bench.report {out_dir}` from {len(lines)} configurations in {RESULTS_FILE}"
+        f"{_earlier_runs_note(all_lines, lines)}.",
         "",
         *_provenance_section(lines),
         *_environment_section(lines),
