@@ -309,3 +309,24 @@ def test_a_full_disk_is_named_in_one_line(tmp_path):
     )
     assert lines[-1] == "(traceback not saved: no space left on device)"
     assert not (logs / "rank0.log").exists()
+
+
+def test_an_aborting_rank_takes_its_data_loader_workers_with_it(tmp_path):
+    """os._exit skips the DataLoader's shutdown: a worker still in its init function (yolods' mosaic buffer reads
+    images there) when its parent left took PID 1 for its parent and waited for work for good, ignoring SIGTERM
+    (QA: 2 of 8 aborted `--workers 2` runs left one). abort_job kills the workers before it leaves."""
+    code = (
+        "import time, torch.utils.data as d; from pathlib import Path; from yolods import faults\n"
+        "loader = d.DataLoader(list(range(8)), num_workers=2, worker_init_fn=lambda _: time.sleep(60))\n"
+        "batches = iter(loader)  # the workers start, and sleep in their init function\n"
+        "import multiprocessing; print(*[child.pid for child in multiprocessing.active_children()], flush=True)\n"
+        f"faults.abort_job(ValueError('a fault'), run_dir=Path({str(tmp_path / 'run')!r}))\n"
+    )
+    # without the kill, the orphaned workers hold the pipes open: the run times out
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=train_env())
+    assert result.returncode != 0 and "yolods: rank 0: error: ValueError: a fault" in result.stderr, result.stderr
+    worker_pids = [int(pid) for pid in result.stdout.split()]
+    assert len(worker_pids) == 2
+    time.sleep(1)
+    alive = [pid for pid in worker_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not alive, f"data loader workers {alive} outlived their rank"

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from yolods import dist, env
-from yolods.preemption import StopRequest
+from yolods.preemption import StopRequest, kill_worker_processes
 
 ABORT_KEY = "yolods/abort"  # holds the phrase that names who failed: "rank 3 failed"
 # Set by abort_job before it sets ABORT_KEY: this rank's own watchdog then leaves the report to the main thread
@@ -412,6 +412,7 @@ def _leave(message: str | None) -> NoReturn:
     if message:
         print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    kill_worker_processes()
     os._exit(FAILURE_EXIT_CODE)  # no atexit, no barrier: the peers are gone or going
 
 

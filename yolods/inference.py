@@ -28,7 +28,7 @@ import torch
 from yolods import dist
 from yolods.config import check_imgsz
 from yolods.errors import ConfigError
-from yolods.preemption import StopRequest, exit_code_for
+from yolods.preemption import StopRequest, exit_code_for, kill_worker_processes
 
 T = TypeVar("T")
 
@@ -100,6 +100,7 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
 def _leave_now(exit_code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
+    kill_worker_processes()
     os._exit(exit_code)
 
 
