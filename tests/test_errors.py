@@ -278,3 +278,24 @@ def test_an_image_size_a_p6_model_cannot_take_is_one_line(shapes_data, tmp_path)
         result, "--imgsz 96 is not a positive multiple of yolov8n-p6.yaml's largest stride 64", "--imgsz 128"
     )
     assert not (tmp_path / "runs" / "x").exists(), "a failed start left a run directory"
+
+
+@pytest.mark.parametrize(
+    ("ranks", "zero", "box_gain", "fragment"),
+    [
+        (1, "0", "3.0e+38", "the train loss became NaN or infinite in epoch 1/2"),  # ZeRO-0 applies NaN steps
+        (2, "2", "1.0e+38", "every optimizer step was skipped in epoch 1/2 (non-finite gradients)"),  # loss ~1e37
+    ],
+)
+def test_a_diverged_run_stops_in_one_line_without_saving_the_epoch(
+    ranks, zero, box_gain, fragment, shapes_data, tmp_path
+):
+    """A loss gain of ~1e38 makes the loss or the gradients non-finite from the first step. Before, the run trained
+    on, exported weights whose NaNs the export had zeroed, and exited 0 with "best epoch 2: mAP50 0.000"."""
+    extra = ("--zero", zero, "--hyp", f"box={box_gain}", "--imgsz", "64")
+    result = run_train(small_run_args(shapes_data, tmp_path, "x", *extra, epochs=2), nproc=ranks)
+    assert_one_line_error(result, fragment, "Lower --lr0")
+    if ranks == 1:  # stderr's last line, after the run's summary (under torchrun its report of the exit follows)
+        assert result.stderr.rstrip().splitlines()[-1].startswith("yolods: error:"), result.stderr[-2000:]
+    run_dir = tmp_path / "x"
+    assert not (run_dir / "weights" / "last.pt").exists() and not (run_dir / "checkpoints").exists()

@@ -234,6 +234,17 @@ def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     assert "Resuming" in output and "from epoch2" in output, output[-3000:]
 
 
+def test_a_tag_whose_completion_marker_was_cut_off_counts_as_unfinished(tmp_path):
+    """An empty or half-written yolods_complete.json (a full disk, a crash in its write) failed --resume with a bare
+    JSONDecodeError; the tag is now passed over, as one without a marker is, and the one before it resumes."""
+    from yolods.checkpoint import COMPLETE_MARKER, complete_tags
+
+    for tag, marker in (("epoch1", '{"world_size": 2, "saved_at": 1.0}'), ("epoch2", ""), ("epoch3", '{"world_')):
+        (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+        (tmp_path / "checkpoints" / tag / COMPLETE_MARKER).write_text(marker)
+    assert [tag.name for tag in complete_tags(tmp_path)] == ["epoch1"]
+
+
 def test_a_finished_run_started_again_exits_0_on_any_number_of_ranks_from_a_copy(zero2_run, tmp_path):
     """A job started again after its run finished (a requeue, an elastic restart on other nodes) finds it complete:
     on 3 ranks, which its global batch of 8 does not split over, and in a copy that did not keep file times (the

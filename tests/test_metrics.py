@@ -93,6 +93,13 @@ def test_a_resume_of_a_finished_run_reports_no_speed(tmp_path):
         RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
     )
     assert "10/10 epochs completed in 2.0 min (32.5 img/s overall) on 1 rank" in trained
+    assert "yolods.val" not in trained and "yolods.predict" not in trained  # no best.pt to name
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "best.pt").touch()
+    with_weights = summary_text(
+        RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
+    )
+    assert "yolods.val --model" in with_weights and "yolods.predict --model" in with_weights
 
 
 def test_the_summary_names_the_epoch_best_pt_holds():
@@ -144,3 +151,28 @@ def test_a_profile_window_past_the_last_step_says_so(tmp_path, capsys):
             pass
     profiler.close()
     assert "--profile 50,1,1 recorded no step: this run trained 4 steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["garbage row", "empty file", "cut-off header", "cut-off row"])
+def test_a_damaged_results_csv_neither_stops_a_resume_nor_its_end(damage, tmp_path):
+    """results.csv is appended to at each epoch end, so a crash or a full disk can leave a line cut off. Before, a
+    resume failed on it (ValueError, IndexError), a cut-off row was glued to the next one for good, and a cut-off
+    header failed a finished run's plot (TypeError, exit 1). Damaged lines are now left out, with a warning."""
+    from yolods.metrics import RunLogger
+
+    logger = RunLogger(tmp_path, loss_names=("box_loss",), tensorboard=False, plot_results=True)
+    for epoch in range(3):
+        logger.log_epoch(epoch, {"train/box_loss": 1.0 + epoch})
+    header, *rows = logger.csv_path.read_text().splitlines(keepends=True)
+    damaged = {
+        "garbage row": header + "".join(rows) + 'garbage,"x\n',
+        "empty file": "",
+        "cut-off header": header[:12],
+        "cut-off row": header + "".join(rows)[:-4],
+    }[damage]
+    logger.csv_path.write_text(damaged)
+    logger.truncate_results(completed_epochs=2)  # as a resume from epoch 2 does
+    logger.log_epoch(2, {"train/box_loss": 9.0})
+    epochs = [row["epoch"] for row in logger.read_results()]
+    assert epochs == (["1", "2", "3"] if damage in ("garbage row", "cut-off row") else ["3"])
+    assert logger.csv_path.read_text().endswith("9.0\n") and logger.plot() is not None

@@ -129,7 +129,17 @@ def complete_tags(run_dir: Path) -> list[Path]:
     those, and a copied run directory resumed from whichever tag happened to be copied last.
     """
     markers = (run_dir / CHECKPOINT_DIR).glob(f"*/{COMPLETE_MARKER}")
-    return sorted((marker.parent for marker in markers), key=_saved_at, reverse=True)
+    tags = [marker.parent for marker in markers if _marker_is_readable(marker.parent)]
+    return sorted(tags, key=_saved_at, reverse=True)
+
+
+def _marker_is_readable(tag_dir: Path) -> bool:
+    """A marker cut off mid-write (a full disk, a crash) leaves its tag unfinished, as a missing marker does; read
+    later for the tag's world size, it failed the resume with a bare JSONDecodeError."""
+    try:
+        return isinstance(_marker(tag_dir).get("world_size"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _marker(tag_dir: Path) -> dict[str, Any]:

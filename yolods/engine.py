@@ -7,6 +7,7 @@ checkpoints with `state_dict()` / `rank_state_dict()`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from yolods import dist
 from yolods.checkpoint import Checkpointer, complete_tags
 from yolods.config import RunPlan
 from yolods.data import TrainData
+from yolods.errors import TrainingDiverged
 from yolods.metrics import RunFacts, RunLogger, best_epoch, peak_memory_gib
 from yolods.model import advance_loss_schedule, floating_buffers, ultralytics_weights
 from yolods.preemption import TrainingInterrupted
@@ -55,6 +57,11 @@ class OptimizerStepWindow:
 
     def data_wait_share(self) -> float:
         return self.data_wait_s / max(self.seconds, 1e-9)
+
+
+def _skipped_and_taken_steps(engine) -> tuple[int, int]:
+    """DeepSpeed's counts of optimizer steps skipped (non-finite gradients at ZeRO 1-3) and taken, skipped or not."""
+    return engine.skipped_steps, engine.global_steps
 
 
 @dataclass
@@ -133,7 +140,9 @@ class Trainer:
         # died before its first checkpoint and is being started over in the same directory
         self.logger.truncate_results(completed_epochs=self.state.epoch)
         for epoch in range(self.state.epoch, self.epochs):
+            skipped_before = _skipped_and_taken_steps(self.engine)
             train_losses = self.train_epoch(epoch)
+            self._stop_if_diverged(epoch, train_losses, skipped_before=skipped_before)
             metrics = self.end_epoch(epoch, train_losses)
             if self.finished:
                 break
@@ -197,6 +206,31 @@ class Trainer:
                 self._save_mid_epoch(epoch, next_batch=batch_index + 1, loss_sums=loss_sums, stop=result.stop)
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
+
+    def _stop_if_diverged(self, epoch: int, train_losses: list[float], *, skipped_before: tuple[int, int]) -> None:
+        """End the run, before the epoch's weights and checkpoint are written, if its train loss was NaN or infinite
+        on any rank, or if DeepSpeed skipped every optimizer step of the epoch for non-finite gradients without fp16
+        loss scaling (whose search for a scale skips steps by design). A collective: every rank decides together.
+
+        Ultralytics' trainer checks the loss at each epoch end and reloads last.pt to try the epoch again, up to 3
+        times. Without the check yolods trained on through NaN losses (ZeRO-0), or through steps ZeRO 1-3 all
+        skipped, exported weights whose NaNs the export zeroes, and exited 0 with "best epoch N: mAP50 0.000". Here
+        the earlier epochs' checkpoints and weights stay as they were, unpoisoned, and the user is told what to change.
+        """
+        skipped_steps, steps = (
+            now - before for now, before in zip(_skipped_and_taken_steps(self.engine), skipped_before)
+        )
+        non_finite_loss = not all(math.isfinite(loss) for loss in train_losses)
+        every_step_skipped = steps > 0 and skipped_steps == steps and loss_scale(self.engine) is None
+        if not dist.any_rank(non_finite_loss or every_step_skipped):
+            return
+        what = "the train loss became NaN or infinite" if non_finite_loss else "every optimizer step was skipped"
+        what += f" in epoch {epoch + 1}/{self.epochs}" + ("" if non_finite_loss else " (non-finite gradients)")
+        raise TrainingDiverged(
+            f"{what}: the run diverged, so that epoch's "
+            "weights and checkpoint were not saved (earlier epochs' are kept). Lower --lr0 or the --hyp loss gains, "
+            "or train in bf16 or fp32 rather than fp16, and start again"
+        )
 
     def _passed(self, point: str) -> None:
         """Count a point every rank passes, as the train step counts its phases (its `on_phase`, when set)."""

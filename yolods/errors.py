@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes, importable by every module without cycles."""
+"""The exception types for user mistakes and a diverged run, importable by every module without cycles."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ class ConfigError(ValueError):
     def __init__(self, message: str, *, every_rank: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+class TrainingDiverged(Exception):
+    """The train loss became NaN or infinite; raised on every rank together, before the epoch is saved.
+
+    `yolods.train` prints it as `yolods: error: ...` on rank 0, after the run's summary, and exits 1.
+    """

@@ -82,9 +82,10 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
     if facts.stopped:
         lines.append(f"  python -m yolods.train --resume {quote(str(run_dir))}      # continue from {facts.stopped}")
     best_weights = quote(str(weights / "best.pt"))
-    if importlib.util.find_spec("yolods.val") is not None:
+    have_weights = (weights / "best.pt").exists()  # none before the first epoch ends (a stop, a diverged loss)
+    if have_weights and importlib.util.find_spec("yolods.val") is not None:
         lines.append(f"  python -m yolods.val --model {best_weights} --data {quote(str(facts.data_yaml))}")
-    if importlib.util.find_spec("yolods.predict") is not None:
+    if have_weights and importlib.util.find_spec("yolods.predict") is not None:
         lines.append(f"  python -m yolods.predict --model {best_weights} --source path/to/images")
     lines.append(f"  tensorboard --logdir {quote(str(run_dir))}")
     return "\n".join(lines)
@@ -188,10 +189,15 @@ class RunLogger:
         """Drop results.csv rows of epochs a resumed run will redo (written after the checkpoint it resumes from)."""
         if not self.enabled or not self.csv_path.exists():
             return
-        with self.csv_path.open() as file:
-            lines = file.readlines()
-        kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= completed_epochs]
-        self.csv_path.write_text("".join(kept))
+        header, rows, damaged = _parse_results(self.csv_path)
+        if damaged:  # a crash or a full disk mid-row: the file is a log, and must not stop the run (TensorBoard has it)
+            self.info(f"WARNING: {self.csv_path}: left out {damaged} damaged line(s)")
+        if header is None:
+            self.csv_path.unlink()  # no usable header: log_epoch starts the file anew
+            return
+        kept = [row for row in rows if int(row[0]) <= completed_epochs]
+        with self.csv_path.open("w", newline="") as file:
+            csv.writer(file, lineterminator="\n").writerows([header, *kept])
 
     def plot(self) -> Path | None:
         """results.png: one panel per results.csv column (losses, P, R, mAP, lr), as Ultralytics draws them.
@@ -206,6 +212,8 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         rows = self.read_results()
+        if not rows:
+            return None
         columns = [c for c in rows[0] if c not in ("epoch", "time")]
         epochs = [int(row["epoch"]) for row in rows]
         num_cols = (len(columns) + 1) // 2
@@ -233,5 +241,34 @@ class RunLogger:
             self.writer.close()
 
     def read_results(self) -> list[dict[str, Any]]:
-        with self.csv_path.open() as file:
-            return list(csv.DictReader(file))
+        """results.csv's whole rows (a damaged line left out), as dicts of strings."""
+        header, rows, _ = _parse_results(self.csv_path)
+        return [dict(zip(header, row)) for row in rows] if header else []
+
+
+def _parse_results(path: Path) -> tuple[list[str] | None, list[list[str]], int]:
+    """results.csv as (header, whole rows, how many lines are damaged); header None when it is unusable.
+
+    A whole row ends in a newline and has the header's fields, all filled, and an integer epoch first. A line cut
+    off by a crash or a full disk (results.csv is appended to at each epoch end) does not, nor does garbage.
+    """
+    try:
+        lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return None, [], 1
+    records = [_csv_record(line) if line.endswith("\n") else [] for line in lines]
+    if not records or records[0][:1] != ["epoch"]:
+        return None, [], len(records)
+    header, rows = records[0], [record for record in records[1:] if _whole_row(record, len(records[0]))]
+    return header, rows, len(records) - 1 - len(rows)
+
+
+def _csv_record(line: str) -> list[str]:
+    try:
+        return next(csv.reader([line]))
+    except (csv.Error, StopIteration):
+        return []
+
+
+def _whole_row(record: list[str], num_fields: int) -> bool:
+    return len(record) == num_fields and all(record) and record[0].isdigit()

@@ -28,6 +28,7 @@ from yolods.config import (
     resolve_run,
     resumed_config,
 )
+from yolods.errors import TrainingDiverged
 from yolods.preemption import StopRequest, TrainingInterrupted
 
 
@@ -91,15 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as error:
         faults.abort_job(error, run_dir=run_dir)
-    stopped = None
+    stopped = diverged = None
     try:
         trainer.train()
         exit_code = 0
     except TrainingInterrupted as interrupted:
         exit_code, stopped = interrupted.exit_code, str(interrupted)  # saved; the scheduler may requeue
+    except TrainingDiverged as error:  # every rank, together: the job can shut down as after a normal end
+        exit_code, diverged = 1, error
     except Exception as error:
         faults.abort_job(error, run_dir=run_dir)
     trainer.summarize(stopped=stopped)
+    if diverged is not None:
+        dist.print_main(f"yolods: error: {diverged}")  # last, where a user looks
     watchdog.stop()  # before the shutdown barrier, after which rank 0 may close the store
     trainer.close()
     return exit_code
