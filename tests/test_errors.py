@@ -299,3 +299,21 @@ def test_a_diverged_run_stops_in_one_line_without_saving_the_epoch(
         assert result.stderr.rstrip().splitlines()[-1].startswith("yolods: error:"), result.stderr[-2000:]
     run_dir = tmp_path / "x"
     assert not (run_dir / "weights" / "last.pt").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_a_run_directory_another_job_trains_in_is_refused_and_left_as_it_is(shapes_data, tmp_path):
+    """Two jobs in one run directory (a requeue while the first still runs, a command started twice) wrote the same
+    results.csv rows twice and one died on the other's weights/best.pt.tmp. The job training there holds a flock on
+    RUN/.yolods.lock (here this test does); a second is refused in one line and deletes nothing of the first's."""
+    import fcntl
+
+    run_dir = tmp_path / "x"
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time\n1,2.0\n")  # the first job's, before its first checkpoint
+    with (run_dir / ".yolods.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 4242 on node7\n")
+        lock.flush()
+        result = run_train(small_run_args(shapes_data, tmp_path, "x", "--exist_ok"))
+    assert_one_line_error(result, f"{run_dir} is in use by another yolods job (pid 4242 on node7)", "another --name")
+    assert (run_dir / "results.csv").read_text() == "epoch,time\n1,2.0\n"

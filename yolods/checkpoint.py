@@ -33,13 +33,16 @@ from yolods.reshard import load_resharded, merge_rank_states
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "yolods_complete.json"  # written by rank 0 once every rank's files of a tag are on disk
+RUN_LOCK = ".yolods.lock"  # flocked by the job training in the run directory (see take_run_dir)
 JOB_RECORD = "job.json"  # the launcher job that made a run directory (see continue_launcher_job)
 KEEP_CHECKPOINTS = 2  # the newest complete tag, and the one before it in case the newest is damaged later
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """project/name, or the next free name (exp, exp2, ...) unless --exist_ok, with weights/ in it."""
+    """project/name, or the next free name (exp, exp2, ...) unless --exist_ok, with weights/ in it; taken by this job
+    (`take_run_dir`) before anything is written into it."""
     run_dir = make_run_dir(project=cfg.project, name=cfg.name, exist_ok=cfg.exist_ok, subdir="weights")
+    take_run_dir(run_dir)
     # --exist_ok into a run that holds checkpoints would mix two runs: a later --resume would load the old run's
     # newest checkpoint under the new run's settings. Rank 0 looks; the directory need not be shared.
     if dist.broadcast_object(dist.is_main_process() and bool(complete_tags(run_dir))):
@@ -50,6 +53,54 @@ def new_run_dir(cfg: RunConfig) -> Path:
     if dist.is_main_process():
         _write_job_record(run_dir)  # so that a restarted attempt of this launcher job continues it
     return run_dir
+
+
+_held_run_locks: dict[Path, Any] = {}  # open lock files: their flocks mark this process's run directories taken
+
+
+def take_run_dir(run_dir: Path) -> None:
+    """Refuse, on every rank, a run directory another live yolods job is training in; else mark it taken by this one.
+
+    Two jobs in one directory (a scheduler's requeue while the first still runs, a command started twice, a second
+    --resume) wrote the same results.csv, weights and checkpoint tags: QA found every epoch's row twice and one job
+    dead on the other's weights/best.pt.tmp. Rank 0 holds an exclusive flock on RUN/.yolods.lock for the life of its
+    process (the kernel releases it at any exit, SIGKILL included, so a dead job never blocks a resume). A collective.
+    """
+    holder = _lock_or_holder(run_dir / RUN_LOCK) if dist.is_main_process() else None
+    holder = dist.broadcast_object(holder)
+    if holder is not None:
+        raise ConfigError(
+            f"{run_dir} is in use by another yolods job ({holder}): two jobs in one run directory would mix their "
+            "checkpoints and results; wait for that job to end (or stop it), or start this run under another --name"
+        )
+
+
+def _lock_or_holder(path: Path) -> str | None:
+    """Take the run's lock: None when taken, else who holds it. A file system without locks is not refused."""
+    import fcntl
+    import socket
+
+    if path in _held_run_locks:  # this process's own (main() called again in one process)
+        return None
+    try:
+        lock_file = path.open("a+")  # "a+": the holder's note stays readable to the one refused
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "its process id unknown"
+        lock_file.close()
+        return holder
+    except OSError:  # ENOLCK, EOPNOTSUPP: some network and FUSE mounts keep no locks
+        lock_file.close()
+        return None
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock_file.flush()
+    _held_run_locks[path] = lock_file
+    return None
 
 
 def make_run_dir(*, project: str, name: str, exist_ok: bool, subdir: str = "") -> Path:

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         from yolods import checkpoint
         from yolods.build import build_trainer
 
+        if resume_dir is not None:
+            checkpoint.take_run_dir(resume_dir)  # a new run's is taken as it is made
         run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
         trainer = build_trainer(
             plan,
