@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
-from conftest import run_train, small_run_args
+from conftest import assert_ok, run_train, small_run_args
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -317,3 +318,35 @@ def test_a_run_directory_another_job_trains_in_is_refused_and_left_as_it_is(shap
         result = run_train(small_run_args(shapes_data, tmp_path, "x", "--exist_ok"))
     assert_one_line_error(result, f"{run_dir} is in use by another yolods job (pid 4242 on node7)", "another --name")
     assert (run_dir / "results.csv").read_text() == "epoch,time\n1,2.0\n"
+
+
+def test_a_resume_onto_changed_data_names_what_changed(shapes_data, tmp_path):
+    """A train set that lost images since the checkpoint died in a loader worker (IndexError on the saved mosaic
+    buffer), one given another class died in torch's list of mismatched shapes; both are one line now."""
+    import shutil
+
+    import yaml
+
+    from yolods.checkpoint import COMPLETE_MARKER
+
+    data_root = tmp_path / "data"
+    shutil.copytree(shapes_data.parent, data_root, ignore=shutil.ignore_patterns("*.cache"))
+    config = {**yaml.safe_load(shapes_data.read_text()), "path": str(data_root)}
+    data_yaml = data_root / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(config))
+    assert_ok(run_train(small_run_args(data_yaml, tmp_path, "run", "--imgsz", "64", epochs=1)))
+    marker = tmp_path / "run" / "checkpoints" / "epoch1" / COMPLETE_MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "finished": False}))  # as if it went on
+
+    removed = sorted((data_root / "images" / "train").glob("*.jpg"))[:5]
+    kept = {path: path.read_bytes() for path in removed}
+    for path in removed:
+        path.unlink()
+    result = run_train(["--resume", str(tmp_path / "run")])
+    assert_one_line_error(result, "the train set now has 27 usable images, 32 when the checkpoint was saved")
+
+    for path, image in kept.items():
+        path.write_bytes(image)
+    data_yaml.write_text(yaml.safe_dump({**config, "names": {**config["names"], len(config["names"]): "star"}}))
+    result = run_train(["--resume", str(tmp_path / "run")])
+    assert_one_line_error(result, "checkpoint epoch1 does not fit the model built now", "classes (nc, names)")

@@ -501,15 +501,31 @@ class Checkpointer:
                 dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damage or 'damaged on another rank'}")
                 continue
             saved_ranks = saved_world_size(tag_dir)
-            if saved_ranks == dist.get_world_size():
-                client_state = self._load_as_saved(tag_dir)
-                rank_state = _load_rank_state(tag_dir, dist.get_rank())
-            else:
-                client_state = self._load_resharded(tag_dir, saved_world_size=saved_ranks)
-                rank_state = merge_rank_states([_load_rank_state(tag_dir, rank) for rank in range(saved_ranks)])
+            with self._model_must_fit(tag_dir):
+                if saved_ranks == dist.get_world_size():
+                    client_state = self._load_as_saved(tag_dir)
+                    rank_state = _load_rank_state(tag_dir, dist.get_rank())
+                else:
+                    client_state = self._load_resharded(tag_dir, saved_world_size=saved_ranks)
+                    rank_state = merge_rank_states([_load_rank_state(tag_dir, rank) for rank in range(saved_ranks)])
             self.period.restart(self.engine.global_steps)
             return LoadedCheckpoint(client_state, rank_state, tag=tag_dir.name, saved_world_size=saved_ranks)
         raise ConfigError(f"--resume {self.run_dir}: no complete, readable checkpoint in {self.checkpoint_dir}")
+
+    @contextlib.contextmanager
+    def _model_must_fit(self, tag_dir: Path):
+        """A checkpoint whose tensors no longer fit the model built now: one line instead of torch's list of
+        mismatched shapes (a data.yaml given more or fewer classes since the run started changes the head)."""
+        try:
+            yield
+        except RuntimeError as error:
+            if "size mismatch" not in str(error) and "shape" not in str(error):
+                raise
+            raise ConfigError(
+                f"--resume {self.run_dir}: checkpoint {tag_dir.name} does not fit the model built now (a tensor's "
+                "shape differs): the data.yaml's classes (nc, names) or the model changed since the run started; "
+                f"put them back, or start a new run from {self.run_dir / 'weights' / 'last.pt'} (--model)"
+            ) from error
 
     def _load_as_saved(self, tag_dir: Path) -> dict[str, Any]:
         load_path, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag_dir.name)

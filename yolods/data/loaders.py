@@ -297,10 +297,12 @@ class TrainData:
             "worker_states": dict(self.worker_states),
             "mosaic_closed": self.mosaic_closed,
             "mosaic_buffer": list(self.dataset.buffer) if self.dataset.cache != "ram" else [],
+            "num_images": self.num_images,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()`: the next `loader_for_epoch` draws what the saved run drew next."""
+        self._check_same_images(state)
         random.setstate(state["python_random"])
         np.random.set_state(state["numpy_random"])
         self.order_generator.set_state(state["order_generator"])
@@ -310,6 +312,22 @@ class TrainData:
         self.worker_states = dict(state["worker_states"])
         self.mosaic_closed = state["mosaic_closed"]
         _refill_mosaic_buffer(self.dataset, state["mosaic_buffer"])
+
+    def _check_same_images(self, state: dict[str, Any]) -> None:
+        """The saved data order and mosaic buffer index the train set as it was: refuse one that has changed since.
+
+        Before, a resume after train images were deleted died in a loader worker (IndexError on the mosaic buffer).
+        Checkpoints from before the count was saved are checked by their mosaic buffer's indices alone.
+        """
+        saved = state.get("num_images")
+        beyond = max(state["mosaic_buffer"], default=-1) >= self.num_images
+        if saved == self.num_images or (saved is None and not beyond):
+            return
+        was = f"{saved} when the checkpoint was saved" if saved is not None else "more when the checkpoint was saved"
+        raise ConfigError(
+            f"--resume: the train set now has {self.num_images} usable images, {was}; resuming exactly needs the "
+            "same images: restore them, or start a new run from RUN_DIR/weights/last.pt (--model)"
+        )
 
 
 class _EpochLoader:
