@@ -138,6 +138,12 @@ def test_hyp_settings_yolods_implements_or_leaves_at_their_default_are_accepted(
     assert hyp == {"freeze": 10, "single_cls": True, "amp": True, "val": True}
     # yolods.val hands its settings to Ultralytics' validator, which implements them: rect is a val setting there
     assert parse_hyp_overrides(["rect=False", "split=test"]) == {"rect": False, "split": "test"}
+    # read as Ultralytics' `yolo KEY=VALUE` reads them: YAML 1.1 took 1e-3 for a string, and the run was refused
+    assert parse_hyp_overrides(["box=1e-3", "freeze=[0, 30]", "val=true"]) == {
+        "box": 1e-3,
+        "freeze": [0, 30],
+        "val": True,
+    }
     # values that leave an unimplemented setting off, as its default does in Ultralytics' trainer
     off = parse_args(["--hyp", "time=0", "--hyp", "save_period=0", "--hyp", "pretrained=False"]).hyp
     assert off == {"time": 0, "save_period": 0, "pretrained": False}

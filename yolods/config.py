@@ -321,8 +321,12 @@ HYP_KEYS_NOT_IMPLEMENTED = {
 
 
 def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--hyp KEY=VALUE` pairs -> {key: YAML-parsed value}; every key must be an Ultralytics setting."""
-    import yaml
+    """`--hyp KEY=VALUE` pairs -> {key: value}; every key must be an Ultralytics setting.
+
+    Values are read by Ultralytics' own `yolo KEY=VALUE` parser (`smart_value`: Python literals, true/false/none),
+    not as YAML 1.1, which takes 1e-3 for a string and refused `--hyp box=1e-3`.
+    """
+    from ultralytics.cfg import smart_value
 
     overrides = {}
     for pair in pairs:
@@ -333,7 +337,7 @@ def parse_hyp_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(
                 f"--hyp {key!r} is not an Ultralytics setting: see ultralytics/cfg/default.yaml for names"
             )
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = smart_value(value)
     return overrides
 
 
