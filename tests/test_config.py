@@ -228,7 +228,7 @@ def test_resume_finds_the_newest_run_with_a_checkpoint(tmp_path):
         (tmp_path / name / "checkpoints" / "epoch1").mkdir(parents=True)
         (tmp_path / name / "args.yaml").write_text("{}")
         marker = tmp_path / name / "checkpoints" / "epoch1" / COMPLETE_MARKER
-        marker.write_text("{}")
+        marker.write_text('{"world_size": 1}')
         os.utime(marker, (marker.stat().st_atime - age_s, marker.stat().st_mtime - age_s))
     # a newer run whose only checkpoint never completed (no marker) is not resumable
     (tmp_path / "unfinished" / "checkpoints" / "epoch1").mkdir(parents=True)
