@@ -138,6 +138,8 @@ def test_hyp_settings_yolods_implements_or_leaves_at_their_default_are_accepted(
     assert hyp == {"freeze": 10, "single_cls": True, "amp": True, "val": True}
     # yolods.val hands its settings to Ultralytics' validator, which implements them: rect is a val setting there
     assert parse_hyp_overrides(["rect=False", "split=test"]) == {"rect": False, "split": "test"}
+    with pytest.raises(ConfigError, match=r"--lr0 0\.02 and --hyp lr0=0\.5 disagree: pass one of them"):
+        parse_args(["--lr0", "0.02", "--hyp", "lr0=0.5"])  # the flag won without a word
     # read as Ultralytics' `yolo KEY=VALUE` reads them: YAML 1.1 took 1e-3 for a string, and the run was refused
     assert parse_hyp_overrides(["box=1e-3", "freeze=[0, 30]", "val=true"]) == {
         "box": 1e-3,

@@ -424,7 +424,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
     hyp = parse_hyp_overrides(args.hyp)
     check_training_settings(hyp, model=args.model)
-    hyp.update({flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None})
+    flags = {flag: getattr(args, flag) for flag in HYP_FLAGS if getattr(args, flag) is not None}
+    for flag in sorted(set(flags) & set(hyp)):  # one setting given twice: the flag would win without a word
+        if flags[flag] != hyp[flag]:
+            raise ConfigError(f"--{flag} {flags[flag]} and --hyp {flag}={hyp[flag]} disagree: pass one of them")
+    hyp.update(flags)
     if args.cos_lr:
         hyp["cos_lr"] = True
     if args.cache is not None:
