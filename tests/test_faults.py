@@ -227,11 +227,15 @@ def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     else:
         damaged = next(newest.glob("*zero_pp_rank_1_*optim_states.pt"))
         damaged.unlink()
+    unfinished = run_dir / "checkpoints" / "epoch4"  # a save that never completed (a full disk): no marker
+    unfinished.mkdir()
+    (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1000)
     result = run_train(["--resume", str(run_dir)], nproc=2)
     assert_ok(result)
     output = result.stdout + result.stderr
     assert f"skipping checkpoint {newest.name}: {damaged.name}" in output, output[-3000:]
     assert "Resuming" in output and "from epoch2" in output, output[-3000:]
+    assert not unfinished.exists()  # its space freed first: on a full disk it was what the resume needed
 
 
 def test_a_tag_whose_completion_marker_was_cut_off_counts_as_unfinished(tmp_path):

@@ -489,12 +489,22 @@ class Checkpointer:
             if tag_dir.is_dir() and tag_dir not in keep:
                 shutil.rmtree(tag_dir, ignore_errors=True)
 
+    def _remove_unfinished_tags(self) -> None:
+        """Drop what saves that never completed left behind (a job killed mid-save, a write that found the disk
+        full): on a full disk that is the space the resume needs (QA: a 43 MB unfinished tag kept it full)."""
+        complete = set(complete_tags(self.run_dir))
+        for tag_dir in self.checkpoint_dir.iterdir():
+            if tag_dir.is_dir() and tag_dir not in complete:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+
     def load(self) -> LoadedCheckpoint:
         """Load the newest complete, readable tag into the engine (every rank), on any number of ranks.
 
         A tag saved by as many ranks as this job has loads through DeepSpeed as saved; one saved by another number
         is re-split (yolods.reshard) and the saved ranks' own states merged.
         """
+        if dist.is_main_process():
+            self._remove_unfinished_tags()
         for tag_dir in complete_tags(self.run_dir):
             damage = missing_file(tag_dir, zero_stage=self.engine.zero_optimization_stage()) or damaged_file(tag_dir)
             if dist.any_rank(damage is not None):  # all ranks move on together
