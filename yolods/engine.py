@@ -59,11 +59,6 @@ class OptimizerStepWindow:
         return self.data_wait_s / max(self.seconds, 1e-9)
 
 
-def _skipped_and_taken_steps(engine) -> tuple[int, int]:
-    """DeepSpeed's counts of optimizer steps skipped (non-finite gradients at ZeRO 1-3) and taken, skipped or not."""
-    return engine.skipped_steps, engine.global_steps
-
-
 @dataclass
 class TrainState:
     """What a checkpoint must carry beyond DeepSpeed's own state."""
@@ -140,9 +135,10 @@ class Trainer:
         # died before its first checkpoint and is being started over in the same directory
         self.logger.truncate_results(completed_epochs=self.state.epoch)
         for epoch in range(self.state.epoch, self.epochs):
-            skipped_before = _skipped_and_taken_steps(self.engine)
+            # DeepSpeed's counts of optimizer steps skipped (non-finite gradients at ZeRO 1-3) and taken, skipped or not
+            steps_before = self.engine.skipped_steps, self.engine.global_steps
             train_losses = self.train_epoch(epoch)
-            self._stop_if_diverged(epoch, train_losses, skipped_before=skipped_before)
+            self._stop_if_diverged(epoch, train_losses, steps_before=steps_before)
             metrics = self.end_epoch(epoch, train_losses)
             if self.finished:
                 break
@@ -207,7 +203,7 @@ class Trainer:
             step_started = time.perf_counter()
         return (loss_sums / max(num_batches, 1)).tolist()
 
-    def _stop_if_diverged(self, epoch: int, train_losses: list[float], *, skipped_before: tuple[int, int]) -> None:
+    def _stop_if_diverged(self, epoch: int, train_losses: list[float], *, steps_before: tuple[int, int]) -> None:
         """End the run, before the epoch's weights and checkpoint are written, if its train loss was NaN or infinite
         on any rank, or if DeepSpeed skipped every optimizer step of the epoch for non-finite gradients without fp16
         loss scaling (whose search for a scale skips steps by design). A collective: every rank decides together.
@@ -217,11 +213,10 @@ class Trainer:
         skipped, exported weights whose NaNs the export zeroes, and exited 0 with "best epoch N: mAP50 0.000". Here
         the earlier epochs' checkpoints and weights stay as they were, unpoisoned, and the user is told what to change.
         """
-        skipped_steps, steps = (
-            now - before for now, before in zip(_skipped_and_taken_steps(self.engine), skipped_before)
-        )
+        skipped = self.engine.skipped_steps - steps_before[0]
+        taken = self.engine.global_steps - steps_before[1]
         non_finite_loss = not all(math.isfinite(loss) for loss in train_losses)
-        every_step_skipped = steps > 0 and skipped_steps == steps and loss_scale(self.engine) is None
+        every_step_skipped = taken > 0 and skipped == taken and loss_scale(self.engine) is None
         if not dist.any_rank(non_finite_loss or every_step_skipped):
             return
         what = "the train loss became NaN or infinite" if non_finite_loss else "every optimizer step was skipped"
