@@ -529,7 +529,7 @@ class Checkpointer:
         try:
             yield
         except RuntimeError as error:
-            if "size mismatch" not in str(error) and "shape" not in str(error):
+            if "size mismatch" not in str(error):  # load_state_dict's word for it; any other error stays as it is
                 raise
             raise ConfigError(
                 f"--resume {self.run_dir}: checkpoint {tag_dir.name} does not fit the model built now (a tensor's "
