@@ -99,7 +99,16 @@ def test_a_resume_of_a_finished_run_reports_no_speed(tmp_path):
     with_weights = summary_text(
         RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
     )
-    assert "yolods.val --model" in with_weights and "yolods.predict --model" in with_weights
+    assert "yolods.val --model" in with_weights and "--source path/to/images" in with_weights
+    assert "results.csv" not in with_weights  # not written yet (a run stopped or diverged in its first epoch)
+    (tmp_path / "data" / "images" / "val").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text(f"path: {tmp_path / 'data'}\nval: images/val\n")
+    facts["data_yaml"] = str(tmp_path / "data.yaml")
+    (tmp_path / "results.csv").write_text("epoch\n1\n")
+    runnable = summary_text(
+        RunFacts(wall_s=120.0, imgs_per_s=32.5, latest_checkpoint=None, **facts), best=None, run_dir=tmp_path
+    )
+    assert f"--source {tmp_path / 'data' / 'images' / 'val'}" in runnable and "results.csv" in runnable
 
 
 def test_the_summary_names_the_epoch_best_pt_holds():

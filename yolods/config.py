@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, help="GLOBAL batch over all ranks per forward, as in Ultralytics (default 16)"
     )
     job.add_argument("--workers", type=int, default=2, help="dataloader workers per rank (default 2)")
-    job.add_argument("--seed", type=int, default=0)
+    job.add_argument("--seed", type=int, default=0, help="random seed, as Ultralytics' (default 0)")
     job.add_argument(
         "--synthetic_images",
         type=int,
@@ -526,8 +526,8 @@ def resumed_config(saved: RunConfig, flags: RunConfig, *, given: set[str]) -> Ru
     if conflicts:
         raise ConfigError(
             f"--resume {saved.resume}: {', '.join(conflicts)} would change the run; a resumed run keeps its settings "
-            "(only --profile, --comms_logger, the --save_period_* flags, and --data, --model or --deepspeed_config "
-            "where the run's file moved, may change): drop those flags, or start a new run"
+            "(only --project, --profile, --comms_logger, --verbose, the --save_period_* flags, and --data, --model "
+            "or --deepspeed_config where the run's file moved, may change): drop those flags, or start a new run"
         )
     periods = {name: getattr(flags, name) for name in ("save_period_steps", "save_period_min") if name in given}
     return dataclasses.replace(

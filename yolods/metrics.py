@@ -75,7 +75,8 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
         if path.exists():
             lines.append(f"{label:<12} {path}")
     plotted = ", results.png" if (run_dir / "results.png").exists() else ""  # none under --hyp plots=False
-    lines.append(f"{'results':<12} {run_dir / 'results.csv'}{plotted}")
+    if (run_dir / "results.csv").exists():  # none before the first epoch ends
+        lines.append(f"{'results':<12} {run_dir / 'results.csv'}{plotted}")
     if facts.latest_checkpoint:
         lines.append(f"{'checkpoint':<12} {run_dir / 'checkpoints' / facts.latest_checkpoint}")
     lines.append("Next:")
@@ -86,9 +87,22 @@ def summary_text(facts: RunFacts, *, best: dict[str, Any] | None, run_dir: Path)
     if have_weights and importlib.util.find_spec("yolods.val") is not None:
         lines.append(f"  python -m yolods.val --model {best_weights} --data {quote(str(facts.data_yaml))}")
     if have_weights and importlib.util.find_spec("yolods.predict") is not None:
-        lines.append(f"  python -m yolods.predict --model {best_weights} --source path/to/images")
+        source = quote(str(_val_images(facts.data_yaml) or "path/to/images"))
+        lines.append(f"  python -m yolods.predict --model {best_weights} --source {source}")
     lines.append(f"  tensorboard --logdir {quote(str(run_dir))}")
     return "\n".join(lines)
+
+
+def _val_images(data_yaml: str) -> Path | None:
+    """The data.yaml's val image folder, for a "Next:" predict line that runs as printed; None if not one folder."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(data_yaml).read_text())
+        folder = Path(data.get("path") or Path(data_yaml).parent) / data["val"]
+    except Exception:  # a summary line is no place to fail: fall back to a placeholder
+        return None
+    return folder if folder.is_dir() else None
 
 
 class _NoBar:

@@ -78,6 +78,12 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise ConfigError(f"--fraction {args.fraction} must be in (0, 1]")
     detector = load_trained_detector(args.model)
+    if args.data == "synthetic":  # yolods.train's drawn set: each run keeps its own copy
+        model_path = Path(args.model).resolve()
+        run_dir = model_path if model_path.is_dir() else model_path.parent.parent  # --model RUN_DIR or its weights
+        beside = run_dir / "synthetic" / "data.yaml"
+        hint = f"--data {beside}" if beside.is_file() else "--data RUN_DIR/synthetic/data.yaml, the run's drawn set"
+        raise ConfigError(f"--data synthetic: yolods.val reads a data.yaml; pass {hint}")
     data_yaml = args.data or detector.defaults.get("data")
     if not data_yaml:
         raise ConfigError(f"--model {args.model} names no data set it was trained on: pass --data data.yaml")

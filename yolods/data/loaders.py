@@ -52,7 +52,9 @@ def load_data_yaml(data_yaml: str, *, split: str = "val") -> dict[str, Any]:
         hint = f"pass {inside}" if inside else "pass the data.yaml that lists its train and val images"
         raise ConfigError(f"--data {data_yaml}: a directory, not a data.yaml; {hint}")
     if not path.is_file():
-        raise ConfigError(f"--data {data_yaml}: file not found; pass an Ultralytics data.yaml or 'synthetic'")
+        raise ConfigError(
+            f"--data {data_yaml}: file not found; pass an Ultralytics data.yaml (or, to yolods.train, 'synthetic')"
+        )
     from yolods.data.synthetic import repoint_if_moved
 
     repoint_if_moved(path)  # a run dir moved with its drawn data: its data.yaml names the old place
