@@ -27,7 +27,7 @@ from yolods.bench.measure import probe_link
 from yolods.bench.memory import release_memory
 from yolods.bench.results import append_line, make_line, run_context
 from yolods.bench.runner import dataset_images, measure_training, measure_ultralytics
-from yolods.bench.sweep import BenchConfig, build_parser, expand
+from yolods.bench.sweep import ENGINES, BenchConfig, build_parser, expand, split_list
 from yolods.config import SYNTHETIC, ConfigError
 from yolods.data import load_data_yaml
 
@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     _say(
         f"{len(configs)} configurations x {repeats} on {world_size} rank(s), {context['num_nodes']} node(s) -> {out_dir}"
     )
+    if world_size > 1 and "ultralytics" in (split_list(args.engine) or ENGINES):
+        _say(
+            "the Ultralytics trainer is measured at 1 rank only (it spawns its own processes for more): run the bench "
+            "without a launcher for that baseline"
+        )
     keep_going = args.keep_going and world_size == 1
     if args.keep_going and not keep_going:
         _say("--keep-going applies to one rank only: a failure on one of several ranks ends the job")
