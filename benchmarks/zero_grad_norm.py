@@ -10,26 +10,16 @@ the median time of each (20 calls, on gradients of 8 images @128).
 import argparse
 import os
 import sys
-import time
 import types
 
 import torch
+from gloo_allgather import median_ms  # its neighbour in benchmarks/, the script's own directory
 
 import yolods  # noqa: F401  (offline environment first)
 from yolods import dist
 from yolods.build import build_engine
 from yolods.model import build_optimizer
 from yolods.zero_grad_norm import _scaled_global_norm
-
-
-def median_ms(run, *, repeats: int = 20) -> float:
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main() -> None:
