@@ -65,6 +65,8 @@ def test_config_that_disagrees_with_flags(shapes_data, tmp_path):
         (["--model", "yolov8n-cls.yaml"], ("yolov8n-cls.yaml", "classify", "detection")),
         (["--model", "yolov8n-seg.yaml"], ("yolov8n-seg.yaml", "segment")),
         (["--model", "yolov8s-worldv2.yaml"], ("yolov8s-worldv2.yaml", "a WorldDetect head, not Detect")),
+        # Ultralytics caps the batch at the 32 images: the large-batch rule would scale the lr for 64 a step
+        (["--batch", "64"], ("--batch 64 is more than the 32 train images", "use --batch 32 or less")),
     ],
 )
 def test_bad_flag_values(flags, fragments, shapes_data, tmp_path):

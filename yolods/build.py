@@ -21,6 +21,7 @@ from yolods.config import RunPlan, check_imgsz, place_monitor_outputs, resolved_
 from yolods.data import TrainData, build_train_data, build_val_loader, load_data_yaml
 from yolods.ema import build_ema
 from yolods.engine import Trainer
+from yolods.errors import ConfigError
 from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo
 from yolods.hyp import with_data
 from yolods.large_batch import describe as describe_large_batch
@@ -162,6 +163,14 @@ def build_optimizer_and_schedule(
     Returns the optimizer, the hyperparameters as the `auto` choice changed them, and the schedule.
     """
     epochs, batch = plan.cfg.epochs, plan.batch
+    if batch.global_batch > max(num_train_images, hyp.nbs):
+        # Ultralytics caps a batch at the data set (min(batch, len(dataset))), so a step would see fewer images than
+        # the large-batch rule scales the lr for (QA: --batch 128 on 48 images scaled it x 8 for 48 images a step)
+        raise ConfigError(
+            f"--batch {batch.global_batch} is more than the {num_train_images} train images, and above nbs "
+            f"{hyp.nbs} yolods' large-batch rule would scale the lr for {batch.global_batch} images a step that "
+            f"each see {num_train_images}: use --batch {max(num_train_images // dist.get_world_size(), 1) * dist.get_world_size()} or less"
+        )
     optimizer, train_hyp = build_optimizer(
         model,
         hyp=hyp,
