@@ -24,9 +24,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train_env() -> dict[str, str]:
+def train_env(*, all_cores: bool = False) -> dict[str, str]:
+    """The environment of a test's job: one thread per process, or with `all_cores` (a lone process: the suite runs
+    one job at a time) as many as yolods gives it, every core, as a user's `python -m yolods.train` gets."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", YOLO_OFFLINE="1")
+    if all_cores:
+        env.pop("OMP_NUM_THREADS")
     for key in LAUNCHER_VARIABLES:
         env.pop(key, None)
     return env
@@ -50,13 +54,19 @@ def train_command(args: list[str], *, nproc: int) -> list[str]:
 
 
 def run_module(
-    module: str, args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
+    module: str,
+    args: list[str],
+    *,
+    nproc: int = 1,
+    cwd: Path | None = None,
+    timeout: int = TRAIN_TIMEOUT_S,
+    all_cores: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run `python -m MODULE` (or torchrun -m) to completion and return its output (stdout + stderr, text)."""
     return subprocess.run(
         module_command(module, args, nproc=nproc),
         cwd=cwd,
-        env=train_env(),
+        env=train_env(all_cores=all_cores),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -65,10 +75,15 @@ def run_module(
 
 
 def run_train(
-    args: list[str], *, nproc: int = 1, cwd: Path | None = None, timeout: int = TRAIN_TIMEOUT_S
+    args: list[str],
+    *,
+    nproc: int = 1,
+    cwd: Path | None = None,
+    timeout: int = TRAIN_TIMEOUT_S,
+    all_cores: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run a real training process to completion and return its output (stdout + stderr, text)."""
-    return run_module("yolods.train", args, nproc=nproc, cwd=cwd, timeout=timeout)
+    return run_module("yolods.train", args, nproc=nproc, cwd=cwd, timeout=timeout, all_cores=all_cores)
 
 
 # results.png costs a finished job ~2 s (matplotlib); tests that read it pass plots=True (tests/test_metrics.py).
