@@ -166,10 +166,12 @@ def build_optimizer_and_schedule(
     if batch.global_batch > max(num_train_images, hyp.nbs):
         # Ultralytics caps a batch at the data set (min(batch, len(dataset))), so a step would see fewer images than
         # the large-batch rule scales the lr for (QA: --batch 128 on 48 images scaled it x 8 for 48 images a step)
+        ranks = dist.get_world_size()
+        largest = max(num_train_images // ranks, 1) * ranks  # the largest batch that fits and splits over the ranks
         raise ConfigError(
             f"--batch {batch.global_batch} is more than the {num_train_images} train images, and above nbs "
             f"{hyp.nbs} yolods' large-batch rule would scale the lr for {batch.global_batch} images a step that "
-            f"each see {num_train_images}: use --batch {max(num_train_images // dist.get_world_size(), 1) * dist.get_world_size()} or less"
+            f"each see {num_train_images}: use --batch {largest} or less"
         )
     optimizer, train_hyp = build_optimizer(
         model,

@@ -484,17 +484,16 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Keep the newest complete tags; drop older ones and any unfinished tag a killed save left behind."""
-        keep = complete_tags(self.run_dir)[:KEEP_CHECKPOINTS]
-        for tag_dir in self.checkpoint_dir.iterdir():
-            if tag_dir.is_dir() and tag_dir not in keep:
-                shutil.rmtree(tag_dir, ignore_errors=True)
+        self._remove_tags_but(complete_tags(self.run_dir)[:KEEP_CHECKPOINTS])
 
     def _remove_unfinished_tags(self) -> None:
         """Drop what saves that never completed left behind (a job killed mid-save, a write that found the disk
         full): on a full disk that is the space the resume needs (QA: a 43 MB unfinished tag kept it full)."""
-        complete = set(complete_tags(self.run_dir))
+        self._remove_tags_but(complete_tags(self.run_dir))
+
+    def _remove_tags_but(self, keep: list[Path]) -> None:
         for tag_dir in self.checkpoint_dir.iterdir():
-            if tag_dir.is_dir() and tag_dir not in complete:
+            if tag_dir.is_dir() and tag_dir not in keep:
                 shutil.rmtree(tag_dir, ignore_errors=True)
 
     def load(self) -> LoadedCheckpoint:

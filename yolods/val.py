@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drawn_data_beside(model: str) -> Path | None:
+    """The data.yaml of the set `--data synthetic` drew for the run that `model` (RUN_DIR or one of its weights files)
+    comes from; None when there is none."""
+    model_path = Path(model).resolve()
+    run_dir = model_path if model_path.is_dir() else model_path.parent.parent
+    drawn = run_dir / "synthetic" / "data.yaml"
+    return drawn if drawn.is_file() else None
+
+
 def plan_validation(argv: list[str] | None) -> ValPlan:
     """Flags -> ValPlan on every rank before any process group; every user mistake raises ConfigError."""
     from yolods.config import absolute_if_local, parse_hyp_overrides, refuse_flags_given_as_hyp
@@ -78,19 +87,16 @@ def plan_validation(argv: list[str] | None) -> ValPlan:
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise ConfigError(f"--fraction {args.fraction} must be in (0, 1]")
     detector = load_trained_detector(args.model)
+    drawn = _drawn_data_beside(args.model)
     if args.data == "synthetic":  # yolods.train's drawn set: each run keeps its own copy
-        model_path = Path(args.model).resolve()
-        run_dir = model_path if model_path.is_dir() else model_path.parent.parent  # --model RUN_DIR or its weights
-        beside = run_dir / "synthetic" / "data.yaml"
-        hint = f"--data {beside}" if beside.is_file() else "--data RUN_DIR/synthetic/data.yaml, the run's drawn set"
+        hint = f"--data {drawn}" if drawn else "--data RUN_DIR/synthetic/data.yaml, the run's drawn set"
         raise ConfigError(f"--data synthetic: yolods.val reads a data.yaml; pass {hint}")
     data_yaml = args.data or detector.defaults.get("data")
     if not data_yaml:
         raise ConfigError(f"--model {args.model} names no data set it was trained on: pass --data data.yaml")
     if args.data is None and not Path(data_yaml).is_file():
         # a run dir moved with its drawn data: the set is beside the weights
-        beside = Path(args.model).resolve().parent.parent / "synthetic" / "data.yaml"
-        hint = str(beside) if Path(data_yaml).parent.name == "synthetic" and beside.is_file() else "data.yaml"
+        hint = str(drawn) if Path(data_yaml).parent.name == "synthetic" and drawn else "data.yaml"
         raise ConfigError(f"--model {args.model} was trained on {data_yaml}, which is not here: pass --data {hint}")
     data = load_data_yaml(data_yaml, split=args.split)
     if data["channels"] != detector.channels:  # else a torch error on the first batch
