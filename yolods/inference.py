@@ -25,7 +25,7 @@ from typing import NoReturn, Protocol, TypeVar
 
 import torch
 
-from yolods import dist
+from yolods import dist, heap
 from yolods.config import check_imgsz
 from yolods.errors import ConfigError
 from yolods.preemption import StopRequest, exit_code_for, kill_worker_processes
@@ -72,10 +72,11 @@ def run_job(argv: list[str] | None, *, plan: Callable[[list[str] | None], P], ru
     job = Job(StopRequest().install())  # first: a stop that arrives during start-up is honoured too
     watchdog = None
     try:
-        dist.check_launcher_env()
-        resolved = plan(argv)
-        dist.init_distributed(resolved.device, for_deepspeed=False)
-        watchdog = faults.JobWatchdog(job.stop_request).start()
+        with heap.collector_paused():
+            dist.check_launcher_env()
+            resolved = plan(argv)
+            dist.init_distributed(resolved.device, for_deepspeed=False)
+            watchdog = faults.JobWatchdog(job.stop_request).start()
         exit_code = run(resolved, job)
     except ConfigError as error:
         if watchdog is not None:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from yolods import dist, inference
+from yolods import dist, heap, inference
 from yolods.batches import WorkBatch
 from yolods.errors import ConfigError
 from yolods.flags import FlagParser
@@ -330,4 +330,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    heap.skip_exit_collection()
+    sys.exit(exit_code)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from yolods import dist
+from yolods import dist, heap
 from yolods.config import (
     ConfigError,
     RunPlan,
@@ -64,27 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     stop_request = StopRequest().install()  # first: a stop that arrives during start-up is honoured too
     run_dir = resume_dir = watchdog = None
     try:
-        dist.check_launcher_env()
-        plan, resume_dir = plan_run(argv)
-        if plan is None:  # a job started again after its run had finished
-            return 0
-        dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
-        if plan.cfg.verbose:
-            dist.show_deepspeed_info_messages()
-        watchdog = faults.JobWatchdog(stop_request).start()
-        from yolods import checkpoint
-        from yolods.build import build_trainer
+        with heap.collector_paused():
+            dist.check_launcher_env()
+            plan, resume_dir = plan_run(argv)
+            if plan is None:  # a job started again after its run had finished
+                return 0
+            dist.init_distributed(plan.cfg.device, verbose=plan.cfg.verbose)
+            if plan.cfg.verbose:
+                dist.show_deepspeed_info_messages()
+            watchdog = faults.JobWatchdog(stop_request).start()
+            from yolods import checkpoint
+            from yolods.build import build_trainer
 
-        if resume_dir is not None:
-            checkpoint.take_run_dir(resume_dir)  # a new run's is taken as it is made
-        run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
-        trainer = build_trainer(
-            plan,
-            run_dir,
-            stop_request=stop_request,
-            on_step_phase=watchdog.progressed,
-            checkpoint_writing=watchdog.writing,
-        )
+            if resume_dir is not None:
+                checkpoint.take_run_dir(resume_dir)  # a new run's is taken as it is made
+            run_dir = resume_dir or checkpoint.new_run_dir(plan.cfg)
+            trainer = build_trainer(
+                plan,
+                run_dir,
+                stop_request=stop_request,
+                on_step_phase=watchdog.progressed,
+                checkpoint_writing=watchdog.writing,
+            )
     except ConfigError as error:
         if watchdog is not None:
             watchdog.stop()  # every rank leaves with this error; rank 0 leaving first is no fault
@@ -113,4 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    heap.skip_exit_collection()
+    sys.exit(exit_code)

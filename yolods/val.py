@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from yolods import dist, inference
+from yolods import dist, heap, inference
 from yolods.errors import ConfigError
 from yolods.flags import FlagParser
 from yolods.model import TrainedDetector, load_trained_detector
@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    heap.skip_exit_collection()
+    sys.exit(exit_code)
