@@ -41,15 +41,21 @@ def torchrun_command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
 
 
+def ranks_command(nproc: int) -> list[str]:
+    """`nproc` ranks on a free port, started as torchrun starts them but without its 1.8 s (tests/local_ranks.py);
+    append a script, or `-m MODULE`, and its arguments. Tests of torchrun's own part use torchrun_command."""
+    return [sys.executable, str(REPO / "tests" / "local_ranks.py"), str(nproc), str(free_port())]
+
+
 def module_command(module: str, args: list[str], *, nproc: int) -> list[str]:
-    """`python -m MODULE ARGS`, or under torchrun with `nproc` ranks on a free port."""
+    """`python -m MODULE ARGS`, or `nproc` ranks of it on a free port."""
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
-    return [*torchrun_command(nproc), "-m", module, *args]
+    return [*ranks_command(nproc), "-m", module, *args]
 
 
 def train_command(args: list[str], *, nproc: int) -> list[str]:
-    """`python -m yolods.train ARGS`, or under torchrun with `nproc` ranks on a free port."""
+    """`python -m yolods.train ARGS`, or `nproc` ranks of it on a free port."""
     return module_command("yolods.train", args, nproc=nproc)
 
 
@@ -60,13 +66,17 @@ def run_module(
     nproc: int = 1,
     cwd: Path | None = None,
     timeout: int = TRAIN_TIMEOUT_S,
-    all_cores: bool = False,
+    all_cores: bool | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `python -m MODULE` (or torchrun -m) to completion and return its output (stdout + stderr, text)."""
+    """Run `python -m MODULE` (on `nproc` ranks) to completion and return its output (stdout + stderr, text).
+
+    A lone process (`nproc` 1) gets every core, as a user's run does, unless `all_cores=False`: one that is compared
+    bit for bit with a run of 1 thread a rank must have 1 thread too (another thread count sums in another order).
+    """
     return subprocess.run(
         module_command(module, args, nproc=nproc),
         cwd=cwd,
-        env=train_env(all_cores=all_cores),
+        env=train_env(all_cores=nproc == 1 if all_cores is None else all_cores),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -80,7 +90,7 @@ def run_train(
     nproc: int = 1,
     cwd: Path | None = None,
     timeout: int = TRAIN_TIMEOUT_S,
-    all_cores: bool = False,
+    all_cores: bool | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a real training process to completion and return its output (stdout + stderr, text)."""
     return run_module("yolods.train", args, nproc=nproc, cwd=cwd, timeout=timeout, all_cores=all_cores)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, run_train, small_run_args, torchrun_command, train_env
+from conftest import assert_ok, ranks_command, run_train, small_run_args, train_env
 
 PROBE = Path(__file__).with_name("cache_probe.py")
 ONE_EPOCH_IN_A_WORKER = ("--workers", "1")
@@ -85,7 +85,7 @@ def test_the_second_rank_maps_what_the_first_decoded(data_yaml, tmp_path):
     env = {**train_env(), "YOLODS_CACHE_DIR": str(cache_dir)}
     try:
         result = subprocess.run(
-            [*torchrun_command(2), str(PROBE), str(data_yaml), str(tmp_path)],
+            [*ranks_command(2), str(PROBE), str(data_yaml), str(tmp_path)],
             env=env,
             capture_output=True,
             text=True,

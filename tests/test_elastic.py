@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import (
     assert_ok,
+    ranks_command,
     results_without_time,
     run_train,
     stoppable_job_args,
@@ -68,7 +69,7 @@ def stop_when(condition, command: list[str], *, log: Path) -> str:
     process = start(command, log)
     wait_until(condition, process, "the point to stop at")
     time.sleep(0.5)  # past the checkpoint that was being written: the stop lands mid-epoch
-    process.send_signal(signal.SIGTERM)  # torchrun passes it on to its ranks
+    process.send_signal(signal.SIGTERM)  # the launcher passes it on to its ranks
     assert process.wait(timeout=120) != 0, "the job finished before the stop: nothing was tested"
     return log.read_text()
 
@@ -97,7 +98,7 @@ def resharded_line(output: str) -> str:
 
 
 def run_probe(run_dir: Path, tag: str, *, nproc: int) -> None:
-    command = [*torchrun_command(nproc), str(PROBE), str(run_dir), tag]
+    command = [*ranks_command(nproc), str(PROBE), str(run_dir), tag]
     assert_ok(subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=WAIT_S))
 
 

@@ -202,7 +202,10 @@ def test_sigterm_to_the_deepspeed_runner_alone_stops_the_ranks(shapes_data, tmp_
 def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
     run_dir = tmp_path / "stopped"
     output = stop_and_resume(
-        train_command(fault_args(shapes_data, tmp_path, "stopped"), nproc=2), run_dir, how=signal.SIGINT, to_group=False
+        [*torchrun_command(2), "-m", "yolods.train", *fault_args(shapes_data, tmp_path, "stopped")],
+        run_dir,
+        how=signal.SIGINT,
+        to_group=False,
     )
     assert output.count("Ctrl-C: saving a checkpoint") == 1, output[-3000:]
     assert "Stopped by SIGINT" in output, output[-3000:]  # torchrun reports its own SignalException, not our 130

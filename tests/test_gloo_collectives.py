@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from conftest import torchrun_command, train_env
+from conftest import ranks_command, train_env
 
 PROBE = Path(__file__).with_name("gloo_collectives_probe.py")
 
 
 def test_broadcast_all_gather_equals_torchs_on_two_gloo_ranks():
     result = subprocess.run(
-        [*torchrun_command(2), str(PROBE)],
+        [*ranks_command(2), str(PROBE)],
         env=train_env(),
         capture_output=True,
         text=True,

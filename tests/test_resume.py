@@ -28,11 +28,11 @@ def interrupt(args: list[str], run_dir: Path, *, how: signal.Signals, after_s: f
             pytest.fail(f"run ended or stalled before its first checkpoint:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.05)
     time.sleep(after_s)
-    if how == signal.SIGKILL:  # a lost node: no chance to save; torchrun's workers live in sessions of their own
+    if how == signal.SIGKILL:  # a lost node: no chance to save
         for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
             victim.kill()
     else:
-        process.send_signal(how)  # torchrun passes it on to every worker
+        process.send_signal(how)  # the launcher passes it on to every rank
     return process.wait(timeout=120)
 
 
@@ -54,8 +54,9 @@ def reference_runs(shapes_data, tmp_path_factory):
 
 # Gradient accumulation 2 (nbs 8 over a global batch of 4), bf16 autocast and 2 loader workers per rank: the signal
 # lands mid-cycle, the ranks finish the cycle, and the resumed run must still match in every digit (bf16 on CPU is
-# deterministic run to run, so no tolerance is needed).
-ACCUMULATING_BF16_WORKERS = ("--nbs", "8", "--precision", "bf16", "--workers", "2")
+# deterministic run to run, so no tolerance is needed). 2 epochs: the stop lands in the second, after the first's
+# checkpoint, and the resumed run ends that epoch.
+ACCUMULATING_BF16_WORKERS = ("--nbs", "8", "--precision", "bf16", "--workers", "2", "--epochs", "2")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, free_port, torchrun_command, train_env
+from conftest import assert_ok, ranks_command, train_env
 
 pytestmark = pytest.mark.multirank
 
@@ -23,14 +23,7 @@ def step_parameters(
     data_yaml: Path, out: Path, *, ranks: int, micro: int, zero: int, bn_eval: bool = False
 ) -> dict[str, list[torch.Tensor]]:
     """Parameters before and after one optimizer step (rank 0's view)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={ranks}",
-        f"--master_port={free_port()}",
-    ]
-    command += [str(PROBE), str(data_yaml), str(out), "--micro", str(micro), "--zero", str(zero)]
+    command = [*ranks_command(ranks), str(PROBE), str(data_yaml), str(out), "--micro", str(micro), "--zero", str(zero)]
     command += ["--bn-eval"] if bn_eval else []
     assert_ok(subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=300))
     return torch.load(out)
@@ -80,12 +73,17 @@ def ultralytics_update(data_yaml: Path, before: list[torch.Tensor], *, micro: in
     optimizer = BaseTrainer.build_optimizer(shim, model, name="SGD", lr=0.01, momentum=hyp.momentum, decay=decay)
     plain = build_yolo_dataset(hyp, data["train"], micro, data, mode="val", rect=False, stride=32)
     model.train()
-    for step in range(accumulate):
-        batch = plain.collate_fn([plain[i] for i in range(step * micro, (step + 1) * micro)])
-        batch["img"] = batch["img"].float() / 255
-        loss, _ = model(batch)
-        loss.sum().backward()
-    optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the probe's ranks (train_env): another count sums in another order (1.1e-5 at 2)
+    try:
+        for step in range(accumulate):
+            batch = plain.collate_fn([plain[i] for i in range(step * micro, (step + 1) * micro)])
+            batch["img"] = batch["img"].float() / 255
+            loss, _ = model(batch)
+            loss.sum().backward()
+        optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -158,7 +156,7 @@ def test_two_ranks_follow_the_one_rank_run_step_by_step(zero_stage, one_rank_acc
     1-rank run's) and yolods averages them over ranks at each epoch's end, a deliberate difference.
     """
     out = tmp_path / "two.pt"
-    command = [*torchrun_command(2), str(TRACER), "yolods", str(shapes_data), str(out), "--batch", "16"]
+    command = [*ranks_command(2), str(TRACER), "yolods", str(shapes_data), str(out), "--batch", "16"]
     command += ["--zero", str(zero_stage), "--yolods-flag=--paired_data", *FOLLOW_JOB]
     assert_ok(subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=300))
     two, one = torch.load(out, weights_only=False), one_rank_accumulating
