@@ -158,6 +158,26 @@ def test_a_damaged_args_yaml_is_named_on_resume(tmp_path, args_yaml):
     assert_one_line_error(result, f"{run_dir / 'args.yaml'} is not a yolods run's settings", "restore it")
 
 
+@pytest.mark.parametrize(
+    ("args_yaml", "named"),
+    [
+        ("epochs: twenty\n", "is not a yolods run's settings (epochs: 'twenty' is not int)"),  # was: as if a flag
+        ("batch: -3\n", "holds a value no run can take (--batch -3 must be a positive"),  # was: a rank's ValueError
+        ("exist_ok: 3\n", "(exist_ok: 3 is not bool)"),
+    ],
+)
+def test_a_hand_edited_args_yaml_value_is_named_on_resume(tmp_path, args_yaml, named):
+    """args.yaml's values pass the checks the flags pass (in process: the one-line path is the test above's)."""
+    from yolods.checkpoint import load_run_config
+    from yolods.errors import ConfigError
+
+    run_dir = run_dir_with_a_checkpoint(tmp_path / "run", args_yaml)
+    with pytest.raises(ConfigError, match=re.escape(f"{run_dir / 'args.yaml'} ") + ".*" + re.escape(named)):
+        load_run_config(run_dir)
+    (run_dir / "args.yaml").write_text("epochs: 2\nsave_period_min: 30\n")  # an int where a float is declared
+    assert load_run_config(run_dir).save_period_min == 30
+
+
 def test_a_run_whose_dataset_moved_resumes_with_the_new_path_only(shapes_data, tmp_path):
     """Ultralytics resumes a run whose data.yaml moved with the one given; a data.yaml still in place stays."""
     from yolods.config import RunConfig, given_flags, parse_args, resumed_config

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from yolods import dist, env
-from yolods.config import RunConfig, write_json
+from yolods.config import RunConfig, check_setting_types, check_setting_values, write_json
 from yolods.errors import ConfigError
 from yolods.reshard import load_resharded, merge_rank_states
 
@@ -267,18 +267,22 @@ def load_run_config(run_dir: Path) -> RunConfig:
         ConfigError: args.yaml is empty, not YAML, or not a yolods run's settings.
     """
     args_yaml = run_dir / "args.yaml"
+    fix = "restore it from a copy, or start a new run (--model a checkpoint's weights/last.pt to keep its weights)"
     try:
         saved = yaml.safe_load(args_yaml.read_text())
         if not isinstance(saved, dict):
             raise ValueError("empty" if saved is None else f"a {type(saved).__name__}, not settings")
         saved.setdefault("large_batch_rule", "ultralytics")  # runs saved before the flag existed had Ultralytics' rule
-        return RunConfig(**{**saved, "resume": str(run_dir)})
+        cfg = RunConfig(**{**saved, "resume": str(run_dir)})
+        check_setting_types(cfg)
     except (OSError, ValueError, TypeError, yaml.YAMLError) as caught:
         reason = " ".join(str(caught).split())[:200]
-        raise ConfigError(
-            f"--resume {run_dir}: {args_yaml} is not a yolods run's settings ({reason}); restore it from a copy, "
-            "or start a new run (--model a checkpoint's weights/last.pt to keep its weights)"
-        ) from None
+        raise ConfigError(f"--resume {run_dir}: {args_yaml} is not a yolods run's settings ({reason}); {fix}") from None
+    try:
+        check_setting_values(cfg)
+    except ConfigError as error:
+        raise ConfigError(f"--resume {run_dir}: {args_yaml} holds a value no run can take ({error}); {fix}") from None
+    return cfg
 
 
 def check_deepspeed_config_unchanged(run_dir: Path, cfg: RunConfig) -> None:

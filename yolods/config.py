@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,35 +392,60 @@ def absolute_if_local(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
+def check_setting_values(settings: argparse.Namespace | RunConfig) -> None:
+    """The values a run can take, from parsed flags (None: not given) or a RunConfig read back from args.yaml (a hand
+    edit there, `batch: -3`, reached the data loader as a negative batch size)."""
+    if settings.zero is not None and settings.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero {settings.zero} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if settings.precision is not None and settings.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {settings.precision} is unknown: use fp32, bf16 or fp16")
+    try:
+        rule_parts(settings.large_batch_rule)
+    except ValueError as error:
+        raise ConfigError(f"--large_batch_rule: {error}") from None
+    if settings.batch is not None and settings.batch < 1:
+        raise ConfigError(
+            f"--batch {settings.batch} must be a positive global batch size (images over all ranks); Ultralytics' "
+            "AutoBatch (-1 or a memory fraction) is not implemented: python -m yolods.bench --fit micro-batch finds "
+            "what fits"
+        )
+    if settings.epochs is not None and settings.epochs < 1:
+        raise ConfigError(f"--epochs {settings.epochs} must be at least 1")
+    if settings.imgsz is not None:
+        check_imgsz(settings.imgsz)
+    if settings.workers < 0:
+        raise ConfigError(f"--workers {settings.workers} must be 0 (load in the training process) or more")
+    if settings.save_period_steps < 0 or settings.save_period_min < 0:
+        raise ConfigError("--save_period_steps and --save_period_min must be 0 (off) or positive")
+    if settings.synthetic_images < 1:
+        raise ConfigError(f"--synthetic_images {settings.synthetic_images} must be at least 1")
+
+
+def check_setting_types(cfg: RunConfig) -> None:
+    """Each setting of the type RunConfig declares (args.yaml edited by hand: `epochs: twenty`).
+
+    Raises:
+        ValueError: the first setting of another type, with its value.
+    """
+    for name, hint in typing.get_type_hints(RunConfig).items():
+        value = getattr(cfg, name)
+        allowed = tuple(option for option in typing.get_args(hint) or (hint,) if isinstance(option, type))
+        if typing.get_origin(hint) is dict:
+            allowed = (dict,)
+        if float in allowed:
+            allowed += (int,)  # YAML writes 30.0 back as 30.0, but a hand edit may say 30
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            expected = " or ".join("none" if option is type(None) else option.__name__ for option in allowed)
+            raise ValueError(f"{name}: {value!r} is not {expected}")
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate the command line into a RunConfig."""
     parser = build_parser()
     args = parser.parse_args(argv)
     synthetic = args.data == SYNTHETIC
     defaults = SYNTHETIC_DEFAULTS if synthetic else REAL_DATA_DEFAULTS
-    if args.zero is not None and args.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero {args.zero} is not a ZeRO stage: use 0, 1, 2 or 3")
-    if args.precision is not None and args.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {args.precision} is unknown: use fp32, bf16 or fp16")
-    try:
-        rule_parts(args.large_batch_rule)
-    except ValueError as error:
-        raise ConfigError(f"--large_batch_rule: {error}") from None
-    if args.batch is not None and args.batch < 1:
-        raise ConfigError(
-            f"--batch {args.batch} must be a positive global batch size (images over all ranks); Ultralytics' AutoBatch "
-            "(-1 or a memory fraction) is not implemented: python -m yolods.bench --fit micro-batch finds what fits"
-        )
-    if args.epochs is not None and args.epochs < 1:
-        raise ConfigError(f"--epochs {args.epochs} must be at least 1")
-    if args.imgsz is not None:
-        check_imgsz(args.imgsz)
-    if args.workers < 0:
-        raise ConfigError(f"--workers {args.workers} must be 0 (load in the training process) or more")
-    if args.save_period_steps < 0 or args.save_period_min < 0:
-        raise ConfigError("--save_period_steps and --save_period_min must be 0 (off) or positive")
-    if args.synthetic_images < 1:
-        raise ConfigError(f"--synthetic_images {args.synthetic_images} must be at least 1")
+    check_setting_values(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device: use --device cpu or check the driver")
     hyp = parse_hyp_overrides(args.hyp)
