@@ -11,6 +11,8 @@ report) start torchrun (conftest.torchrun_command); this is for the jobs that on
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import sys
 import time
 
 GRACE_S = 30  # torchrun's own before its SIGKILL
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def main() -> int:
@@ -26,7 +29,7 @@ def main() -> int:
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
         env.update(LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        ranks.append(subprocess.Popen([sys.executable, *command], env=env))
+        ranks.append(subprocess.Popen([sys.executable, *command], env=env, preexec_fn=stop_when_launcher_dies))
 
     signalled = []
 
@@ -47,6 +50,12 @@ def main() -> int:
         if None not in codes:
             return 0
         time.sleep(0.05)
+
+
+def stop_when_launcher_dies() -> None:
+    """In each rank, before it starts: SIGTERM when this process dies (a test's timeout SIGKILLs it), as a rank
+    whose torchrun is gone stops, instead of training on unwatched through the tests after it."""
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def end(ranks: list[subprocess.Popen], *, terminate: bool) -> None:
