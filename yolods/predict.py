@@ -330,6 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    heap.skip_exit_collection()
-    sys.exit(exit_code)
+    heap.finish_process(main())

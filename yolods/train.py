@@ -15,7 +15,6 @@ Ctrl-C with a checkpoint saved; 1 an error on some rank, which ended every rank 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from yolods import dist, heap
@@ -114,6 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    heap.skip_exit_collection()
-    sys.exit(exit_code)
+    heap.finish_process(main())

@@ -17,7 +17,6 @@ Exit codes: 0 done; 2 a user mistake (one line, before any process group); 143 o
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    heap.skip_exit_collection()
-    sys.exit(exit_code)
+    heap.finish_process(main())
