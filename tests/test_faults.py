@@ -213,10 +213,24 @@ def test_ctrl_c_under_torchrun_saves_once_and_exits_130(shapes_data, tmp_path):
     assert (run_dir / "checkpoints" / "latest").is_file()  # resumed after a stop: test_resume, the SIGTERM tests
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def flip_a_bit_in_the_largest_tensor(path: Path) -> None:
+    """One bit flipped mid-way through the largest member of a torch.save zip: torch.load takes it as it is."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    payload = bytearray(path.read_bytes())
+    name_and_extra = int.from_bytes(payload[member.header_offset + 26 : member.header_offset + 28], "little")
+    name_and_extra += int.from_bytes(payload[member.header_offset + 28 : member.header_offset + 30], "little")
+    payload[member.header_offset + 30 + name_and_extra + member.file_size // 2] ^= 0x04  # past the local header
+    path.write_bytes(bytes(payload))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "bit flipped"])
 def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
-    """A copy of the finished ZeRO-2 run (checkpoints epoch2 and epoch3) whose newest has a truncated rank file, or
-    lost one of its ZeRO optimizer partitions (it failed in DeepSpeed's load, with no fallback)."""
+    """A copy of the finished ZeRO-2 run (checkpoints epoch2 and epoch3) whose newest has a truncated rank file, lost
+    one of its ZeRO optimizer partitions (it failed in DeepSpeed's load, with no fallback), or had a bit of its model
+    states flipped on disk (torch.load does not check the zip's CRCs: it resumed with the changed weight)."""
     from yolods.checkpoint import COMPLETE_MARKER
 
     run_dir = tmp_path / "run"
@@ -227,9 +241,12 @@ def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     if damage == "truncated":
         damaged = newest / "yolods_rank1.pt"
         damaged.write_bytes(damaged.read_bytes()[:500])  # cut off mid-write
-    else:
+    elif damage == "missing":
         damaged = next(newest.glob("*zero_pp_rank_1_*optim_states.pt"))
         damaged.unlink()
+    else:
+        damaged = newest / "mp_rank_00_model_states.pt"
+        flip_a_bit_in_the_largest_tensor(damaged)
     unfinished = run_dir / "checkpoints" / "epoch4"  # a save that never completed (a full disk): no marker
     unfinished.mkdir()
     (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 1000)
@@ -239,6 +256,20 @@ def test_resume_skips_a_damaged_newest_checkpoint(zero2_run, tmp_path, damage):
     assert f"skipping checkpoint {newest.name}: {damaged.name}" in output, output[-3000:]
     assert "Resuming" in output and "from epoch2" in output, output[-3000:]
     assert not unfinished.exists()  # its space freed first: on a full disk it was what the resume needed
+
+
+def test_the_ranks_check_a_tags_crcs_between_them(tmp_path):
+    """Each file's bytes are read by one rank: of 2 ranks exactly one finds the flipped bit, and 1 rank finds it."""
+    import torch
+
+    from yolods.checkpoint import damaged_file
+
+    for name in ("a.pt", "b.pt", "c.pt"):
+        torch.save({"weight": torch.arange(50_000, dtype=torch.float32)}, tmp_path / name)
+    flip_a_bit_in_the_largest_tensor(tmp_path / "b.pt")
+    found = [damaged_file(tmp_path, rank=rank, world_size=2) for rank in (0, 1)]
+    assert found.count(None) == 1 and "b.pt: its bytes changed" in next(filter(None, found)), found
+    assert "b.pt: its bytes changed" in damaged_file(tmp_path), damaged_file(tmp_path)
 
 
 def test_a_tag_whose_completion_marker_was_cut_off_counts_as_unfinished(tmp_path):

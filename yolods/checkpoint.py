@@ -3,9 +3,9 @@
 A running job never loses a checkpoint. Weights are written to a temporary file and renamed into place. A
 DeepSpeed tag counts as complete only once every rank's shard and per-rank state are on disk and rank 0 has
 written the tag's marker file last; `latest` is updated after the marker, and an older tag is deleted only
-after a newer one is complete. On resume the newest complete tag whose files open is taken; a damaged or
-unfinished one is skipped with a warning naming it and why, and one saved by another number of ranks is re-split
-(yolods.reshard). Besides every epoch's end, a run checkpoints mid-epoch on a SavePeriod. A run directory records
+after a newer one is complete. On resume the newest complete tag whose files open and pass their CRC checks is
+taken; a damaged or unfinished one is skipped with a warning naming it and why, and one saved by another number
+of ranks is re-split (yolods.reshard). Besides every epoch's end, a run checkpoints mid-epoch on a SavePeriod. A run directory records
 the launcher job that made it, so that the job's restarted attempts continue it.
 """
 
@@ -386,18 +386,30 @@ def missing_file(tag_dir: Path, *, zero_stage: int) -> str | None:
     return f"{missing[0]} is missing" if missing else None
 
 
-def damaged_file(tag_dir: Path) -> str | None:
-    """The first file of a tag that does not open as a torch checkpoint, with the reason; None if all open.
+def damaged_file(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> str | None:
+    """The first file of a tag that does not open as a torch checkpoint, or whose bytes changed since they were
+    written, with the reason; None if all are sound.
 
-    torch.save writes zip archives whose directory sits at the end, so a file cut off mid-write fails here
-    (reading only the directory, not the tensors: cheap enough for every rank to check every file).
+    torch.save writes zip archives whose directory sits at the end, so a file cut off mid-write fails to open
+    (only the directory is read: every rank checks every file). torch.load does not check the CRC-32 each member
+    carries, so a flipped bit loads silently into a weight or a moment; the CRCs are checked here, each rank over
+    its own share of the files (`rank` of `world_size`), so that together the ranks read each byte once.
     """
-    for path in sorted(tag_dir.glob("*.pt")):
+    paths = sorted(tag_dir.glob("*.pt"))
+    for path in paths:
         try:
             with zipfile.ZipFile(path) as archive:
                 archive.namelist()
         except (zipfile.BadZipFile, OSError) as error:
             return f"{path.name}: {error}"
+    for path in paths[rank::world_size]:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                corrupt_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError, ValueError) as error:  # the archive's headers damaged
+            return f"{path.name}: {error}"
+        if corrupt_member is not None:
+            return f"{path.name}: its bytes changed since it was written ({corrupt_member} fails its CRC-32 check)"
     return None
 
 
@@ -509,9 +521,12 @@ class Checkpointer:
         if dist.is_main_process():
             self._remove_unfinished_tags()
         for tag_dir in complete_tags(self.run_dir):
-            damage = missing_file(tag_dir, zero_stage=self.engine.zero_optimization_stage()) or damaged_file(tag_dir)
-            if dist.any_rank(damage is not None):  # all ranks move on together
-                dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damage or 'damaged on another rank'}")
+            damage = missing_file(tag_dir, zero_stage=self.engine.zero_optimization_stage()) or damaged_file(
+                tag_dir, rank=dist.get_rank(), world_size=dist.get_world_size()
+            )
+            damages = [found for found in dist.all_gather_objects(damage) if found is not None]
+            if damages:  # all ranks move on together
+                dist.print_main(f"WARNING: skipping checkpoint {tag_dir.name}: {damages[0]}")
                 continue
             saved_ranks = saved_world_size(tag_dir)
             with self._model_must_fit(tag_dir):
