@@ -5,8 +5,8 @@ DeepSpeed tag counts as complete only once every rank's shard and per-rank state
 written the tag's marker file last; `latest` is updated after the marker, and an older tag is deleted only
 after a newer one is complete. On resume the newest complete tag whose files open and pass their CRC checks is
 taken; a damaged or unfinished one is skipped with a warning naming it and why, and one saved by another number
-of ranks is re-split (yolods.reshard). Besides every epoch's end, a run checkpoints mid-epoch on a SavePeriod. A run directory records
-the launcher job that made it, so that the job's restarted attempts continue it.
+of ranks is re-split (yolods.reshard). Besides every epoch's end, a run checkpoints mid-epoch on a SavePeriod. A
+run directory records the launcher job that made it, so that the job's restarted attempts continue it.
 """
 
 from __future__ import annotations
