@@ -1,5 +1,7 @@
 """gloo at N ranks: torch's all_gather_into_tensor against the broadcasts yolods routes DeepSpeed's all-gathers
-through (yolods/gloo_collectives.py), at yolov8n's and yolov8s's parameter bytes.
+through, at yolov8n's and yolov8s's parameter bytes, and torch's reduce_scatter_tensor against the reduces it routes
+ZeRO-3's gradient reduce-scatters through, at the sizes of ZeRO-3's 2e6-element buckets over yolov8n
+(yolods/gloo_collectives.py).
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/gloo_allgather.py
 """
@@ -11,7 +13,7 @@ import time
 import torch
 import torch.distributed as torch_dist
 
-from yolods.gloo_collectives import all_gather_by_broadcasts
+from yolods.gloo_collectives import all_gather_by_broadcasts, reduce_scatter_by_reduces
 
 
 def median_ms(run, *, repeats: int = 20) -> float:
@@ -38,6 +40,18 @@ def main() -> None:
             print(
                 f"{model}: {whole.numel() * 4 / 1e6:.0f} MB fp32 over {num_ranks} ranks: all_gather_into_tensor "
                 f"{gloo_ms:.1f} ms, broadcasts {broadcasts_ms:.1f} ms (median of 20)"
+            )
+    for bucket_numel in (2_000_000, 1_000_000):
+        whole = torch.randn(bucket_numel // num_ranks * num_ranks)
+        own_slice = whole.view(num_ranks, -1)[torch_dist.get_rank()]  # as ZeRO-3 hands it in
+        gloo_ms = median_ms(lambda whole=whole, out=own_slice: torch_dist.reduce_scatter_tensor(out, whole))
+        reduces_ms = median_ms(
+            lambda whole=whole, out=own_slice: reduce_scatter_by_reduces(out, whole, op=torch_dist.ReduceOp.SUM)
+        )
+        if torch_dist.get_rank() == 0:
+            print(
+                f"bucket of {bucket_numel / 1e6:g} M fp32 over {num_ranks} ranks: reduce_scatter_tensor "
+                f"{gloo_ms:.1f} ms, reduces {reduces_ms:.1f} ms (median of 20)"
             )
     torch_dist.destroy_process_group()
 

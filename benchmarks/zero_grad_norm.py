@@ -1,6 +1,6 @@
-"""ZeRO 1-2's gradient norm: DeepSpeed's per-group method against yolods' one all-reduce (yolods/zero_grad_norm.py).
+"""ZeRO's gradient norm: DeepSpeed's per-group method against yolods' one all-reduce (yolods/zero_grad_norm.py).
 
-Builds a ZeRO-1 or ZeRO-2 engine on a real yolov8n (Ultralytics' 3 parameter groups, through yolods.build), takes
+Builds a ZeRO-1, 2 or 3 engine on a real yolov8n (Ultralytics' 3 parameter groups, through yolods.build), takes
 a few steps, and before each step computes the norm both ways: prints the two norms, their relative difference and
 the median time of each (20 calls, on gradients of 8 images @128).
 
@@ -19,12 +19,12 @@ import yolods  # noqa: F401  (offline environment first)
 from yolods import dist
 from yolods.build import build_engine
 from yolods.model import build_optimizer
-from yolods.zero_grad_norm import _scaled_global_norm
+from yolods.zero_grad_norm import _scaled_global_norm, _stage3_norm_groups
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--zero", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--zero", type=int, choices=(1, 2, 3), default=2)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     dist.init_distributed("cpu", verbose=False)
@@ -48,8 +48,17 @@ def main() -> None:
     }
     engine = build_engine(model, optimizer, config)
     zero_optimizer = engine.optimizer
-    deepspeeds = types.MethodType(type(zero_optimizer).scaled_global_norm, zero_optimizer)
-    yolods_ = types.MethodType(_scaled_global_norm, zero_optimizer)
+    if args.zero == 3:  # the step combines its per-group norms; yolods' is one group
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        def deepspeeds():
+            return combine_grad_norm_groups(type(zero_optimizer)._get_norm_groups(zero_optimizer))
+
+        def yolods_():
+            return combine_grad_norm_groups(_stage3_norm_groups(zero_optimizer))
+    else:
+        deepspeeds = types.MethodType(type(zero_optimizer).scaled_global_norm, zero_optimizer)
+        yolods_ = types.MethodType(_scaled_global_norm, zero_optimizer)
     batch = {
         "img": torch.rand(8, 3, 128, 128),
         "batch_idx": torch.arange(8.0),

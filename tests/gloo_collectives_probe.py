@@ -1,12 +1,13 @@
-"""Run under torchrun with 2 ranks: DeepSpeed's all_gather_into_tensor, rerouted through broadcasts on gloo, gives
-what torch's own all-gather gives. Prints one line per case; exits non-zero on the first difference."""
+"""Run with 2 ranks: DeepSpeed's all_gather_into_tensor and reduce_scatter_tensor, rerouted through broadcasts and
+reduces on gloo, give what torch's own collectives give. Prints one line per case; exits non-zero on the first
+difference."""
 
 import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as torch_dist
 
 from yolods import dist
-from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo
+from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo, use_reduces_for_reduce_scatters_on_gloo
 
 
 def expected(shard: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,44 @@ def main() -> None:
     ds_comm.all_gather_into_tensor(strided, torch.full((4,), float(rank)))
     assert torch.equal(strided.contiguous(), expected(torch.full((4,), float(rank)))), strided
     dist.print_main("non-contiguous output: ok")
+    check_reduce_scatters(both_ranks)
     torch_dist.destroy_process_group()
+
+
+def reduced_slice(whole: torch.Tensor) -> torch.Tensor:
+    """torch's reduce_scatter_tensor of `whole` into a separate output (gloo's own, untouched by the route)."""
+    out = torch.empty(whole.numel() // torch_dist.get_world_size(), dtype=whole.dtype)
+    torch_dist.reduce_scatter_tensor(out, whole.clone())
+    return out
+
+
+def check_reduce_scatters(both_ranks) -> None:
+    assert use_reduces_for_reduce_scatters_on_gloo(), "the reduce-scatter route was not installed on gloo"
+    assert use_reduces_for_reduce_scatters_on_gloo(), "installing twice must be harmless"
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    for dtype in (torch.float32, torch.bfloat16):
+        # as ZeRO-3's reduce_scatter_coalesced: DeepSpeed's enum op, the output the rank's own slice of the input
+        whole = torch.linspace(-1, 1, 7 * world).add(rank).to(dtype)
+        expected_slice = reduced_slice(whole)
+        own = whole.view(world, 7)[rank]
+        assert ds_comm.reduce_scatter_fn(own, whole) is None  # synchronous, like torch's
+        assert torch.equal(own, expected_slice), (dtype, own, expected_slice)
+        dist.print_main(f"reduce-scatter in place {dtype}: ok")
+
+    whole = torch.arange(4 * world, dtype=torch.float32).mul(rank + 1)
+    expected_slice = reduced_slice(whole)
+    own = whole.view(world, 4)[rank]
+    ds_comm.reduce_scatter_tensor(own, whole, group=both_ranks, async_op=True).wait()
+    assert torch.equal(own, expected_slice), own
+    dist.print_main("reduce-scatter subgroup, async: ok")
+
+    # a separate output keeps gloo's own reduce-scatter, and the input as it was
+    whole = torch.arange(3 * world, dtype=torch.float32).add(rank)
+    kept = whole.clone()
+    out = torch.empty(3)
+    ds_comm.reduce_scatter_fn(out, whole)
+    assert torch.equal(out, reduced_slice(kept)) and torch.equal(whole, kept), (out, whole)
+    dist.print_main("reduce-scatter separate output: ok")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""DeepSpeed's all-gathers on gloo go through one broadcast per rank and give what torch's all-gather gives."""
+"""DeepSpeed's all-gathers and reduce-scatters on gloo go through one broadcast or reduce per rank and give what
+torch's own collectives give."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import ranks_command, train_env
 PROBE = Path(__file__).with_name("gloo_collectives_probe.py")
 
 
-def test_broadcast_all_gather_equals_torchs_on_two_gloo_ranks():
+def test_routed_collectives_equal_torchs_on_two_gloo_ranks():
     result = subprocess.run(
         [*ranks_command(2), str(PROBE)],
         env=train_env(),
@@ -23,3 +24,5 @@ def test_broadcast_all_gather_equals_torchs_on_two_gloo_ranks():
     for case in ("separate input torch.float32", "separate input torch.bfloat16", "aliased input, subgroup, async"):
         assert f"{case}: ok" in result.stderr
     assert "2-d output: ok" in result.stderr and "non-contiguous output: ok" in result.stderr
+    for case in ("in place torch.float32", "in place torch.bfloat16", "subgroup, async", "separate output"):
+        assert f"reduce-scatter {case}: ok" in result.stderr

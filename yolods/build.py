@@ -22,7 +22,7 @@ from yolods.data import TrainData, build_train_data, build_val_loader, load_data
 from yolods.ema import build_ema
 from yolods.engine import Trainer
 from yolods.errors import ConfigError
-from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo
+from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo, use_reduces_for_reduce_scatters_on_gloo
 from yolods.hyp import with_data
 from yolods.large_batch import describe as describe_large_batch
 from yolods.large_batch import recipe_for
@@ -209,10 +209,11 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     if stage > 0:
         fuse_for_flat_partitions(optimizer)
         use_broadcast_all_gathers_on_gloo()
+        use_reduces_for_reduce_scatters_on_gloo()
     if stage == 3:
         mark_layers_as_zero3_leaves(model, stride=model_stride(model))  # one gather per layer, not per Conv
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if stage in (1, 2):
+    if stage > 0:
         reduce_grad_norm_once(engine.optimizer)  # one all-reduce for Ultralytics' 3 parameter groups, not 3
     return engine
 

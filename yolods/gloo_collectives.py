@@ -1,4 +1,4 @@
-"""DeepSpeed's all-gathers on gloo, done as one broadcast per rank: the same result in a third of the time.
+"""DeepSpeed's all-gathers and ZeRO-3's reduce-scatters on gloo, done as one broadcast or one reduce per rank.
 
 ZeRO 1-2 all-gather the updated parameters after every optimizer step, and ZeRO-3 gathers each layer's parameters
 before using them; both go through `deepspeed.comm.all_gather_into_tensor`. On gloo (DeepSpeed's backend without a
@@ -12,6 +12,13 @@ The broadcasts also keep a rank that runs more than one thread at full speed. Af
 above ATen's 32,768-element grain size, every later op of a 2-thread process ran about 1.5x slower (SiLU on 410k
 floats 0.047 -> 0.076 ms, a 256x256 matmul 0.16 -> 0.24 ms), as if the gloo thread's copy had started a second
 OpenMP team and libgomp, with more threads than cores, stopped spin-waiting; all-reduces and broadcasts do not.
+
+ZeRO-3 reduce-scatters each gradient bucket (`reduce_scatter_coalesced`), and gloo's reduce_scatter_tensor is slower
+than one `reduce` of each slice to its owner: 2 ranks, 1 thread each, fp32, median of 20
+(`benchmarks/gloo_allgather.py`, two runs, 2026-12-01): a 2 M-element bucket 6.7 / 7.0 ms against 3.7 / 3.9 ms,
+1 M 3.2 / 3.6 ms against 1.6 / 2.2 ms (yolov8n's 3.0 M parameters make one of each at ZeRO-3's 2e6 buckets). A gloo
+reduce uses the input on the other ranks as scratch, so this route is taken only where the caller treats the input
+the same way: its output is the rank's own slice of the input (ZeRO-3's coalesced buffer).
 """
 
 from __future__ import annotations
@@ -101,4 +108,83 @@ def use_broadcast_all_gathers_on_gloo() -> bool:
         return True
     backend.all_gather_into_tensor = functools.partial(all_gather_into_tensor, otherwise=backend.all_gather_into_tensor)
     backend._yolods_broadcast_all_gather = True
+    return True
+
+
+def reduce_scatter_by_reduces(
+    output_tensor: torch.Tensor, input_tensor: torch.Tensor, *, op, group=None, async_op=False
+):
+    """`reduce_scatter_tensor` as one reduce of each slice to its owner, for an output that is this rank's own slice
+    of the input (the caller checks). The input's other slices are left as scratch."""
+    num_ranks = torch_dist.get_world_size(group)
+    slice_numel = output_tensor.numel()
+    flat_input = input_tensor.view(-1)
+    works = [
+        torch_dist.reduce(
+            flat_input.narrow(0, owner * slice_numel, slice_numel),
+            dst=owner if group is None else torch_dist.get_global_rank(group, owner),
+            op=op,
+            group=group,
+            async_op=True,
+        )
+        for owner in range(num_ranks)
+    ]
+    handle = _AllOf(works)
+    if async_op:
+        return handle
+    handle.wait()
+    return None
+
+
+def _own_slice_of_input(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group) -> bool:
+    num_ranks, rank = torch_dist.get_world_size(group), torch_dist.get_rank(group)
+    return (
+        input_tensor.device.type == "cpu"
+        and input_tensor.is_contiguous()
+        and output_tensor.is_contiguous()
+        and output_tensor.dtype == input_tensor.dtype
+        and input_tensor.numel() == output_tensor.numel() * num_ranks
+        and output_tensor.data_ptr()
+        == input_tensor.data_ptr() + rank * output_tensor.numel() * output_tensor.element_size()
+    )
+
+
+def reduce_scatter_tensor(
+    output_tensor: torch.Tensor,
+    input_tensor: torch.Tensor,
+    op=torch_dist.ReduceOp.SUM,
+    *,
+    group=None,
+    async_op: bool = False,
+    otherwise=torch_dist.reduce_scatter_tensor,
+):
+    """The reduce-scatter yolods' DeepSpeed runs: `reduce_scatter_by_reduces` on gloo where it applies, else
+    `otherwise` (DeepSpeed's own call once routed; the bench's link probe times this very choice)."""
+    if torch_dist.get_backend(group) == "gloo" and _own_slice_of_input(output_tensor, input_tensor, group):
+        return reduce_scatter_by_reduces(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+    return otherwise(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+
+def use_reduces_for_reduce_scatters_on_gloo() -> bool:
+    """Route DeepSpeed's reduce_scatter_tensor through `reduce_scatter_tensor` above when its backend is gloo.
+
+    Call after the process group exists. Returns whether the route is in place (it stays for the process).
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    if backend is None or torch_dist.get_backend() != "gloo":
+        return False
+    if getattr(backend, "_yolods_reduce_scatter_by_reduces", False):
+        return True
+    deepspeeds_own = backend.reduce_scatter_tensor
+
+    def routed(output_tensor, input_tensor, op=torch_dist.ReduceOp.SUM, group=None, async_op=False):
+        torch_op = backend._reduce_op(op)  # DeepSpeed passes its own ReduceOp enum
+        return reduce_scatter_tensor(
+            output_tensor, input_tensor, torch_op, group=group, async_op=async_op, otherwise=deepspeeds_own
+        )
+
+    backend.reduce_scatter_tensor = routed
+    backend._yolods_reduce_scatter_by_reduces = True
     return True

@@ -20,7 +20,7 @@ import torch
 
 from yolods import dist
 from yolods.bench.comm_model import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, fit_link
-from yolods.gloo_collectives import all_gather_into_tensor
+from yolods.gloo_collectives import all_gather_into_tensor, reduce_scatter_tensor
 from yolods.profiling import comm_totals
 from yolods.step import PHASES as STEP_PHASES
 
@@ -179,9 +179,13 @@ def probe_link(
             shard = torch.zeros(whole.numel() // world_size, dtype=torch.float32, device=device)
             run = {
                 ALL_REDUCE: lambda whole=whole: torch_dist.all_reduce(whole),
-                # the route DeepSpeed's all-gathers take in yolods (broadcasts on gloo: yolods.gloo_collectives)
+                # the routes DeepSpeed's collectives take in yolods (broadcasts and reduces on gloo:
+                # yolods.gloo_collectives)
                 ALL_GATHER: lambda whole=whole, shard=shard: all_gather_into_tensor(whole, shard),
-                REDUCE_SCATTER: lambda whole=whole, shard=shard: torch_dist.reduce_scatter_tensor(shard, whole),
+                # ZeRO-3's route (reduces on gloo): its output is this rank's own slice of the input
+                REDUCE_SCATTER: lambda whole=whole: reduce_scatter_tensor(
+                    whole.view(world_size, -1)[dist.get_rank()], whole
+                ),
             }[op]
             seconds.append(timed(run))
         seconds = dist.broadcast_object(seconds)  # rank 0's view for everyone
