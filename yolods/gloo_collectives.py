@@ -15,8 +15,8 @@ OpenMP team and libgomp, with more threads than cores, stopped spin-waiting; all
 
 ZeRO-3 reduce-scatters each gradient bucket (`reduce_scatter_coalesced`), and gloo's reduce_scatter_tensor is slower
 than one `reduce` of each slice to its owner: 2 ranks, 1 thread each, fp32, median of 20
-(`benchmarks/gloo_allgather.py`, two runs, 2026-12-01): a 2 M-element bucket 6.7 / 7.0 ms against 3.7 / 3.9 ms,
-1 M 3.2 / 3.6 ms against 1.6 / 2.2 ms (yolov8n's 3.0 M parameters make one of each at ZeRO-3's 2e6 buckets). A gloo
+(`benchmarks/gloo_allgather.py`, two runs at 53d1294): a 2 M-element bucket 7.5 / 6.7 ms against 4.2 / 4.7 ms,
+1 M 4.1 / 3.2 ms against 2.3 / 1.9 ms (yolov8n's 3.0 M parameters make one of each at ZeRO-3's 2e6 buckets). A gloo
 reduce uses the input on the other ranks as scratch, so this route is taken only where the caller treats the input
 the same way: its output is the rank's own slice of the input (ZeRO-3's coalesced buffer).
 """
