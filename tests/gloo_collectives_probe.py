@@ -6,7 +6,7 @@ import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as torch_dist
 
-from yolods import dist
+from yolods import dist, gloo_collectives
 from yolods.gloo_collectives import use_broadcast_all_gathers_on_gloo, use_reduces_for_reduce_scatters_on_gloo
 
 
@@ -61,18 +61,44 @@ def reduced_slice(whole: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def counting_reduces() -> list[int]:
+    """Count torch.distributed.reduce calls from here on (the route's own collective): [count]."""
+    count = [0]
+    reduce = torch_dist.reduce
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return reduce(*args, **kwargs)
+
+    torch_dist.reduce = counted
+    return count
+
+
 def check_reduce_scatters(both_ranks) -> None:
     assert use_reduces_for_reduce_scatters_on_gloo(), "the reduce-scatter route was not installed on gloo"
     assert use_reduces_for_reduce_scatters_on_gloo(), "installing twice must be harmless"
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    reduces = counting_reduces()
     for dtype in (torch.float32, torch.bfloat16):
         # as ZeRO-3's reduce_scatter_coalesced: DeepSpeed's enum op, the output the rank's own slice of the input
         whole = torch.linspace(-1, 1, 7 * world).add(rank).to(dtype)
         expected_slice = reduced_slice(whole)
         own = whole.view(world, 7)[rank]
+        before = reduces[0]
         assert ds_comm.reduce_scatter_fn(own, whole) is None  # synchronous, like torch's
         assert torch.equal(own, expected_slice), (dtype, own, expected_slice)
+        assert reduces[0] - before == world, "the route was not taken"
         dist.print_main(f"reduce-scatter in place {dtype}: ok")
+
+    # above REDUCES_MAX_RANKS (set to 1 here, as if this group were larger) gloo's reduce-scatter serves
+    gloo_collectives.REDUCES_MAX_RANKS, before = 1, reduces[0]
+    whole = torch.arange(5 * world, dtype=torch.float32).add(rank)
+    expected_slice = reduced_slice(whole)
+    own = whole.view(world, 5)[rank]
+    ds_comm.reduce_scatter_fn(own, whole)
+    assert torch.equal(own, expected_slice) and reduces[0] == before, (own, reduces)
+    gloo_collectives.REDUCES_MAX_RANKS = world
+    dist.print_main("reduce-scatter above the group size: ok")
 
     whole = torch.arange(4 * world, dtype=torch.float32).mul(rank + 1)
     expected_slice = reduced_slice(whole)

@@ -24,5 +24,6 @@ def test_routed_collectives_equal_torchs_on_two_gloo_ranks():
     for case in ("separate input torch.float32", "separate input torch.bfloat16", "aliased input, subgroup, async"):
         assert f"{case}: ok" in result.stderr
     assert "2-d output: ok" in result.stderr and "non-contiguous output: ok" in result.stderr
-    for case in ("in place torch.float32", "in place torch.bfloat16", "subgroup, async", "separate output"):
+    for case in ("in place torch.float32", "in place torch.bfloat16", "above the group size", "subgroup, async"):
         assert f"reduce-scatter {case}: ok" in result.stderr
+    assert "reduce-scatter separate output: ok" in result.stderr

@@ -18,7 +18,9 @@ than one `reduce` of each slice to its owner: 2 ranks, 1 thread each, fp32, medi
 (`benchmarks/gloo_allgather.py`, two runs at 53d1294): a 2 M-element bucket 7.5 / 6.7 ms against 4.2 / 4.7 ms,
 1 M 4.1 / 3.2 ms against 2.3 / 1.9 ms (yolov8n's 3.0 M parameters make one of each at ZeRO-3's 2e6 buckets). A gloo
 reduce uses the input on the other ranks as scratch, so this route is taken only where the caller treats the input
-the same way: its output is the rank's own slice of the input (ZeRO-3's coalesced buffer).
+the same way: its output is the rank's own slice of the input (ZeRO-3's coalesced buffer). And only in a group of 2:
+one reduce per rank falls behind as ranks are added (same script at eb8edb2, 4 and 8 ranks on these 2 cores,
+oversubscribed: a 2 M bucket 14.2 against 15.0 ms at 4 ranks, 34.6 against 65.9 ms at 8).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import functools
 
 import torch
 import torch.distributed as torch_dist
+
+# the largest group whose reduce-scatters go as reduces: the route won at 2 ranks, tied at 4 and lost at 8 (above)
+REDUCES_MAX_RANKS = 2
 
 
 class _AllOf:
@@ -158,9 +163,14 @@ def reduce_scatter_tensor(
     async_op: bool = False,
     otherwise=torch_dist.reduce_scatter_tensor,
 ):
-    """The reduce-scatter yolods' DeepSpeed runs: `reduce_scatter_by_reduces` on gloo where it applies, else
-    `otherwise` (DeepSpeed's own call once routed; the bench's link probe times this very choice)."""
-    if torch_dist.get_backend(group) == "gloo" and _own_slice_of_input(output_tensor, input_tensor, group):
+    """The reduce-scatter yolods' DeepSpeed runs: `reduce_scatter_by_reduces` on a gloo group of up to
+    REDUCES_MAX_RANKS ranks where it applies, else `otherwise` (DeepSpeed's own call once routed; the bench's link
+    probe times this very choice)."""
+    if (
+        torch_dist.get_backend(group) == "gloo"
+        and torch_dist.get_world_size(group) <= REDUCES_MAX_RANKS
+        and _own_slice_of_input(output_tensor, input_tensor, group)
+    ):
         return reduce_scatter_by_reduces(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
     return otherwise(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
