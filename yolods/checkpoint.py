@@ -395,18 +395,11 @@ def damaged_file(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> str | 
     carries, so a flipped bit loads silently into a weight or a moment; the CRCs are checked here, each rank over
     its own share of the files (`rank` of `world_size`), so that together the ranks read each byte once.
     """
-    paths = sorted(tag_dir.glob("*.pt"))
-    for path in paths:
+    for index, path in enumerate(sorted(tag_dir.glob("*.pt"))):
         try:
-            with zipfile.ZipFile(path) as archive:
-                archive.namelist()
-        except (zipfile.BadZipFile, OSError) as error:
-            return f"{path.name}: {error}"
-    for path in paths[rank::world_size]:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                corrupt_member = archive.testzip()
-        except (zipfile.BadZipFile, OSError, ValueError) as error:  # the archive's headers damaged
+            with zipfile.ZipFile(path) as archive:  # reads the directory
+                corrupt_member = archive.testzip() if index % world_size == rank else None
+        except (zipfile.BadZipFile, OSError, ValueError) as error:  # ValueError: a member's header damaged
             return f"{path.name}: {error}"
         if corrupt_member is not None:
             return f"{path.name}: its bytes changed since it was written ({corrupt_member} fails its CRC-32 check)"

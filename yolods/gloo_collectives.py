@@ -52,22 +52,33 @@ class _AllOf:
 def all_gather_by_broadcasts(output_tensor: torch.Tensor, input_tensor: torch.Tensor, *, group=None, async_op=False):
     """`all_gather_into_tensor` as: copy this rank's input into its slice of the output, then each rank broadcasts
     its slice. Contiguous tensors only (the caller checks)."""
-    num_ranks, rank = torch_dist.get_world_size(group), torch_dist.get_rank(group)
+    rank = torch_dist.get_rank(group)
     slice_numel = input_tensor.numel()
     flat_output = output_tensor.view(-1)
     own_slice = flat_output.narrow(0, rank * slice_numel, slice_numel)
     if own_slice.data_ptr() != input_tensor.data_ptr():  # ZeRO 1-2 hand in the output's own slice
         own_slice.copy_(input_tensor.view(-1))
-    works = [
-        torch_dist.broadcast(
-            flat_output.narrow(0, owner * slice_numel, slice_numel),
-            src=owner if group is None else torch_dist.get_global_rank(group, owner),
-            group=group,
-            async_op=True,
-        )
-        for owner in range(num_ranks)
-    ]
-    handle = _AllOf(works)
+    return _one_per_owner(
+        lambda piece, owner: torch_dist.broadcast(piece, src=owner, group=group, async_op=True),
+        flat_output,
+        slice_numel=slice_numel,
+        group=group,
+        async_op=async_op,
+    )
+
+
+def _one_per_owner(collective, flat: torch.Tensor, *, slice_numel: int, group, async_op: bool):
+    """`collective(slice, owner)` on each rank's slice of `flat` (owner as a global rank), all started at once;
+    their one handle when `async_op`, else None once all are done."""
+    handle = _AllOf(
+        [
+            collective(
+                flat.narrow(0, owner * slice_numel, slice_numel),
+                owner if group is None else torch_dist.get_global_rank(group, owner),
+            )
+            for owner in range(torch_dist.get_world_size(group))
+        ]
+    )
     if async_op:
         return handle
     handle.wait()
@@ -104,15 +115,24 @@ def use_broadcast_all_gathers_on_gloo() -> bool:
 
     Call after the process group exists. Returns whether the route is in place (it stays for the process).
     """
+    return _route_deepspeed_call_on_gloo(
+        "all_gather_into_tensor",
+        lambda backend, deepspeeds_own: functools.partial(all_gather_into_tensor, otherwise=deepspeeds_own),
+    )
+
+
+def _route_deepspeed_call_on_gloo(name: str, make_route) -> bool:
+    """Replace DeepSpeed's comm backend method `name` by `make_route(backend, its own method)`, once, when the
+    backend is gloo; whether the route is in place."""
     import deepspeed.comm.comm as ds_comm
 
     backend = ds_comm.cdb
     if backend is None or torch_dist.get_backend() != "gloo":
         return False
-    if getattr(backend, "_yolods_broadcast_all_gather", False):
-        return True
-    backend.all_gather_into_tensor = functools.partial(all_gather_into_tensor, otherwise=backend.all_gather_into_tensor)
-    backend._yolods_broadcast_all_gather = True
+    routed_marker = f"_yolods_routed_{name}"
+    if not getattr(backend, routed_marker, False):
+        setattr(backend, name, make_route(backend, getattr(backend, name)))
+        setattr(backend, routed_marker, True)
     return True
 
 
@@ -121,24 +141,13 @@ def reduce_scatter_by_reduces(
 ):
     """`reduce_scatter_tensor` as one reduce of each slice to its owner, for an output that is this rank's own slice
     of the input (the caller checks). The input's other slices are left as scratch."""
-    num_ranks = torch_dist.get_world_size(group)
-    slice_numel = output_tensor.numel()
-    flat_input = input_tensor.view(-1)
-    works = [
-        torch_dist.reduce(
-            flat_input.narrow(0, owner * slice_numel, slice_numel),
-            dst=owner if group is None else torch_dist.get_global_rank(group, owner),
-            op=op,
-            group=group,
-            async_op=True,
-        )
-        for owner in range(num_ranks)
-    ]
-    handle = _AllOf(works)
-    if async_op:
-        return handle
-    handle.wait()
-    return None
+    return _one_per_owner(
+        lambda piece, owner: torch_dist.reduce(piece, dst=owner, op=op, group=group, async_op=True),
+        input_tensor.view(-1),
+        slice_numel=output_tensor.numel(),
+        group=group,
+        async_op=async_op,
+    )
 
 
 def _own_slice_of_input(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group) -> bool:
@@ -180,21 +189,14 @@ def use_reduces_for_reduce_scatters_on_gloo() -> bool:
 
     Call after the process group exists. Returns whether the route is in place (it stays for the process).
     """
-    import deepspeed.comm.comm as ds_comm
 
-    backend = ds_comm.cdb
-    if backend is None or torch_dist.get_backend() != "gloo":
-        return False
-    if getattr(backend, "_yolods_reduce_scatter_by_reduces", False):
-        return True
-    deepspeeds_own = backend.reduce_scatter_tensor
+    def make_route(backend, deepspeeds_own):
+        def routed(output_tensor, input_tensor, op=torch_dist.ReduceOp.SUM, group=None, async_op=False):
+            torch_op = backend._reduce_op(op)  # DeepSpeed passes its own ReduceOp enum
+            return reduce_scatter_tensor(
+                output_tensor, input_tensor, torch_op, group=group, async_op=async_op, otherwise=deepspeeds_own
+            )
 
-    def routed(output_tensor, input_tensor, op=torch_dist.ReduceOp.SUM, group=None, async_op=False):
-        torch_op = backend._reduce_op(op)  # DeepSpeed passes its own ReduceOp enum
-        return reduce_scatter_tensor(
-            output_tensor, input_tensor, torch_op, group=group, async_op=async_op, otherwise=deepspeeds_own
-        )
+        return routed
 
-    backend.reduce_scatter_tensor = routed
-    backend._yolods_reduce_scatter_by_reduces = True
-    return True
+    return _route_deepspeed_call_on_gloo("reduce_scatter_tensor", make_route)
